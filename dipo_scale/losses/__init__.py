@@ -1,0 +1,204 @@
+"""All unlearning losses (DiPO, NPO, GA, and the retain terms), as pure functions of tensors.
+
+See ../shared/docs/DIPO.md (copied into docs/DIPO.md) for the derivation. Conventions:
+
+* `logits` is [B, T, V] (any float dtype) and `targets` is [B, T] *already shifted*: `targets[b, t]`
+  is the token that `logits[b, t]` predicts, and -100 marks a position that contributes nothing.
+* Every loss works chunk by chunk over the valid positions: no [B, T, V] float32 intermediate is
+  ever held beyond the logits themselves (and their gradient). The backward pass recomputes each
+  chunk, so the autograd graph stores only the inputs (see `_PositionwiseChunked`).
+* Per-row quantities are sums over that row's valid positions, so a row's loss does not depend
+  on the other rows of the batch or on how much padding it carries.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK = 1024
+
+Select = Literal["topk", "label", "topp"]
+
+
+# --------------------------------------------------------------------------------------------
+# The chunking mechanism: a per-position function evaluated over chunks of valid positions.
+# --------------------------------------------------------------------------------------------
+class _PositionwiseChunked(torch.autograd.Function):
+    """values[n] = fn(logits[n], *aux[n]) for each selected position n, computed in chunks.
+
+    Forward holds one [chunk, V] float32 slice at a time; backward recomputes each chunk and
+    writes its gradient into a gradient tensor shaped like `logits` (no other [N, V] state).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, chunk, positions, logits, *aux):
+        ctx.fn, ctx.chunk, ctx.dtype = fn, chunk, compute_dtype(logits)
+        ctx.save_for_backward(positions, logits, *aux)
+        out = logits.new_empty(positions.numel(), dtype=ctx.dtype)
+        with torch.no_grad():
+            for s in range(0, positions.numel(), chunk):
+                idx = positions[s : s + chunk]
+                out[s : s + chunk] = fn(logits[idx].to(ctx.dtype), *(a[idx] for a in aux))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        positions, logits, *aux = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        for s in range(0, positions.numel(), ctx.chunk):
+            idx = positions[s : s + ctx.chunk]
+            with torch.enable_grad():
+                z = logits[idx].detach().to(ctx.dtype).requires_grad_(True)
+                values = ctx.fn(z, *(a[idx] for a in aux))
+                (g,) = torch.autograd.grad(values, z, grad_out[s : s + ctx.chunk])
+            grad[idx] = g.to(grad.dtype)
+        return (None, None, None, grad) + (None,) * len(aux)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Losses compute in float32 at least (bf16/fp16 logits are upcast chunk by chunk)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _per_row(fn: Callable, logits: torch.Tensor, targets: torch.Tensor, *aux: torch.Tensor,
+             chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Sum of fn over each row's valid positions -> [B] (differentiable in `logits`)."""
+    B, T, V = logits.shape
+    flat_targets = targets.reshape(-1)
+    positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    flat_aux = [a.reshape(B * T, *a.shape[2:]) for a in aux]
+    values = _PositionwiseChunked.apply(fn, chunk_size, positions, logits.reshape(B * T, V),
+                                        flat_targets.clamp_min(0), *flat_aux)
+    rows = torch.div(positions, T, rounding_mode="floor")
+    return values.new_zeros(B).index_add(0, rows, values)
+
+
+def token_counts(targets: torch.Tensor) -> torch.Tensor:
+    return (targets != IGNORE_INDEX).sum(dim=1).clamp_min(1).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-position functions (z: [C, V] float32 policy logits; y: [C] target ids; z_ref: [C, V]).
+# --------------------------------------------------------------------------------------------
+def _target_logprob(z, y):
+    return z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
+
+
+def _kl_ref_policy(z, y, z_ref):
+    log_ref = torch.log_softmax(z_ref.to(z.dtype), dim=1)
+    return (log_ref.exp() * (log_ref - torch.log_softmax(z, dim=1))).sum(dim=1)
+
+
+def high_confidence_mask(z_src: torch.Tensor, y: torch.Tensor, *, select: Select, k: int = 1,
+                         p: float = 0.9) -> torch.Tensor:
+    """1[S_t] as a [C, V] float mask: top-k of z_src, the label, or the top-p nucleus of z_src."""
+    mask = torch.zeros_like(z_src, dtype=compute_dtype(z_src))
+    if select == "topk":
+        return mask.scatter_(1, z_src.topk(k, dim=1).indices, 1.0)
+    if select == "label":
+        return mask.scatter_(1, y[:, None], 1.0)
+    if select == "topp":
+        probs, order = torch.softmax(z_src.to(compute_dtype(z_src)), dim=1).sort(dim=1, descending=True)
+        keep = (probs.cumsum(dim=1) - probs) < p  # smallest prefix whose mass reaches p
+        return mask.scatter_(1, order, keep.to(mask.dtype))
+    raise ValueError(f"unknown dipo select {select!r}")
+
+
+def preference_distributions(z_src, y, *, alpha, select, k=1, p=0.9):
+    """(pi_plus, pi_minus): suppressed (preferred) and amplified (dispreferred) distributions."""
+    z_src = z_src.to(compute_dtype(z_src))
+    s = high_confidence_mask(z_src, y, select=select, k=k, p=p)
+    return torch.softmax(z_src - alpha * s, dim=1), torch.softmax(z_src + alpha * s, dim=1)
+
+
+def _dipo_position_margin(z, y, z_ref, *, alpha, select, k, p, source):
+    with torch.no_grad():
+        z_src = z.detach() if source == "policy" else z_ref
+        pi_plus, pi_minus = preference_distributions(z_src, y, alpha=alpha, select=select, k=k, p=p)
+        weight = pi_plus - pi_minus
+    return (weight * (z - z_ref.to(z.dtype))).sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Public losses.
+# --------------------------------------------------------------------------------------------
+def sequence_logprob(logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+    """Σ_t log π(y_t|s_t) per row: [B]."""
+    return _per_row(_target_logprob, logits, targets, chunk_size=chunk_size)
+
+
+def nll_loss(logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+    """Token-mean negative log-likelihood per row, averaged over rows (the `gd` retain term)."""
+    return (-sequence_logprob(logits, targets, chunk_size=chunk_size) / token_counts(targets)).mean()
+
+
+def ga_loss(logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+    """Gradient ascent: −NLL(forget)."""
+    return -nll_loss(logits, targets, chunk_size=chunk_size)
+
+
+def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=DEFAULT_CHUNK):
+    """NPO on log-probs: −(2/β)·mean log σ(−β·Σ_t m_t[log π_θ − log π_ref]). Returns (loss, log-ratio[B])."""
+    with torch.no_grad():
+        ref_lp = sequence_logprob(ref_logits, targets, chunk_size=chunk_size)
+    log_ratio = sequence_logprob(logits, targets, chunk_size=chunk_size) - ref_lp
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean(), log_ratio
+
+
+def dipo_margin(logits, ref_logits, targets, *, alpha, select: Select = "topk", k=1, p=0.9,
+                reduction: Literal["sum", "mean"] = "sum", source="reference",
+                chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+    """margin(y) = Σ_t m_t ⟨π⁺_t − π⁻_t, z_t − z_ref_t⟩ per row ([B]); divided by Σ m_t for `mean`."""
+    fn = lambda z, y, z_ref: _dipo_position_margin(z, y, z_ref, alpha=alpha, select=select, k=k,  # noqa: E731
+                                                   p=p, source=source)
+    margin = _per_row(fn, logits, targets, ref_logits, chunk_size=chunk_size)
+    return margin / token_counts(targets) if reduction == "mean" else margin
+
+
+def dipo_loss(logits, ref_logits, targets, *, alpha, beta, select: Select = "topk", k=1, p=0.9,
+              reduction: Literal["sum", "mean"] = "sum", source="reference",
+              chunk_size=DEFAULT_CHUNK):
+    """L_DiPO = −(2/β)·mean_batch log σ(β·margin). Returns (loss, margin[B])."""
+    margin = dipo_margin(logits, ref_logits, targets, alpha=alpha, select=select, k=k, p=p,
+                         reduction=reduction, source=source, chunk_size=chunk_size)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean(), margin
+
+
+def kl_retain_loss(logits, ref_logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+    """Token-mean KL(π_ref‖π_θ) per row, averaged over rows (the `kl` retain term)."""
+    kl = _per_row(_kl_ref_policy, logits, targets, ref_logits, chunk_size=chunk_size)
+    return (kl / token_counts(targets)).mean()
+
+
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels aligned with input_ids -> targets aligned with logits (targets[t] = labels[t+1])."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain unchunked DiPO (the SeqKL form), for tests and the chunked-vs-naive benchmark.
+# --------------------------------------------------------------------------------------------
+def dipo_loss_naive(logits, ref_logits, targets, *, alpha, beta, select: Select = "topk", k=1,
+                    p=0.9, reduction="sum", source="reference"):
+    """Same value as `dipo_loss`, written the obvious way with full [B, T, V] float32 tensors."""
+    B, T, V = logits.shape
+    mask = (targets != IGNORE_INDEX).float()
+    z, z_ref = logits.to(compute_dtype(logits)), ref_logits.to(compute_dtype(ref_logits))
+    z_src = z.detach() if source == "policy" else z_ref
+    s = high_confidence_mask(z_src.reshape(-1, V), targets.clamp_min(0).reshape(-1),
+                             select=select, k=k, p=p).reshape(B, T, V)
+    pi_plus, pi_minus = torch.softmax(z_src - alpha * s, -1), torch.softmax(z_src + alpha * s, -1)
+    log_pol, log_ref = torch.log_softmax(z, -1), torch.log_softmax(z_ref, -1)
+
+    def seq_kl(q, log_p):  # Σ_t m_t KL(q_t ‖ p_t)
+        return ((q * (torch.log(q.clamp_min(1e-38)) - log_p)).sum(-1) * mask).sum(-1)
+
+    margin = (seq_kl(pi_plus, log_ref) - seq_kl(pi_plus, log_pol)) - (
+        seq_kl(pi_minus, log_ref) - seq_kl(pi_minus, log_pol))
+    if reduction == "mean":
+        margin = margin / token_counts(targets)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean(), margin

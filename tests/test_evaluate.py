@@ -1,0 +1,268 @@
+"""Tests for dipo_scale.evaluate (MUSE VerbMem / KnowMem), on a tiny local model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dipo_scale import evaluate as ev
+from dipo_scale.data.muse import QA, MuseData, VerbMemItem
+
+CORPUS = [
+    "Question: What is the capital of France?\nAnswer: Paris\n\n",
+    "Question: Who wrote the report?\nAnswer: The committee\n\n",
+    "The cat sat on the mat while the dog slept by the door.",
+    "Once upon a time there was a quiet village near the river.",
+    "The river flowed past the old mill and into the sea.",
+    "Numbers like 42 and 7 appear in many stories about the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def tiny_model(tokenizer, *, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> LlamaForCausalLM:
+    # A large init spread gives peaked logits, so greedy choices have no near-ties.
+    return tiny_model(tokenizer, initializer_range=0.5)
+
+
+# --- ROUGE, prompt, answer cutting ------------------------------------------
+
+
+def test_rouge_l_hand_computed():
+    recall, f1 = ev.rouge_l("the cat sat", "the cat sat on the mat")
+    assert recall == pytest.approx(3 / 6)
+    assert f1 == pytest.approx(2 / 3)  # precision 1, recall 1/2
+
+    # LCS of "a b c d" and "a x c y d z" is "a c d": recall 3/6, precision 3/4.
+    recall, f1 = ev.rouge_l("a b c d", "a x c y d z")
+    assert recall == pytest.approx(0.5)
+    assert f1 == pytest.approx(2 * 0.75 * 0.5 / 1.25)
+
+    assert ev.rouge_l("Paris", "Paris") == (1.0, 1.0)
+    assert ev.rouge_l("London", "Paris") == (0.0, 0.0)
+    assert ev.rouge_l("", "Paris") == (0.0, 0.0)
+
+
+def test_knowmem_prompt_exact():
+    icl = [QA("What is 1+1?", "2"), QA("Who wrote Hamlet?", "Shakespeare")]
+    assert ev.knowmem_prompt(icl, "What is the capital of France?") == (
+        "Question: What is 1+1?\nAnswer: 2\n\n"
+        "Question: Who wrote Hamlet?\nAnswer: Shakespeare\n\n"
+        "Question: What is the capital of France?\nAnswer: "
+    )
+    assert ev.knowmem_prompt([], "Q?") == "Question: Q?\nAnswer: "
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Paris\n\nQuestion: x", "Paris"),
+        ("Paris Question: what else?", "Paris"),
+        (" 42 ", "42"),
+        ("Paris\nFrance\n\nmore", "Paris\nFrance"),
+        ("Question: x\n\nParis", ""),
+        ("", ""),
+    ],
+)
+def test_cut_answer(text, expected):
+    assert ev.cut_answer(text) == expected
+
+
+# --- generation ---------------------------------------------------------------
+
+
+def test_encode_prompt_prepends_bos_once(tokenizer):
+    ids = ev.encode_prompt(tokenizer, "The cat sat")
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids[1:] == tokenizer("The cat sat", add_special_tokens=False)["input_ids"]
+    assert ev.encode_prompt(tokenizer, "<s>The cat sat") == ids
+
+
+def _generate_one(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    ids = torch.tensor([ev.encode_prompt(tokenizer, prompt)])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_batched_generation_matches_one_at_a_time(model, tokenizer):
+    prompts = [
+        "The cat",
+        "Once upon a time there was a quiet village near the river.",
+        "Question: What is the capital of France?\nAnswer: ",
+        "The river flowed",
+        "Numbers like 42",
+    ]
+    batched = ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    with torch.no_grad():
+        single = [_generate_one(model, tokenizer, p, 8) for p in prompts]
+    assert batched == single
+    assert all(text for text in batched)
+    # Batch size must not change anything either.
+    assert ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=16) == single
+    assert ev.greedy_generate(model, tokenizer, [], max_new_tokens=8) == []
+
+
+def test_long_prompt_is_left_truncated_keeping_bos(model, tokenizer):
+    prompt = " ".join(CORPUS)
+    ids = ev.encode_prompt(tokenizer, prompt)
+    assert len(ids) > 20
+    out = ev.greedy_generate(model, tokenizer, [prompt], max_new_tokens=5, max_prompt_tokens=20)
+    kept = [tokenizer.bos_token_id] + ids[-19:]
+    expected = model.generate(
+        input_ids=torch.tensor([kept]),
+        attention_mask=torch.ones(1, 20, dtype=torch.long),
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    assert out == [tokenizer.decode(expected[0, 20:], skip_special_tokens=True)]
+
+    # The model's context (max_position_embeddings=256) bounds the prompt too.
+    long_prompt = " ".join(CORPUS * 10)
+    assert len(ev.encode_prompt(tokenizer, long_prompt)) > 256
+    assert len(ev.greedy_generate(model, tokenizer, [long_prompt], max_new_tokens=4)) == 1
+
+
+# --- scoring with fixed generations -----------------------------------------
+
+
+def test_scores_from_fixed_generations(monkeypatch, tokenizer):
+    calls = []
+
+    def fake_generate(model, tok, prompts, *, max_new_tokens, batch_size=16, max_prompt_tokens=None):
+        calls.append((list(prompts), max_new_tokens))
+        return [replies[p] for p in prompts]
+
+    monkeypatch.setattr(ev, "greedy_generate", fake_generate)
+
+    icl = [QA("Who wrote the report?", "The committee")]
+    qa = [QA("What is the capital of France?", "Paris"), QA("What sat?", "the cat sat on the mat")]
+    replies = {
+        ev.knowmem_prompt(icl, qa[0].question): " Paris\n\nQuestion: Who wrote the report?",
+        ev.knowmem_prompt(icl, qa[1].question): "the cat sat Question: next",
+    }
+    # Recall 1 and 3/6 -> mean 75.
+    assert ev.knowmem(None, tokenizer, qa, icl) == pytest.approx(75.0)
+    assert calls[-1] == (list(replies), 32)
+    assert ev.knowmem(None, tokenizer, qa, icl, limit=1) == pytest.approx(100.0)
+    assert calls[-1][0] == [ev.knowmem_prompt(icl, qa[0].question)]
+
+    items = [VerbMemItem("p1", "the cat sat on the mat"), VerbMemItem("p2", "Once upon a time")]
+    replies = {"p1": "the cat sat", "p2": "Once upon a time"}
+    # F1 2/3 and 1 -> mean 83.33.
+    assert ev.verbmem(None, tokenizer, items) == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert calls[-1] == (["p1", "p2"], 128)
+
+    # The truth is cut to its first max_new_tokens tokens before scoring.
+    gt = CORPUS[3]
+    gt_ids = tokenizer(gt, add_special_tokens=False)["input_ids"]
+    assert len(gt_ids) > 4
+    replies = {"p": tokenizer.decode(gt_ids[:4])}
+    assert ev.verbmem(None, tokenizer, [VerbMemItem("p", gt)], max_new_tokens=4) == pytest.approx(100.0)
+    assert ev.verbmem(None, tokenizer, [VerbMemItem("p", gt)], max_new_tokens=64) < 100.0
+
+    with pytest.raises(ValueError):
+        ev.knowmem(None, tokenizer, [], icl)
+
+
+# --- a model that has memorised its answers ------------------------------------
+
+
+def test_memorised_answers_score_100(tokenizer):
+    icl = [QA("Who wrote the report?", "The committee")]
+    qa = QA("What is the capital of France?", "Paris")
+    item = VerbMemItem("Once upon a time", " there was a quiet village near the river.")
+    verb_tokens = 6
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos = tokenizer.eos_token_id
+    sequences = [
+        ev.encode_prompt(tokenizer, ev.knowmem_prompt(icl, qa.question)) + ids(qa.answer + "\n\n") + [eos],
+        ev.encode_prompt(tokenizer, item.prompt) + ids(item.gt) + [eos],
+    ]
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id)
+    labels = torch.full((len(sequences), width), -100)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+
+    model = tiny_model(tokenizer, seed=1)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+
+    assert ev.knowmem(model, tokenizer, [qa], icl) == pytest.approx(100.0)
+    assert ev.verbmem(model, tokenizer, [item], max_new_tokens=verb_tokens) == pytest.approx(100.0)
+
+    data = MuseData(
+        root=None,
+        forget_docs=[],
+        retain_docs=[],
+        holdout_docs=[],
+        forget_qa=[qa],
+        retain_qa=[QA("Who wrote the report?", "The committee"), QA("Where is the mill?", "by the river")],
+        forget_qa_icl=icl,
+        retain_qa_icl=[qa],
+        verbmem=[item],
+        privleak_forget=[],
+        privleak_holdout=[],
+    )
+    scores = ev.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=verb_tokens, knowmem_max_new_tokens=8)
+    assert set(scores) == {"verbmem_f", "knowmem_f", "knowmem_r"}
+    assert all(0.0 <= v <= 100.0 for v in scores.values())
+    assert scores["verbmem_f"] == pytest.approx(100.0)
+    assert scores["knowmem_f"] == pytest.approx(100.0)
