@@ -63,11 +63,11 @@ def greedy_generate(
     """
     if not prompts:
         return []
-    limits = [n for n in (max_prompt_tokens,) if n is not None]
+    prompt_limit = max_prompt_tokens
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None:
-        limits.append(max_positions - max_new_tokens)
-    prompt_limit = max(1, min(limits)) if limits else None
+        context_limit = max(1, max_positions - max_new_tokens)
+        prompt_limit = context_limit if prompt_limit is None else min(prompt_limit, context_limit)
 
     bos = tokenizer.bos_token_id
     encoded = []

@@ -266,3 +266,16 @@ def test_memorised_answers_score_100(tokenizer):
     assert all(0.0 <= v <= 100.0 for v in scores.values())
     assert scores["verbmem_f"] == pytest.approx(100.0)
     assert scores["knowmem_f"] == pytest.approx(100.0)
+
+
+def test_load_model_and_tokenizer_round_trip(tmp_path, model, tokenizer):
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tok = ev.load_model_and_tokenizer(str(tmp_path))
+    assert not loaded.training
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert loaded_tok.bos_token_id == tokenizer.bos_token_id
+    prompts = ["The cat", "Numbers like 42"]
+    assert ev.greedy_generate(loaded, loaded_tok, prompts, max_new_tokens=6) == ev.greedy_generate(
+        model, tokenizer, prompts, max_new_tokens=6
+    )

@@ -1,0 +1,190 @@
+"""One typed config tree for every stage: YAML in, validated by pydantic, dotted overrides.
+
+    cfg = load_config("configs/unlearn.yaml", overrides=["dipo.alpha=2.0", "train.steps=50"])
+
+Every invalid value is reported at once, in one line, as a `UserInputError` (exit code 2),
+before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dipo_scale.errors import UserInputError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str = ""                         # model to unlearn (local dir or hub name)
+    reference_path: Optional[str] = None   # frozen reference; defaults to `path`
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Strict):
+    prepared_dir: str = ""                 # output of `dipo-scale prepare`
+    block_size: int = Field(256, gt=1)
+
+
+class DipoConfig(_Strict):
+    select: Literal["topk", "label", "topp"] = "topk"
+    k: int = Field(1, ge=1)
+    p: float = Field(0.9, gt=0, le=1)
+    alpha: float = Field(1.0, gt=0)
+    beta: float = Field(0.1, gt=0)
+    reduction: Literal["sum", "mean"] = "sum"
+    source: Literal["reference", "policy"] = "reference"
+
+
+class NpoConfig(_Strict):
+    beta: float = Field(0.1, gt=0)
+
+
+class LossConfig(_Strict):
+    retain: Literal["none", "gd", "kl"] = "gd"
+    gamma: float = Field(1.0, ge=0)        # weight of the forget term
+    lam: float = Field(1.0, ge=0, alias="lambda")  # weight of the retain term
+    chunk_size: int = Field(1024, ge=1)    # positions per chunk in the losses
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    ds_config: str = "zero3_cpu.json"      # a file in ds_configs/ (or a path)
+    steps: int = Field(20, ge=1)
+    global_batch_size: int = Field(8, ge=1)  # forget blocks per optimizer step (and as many retain)
+    micro_batch_size: int = Field(4, ge=1)   # per worker per forward
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    max_failures: int = Field(0, ge=-1)
+
+
+class LoggingConfig(_Strict):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "dipo-scale"
+
+
+class EvalConfig(_Strict):
+    verbmem_max_new_tokens: int = Field(128, ge=1)
+    knowmem_max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    limit: Optional[int] = Field(None, ge=1)
+
+
+class UnlearnConfig(_Strict):
+    method: Literal["dipo", "npo", "ga"] = "dipo"
+    out_dir: str = "runs/unlearn"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    dipo: DipoConfig = DipoConfig()
+    npo: NpoConfig = NpoConfig()
+    train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def run_name(self) -> str:
+        """MUSE-style method name plus the key hyperparameters, e.g. dipo_gdr-a1.0-b0.1-lr1e-05."""
+        name = self.method + {"none": "", "gd": "_gdr", "kl": "_klr"}[self.loss.retain]
+        if self.method == "dipo":
+            name += f"-a{self.dipo.alpha:g}-b{self.dipo.beta:g}-{self.dipo.select}"
+        elif self.method == "npo":
+            name += f"-b{self.npo.beta:g}"
+        return f"{name}-lr{self.train.lr:g}-s{self.train.steps}"
+
+    def needs_reference(self) -> bool:
+        return self.method in ("dipo", "npo") or self.loss.retain == "kl"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise UserInputError(f"--set {dotted}: '{key}' is not a section")
+    node[leaf] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings; values are parsed as YAML scalars (2.0, true, null, topk)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserInputError(f"--set {item!r}: expected key=value, e.g. dipo.alpha=2.0")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type[BaseModel] = UnlearnConfig, base: dict | None = None) -> Any:
+    """YAML file (optional) + `base` dict + dotted overrides -> validated config."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise UserInputError(f"{path}{line}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(loaded, dict):
+            raise UserInputError(f"{path}: expected a mapping at the top level")
+        tree = _deep_merge(tree, loaded)
+    apply_overrides(tree, overrides or [])
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        source = f"{path}: " if path else ""
+        raise UserInputError(f"{source}invalid config: {format_validation_error(e)}") from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_against_model(cfg: UnlearnConfig, vocab_size: int) -> list[str]:
+    """Checks that need the model: returned as messages so they join the other errors."""
+    errors = []
+    if cfg.method == "dipo" and cfg.dipo.select == "topk" and cfg.dipo.k > vocab_size:
+        errors.append(f"dipo.k: {cfg.dipo.k} exceeds the vocabulary size ({vocab_size})")
+    return errors
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    path = Path(name)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / name
+    if not path.is_file():
+        raise UserInputError(f"train.ds_config: {name} not found (looked in {DS_CONFIG_DIR})")
+    return path
