@@ -9,7 +9,7 @@ before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -142,8 +142,13 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type[BaseModel] = UnlearnConfig, base: dict | None = None) -> Any:
-    """YAML file (optional) + `base` dict + dotted overrides -> validated config."""
+                cls: type[BaseModel] = UnlearnConfig, base: dict | None = None,
+                raw_checks: Callable[[dict], list[str]] | None = None) -> Any:
+    """YAML file (optional) + `base` dict + dotted overrides -> validated config.
+
+    `raw_checks` inspects the merged tree and returns further error messages (checks that need
+    more than the schema); they are reported together with the schema's errors.
+    """
     tree: dict = dict(base or {})
     if path is not None:
         path = Path(path)
@@ -159,11 +164,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserInputError(f"{path}: expected a mapping at the top level")
         tree = _deep_merge(tree, loaded)
     apply_overrides(tree, overrides or [])
+    errors = raw_checks(tree) if raw_checks else []
     try:
-        return cls.model_validate(tree)
+        cfg = cls.model_validate(tree)
     except ValidationError as e:
+        errors = [format_validation_error(e)] + errors
+    if errors:
         source = f"{path}: " if path else ""
-        raise UserInputError(f"{source}invalid config: {format_validation_error(e)}") from None
+        raise UserInputError(f"{source}invalid config: {'; '.join(errors)}")
+    return cfg
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -173,14 +182,6 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def check_against_model(cfg: UnlearnConfig, vocab_size: int) -> list[str]:
-    """Checks that need the model: returned as messages so they join the other errors."""
-    errors = []
-    if cfg.method == "dipo" and cfg.dipo.select == "topk" and cfg.dipo.k > vocab_size:
-        errors.append(f"dipo.k: {cfg.dipo.k} exceeds the vocabulary size ({vocab_size})")
-    return errors
-
-
 def resolve_ds_config_path(name: str) -> Path:
     path = Path(name)
     if not path.is_file():
@@ -188,3 +189,31 @@ def resolve_ds_config_path(name: str) -> Path:
     if not path.is_file():
         raise UserInputError(f"train.ds_config: {name} not found (looked in {DS_CONFIG_DIR})")
     return path
+
+
+def _model_vocab_size(model_path: str) -> int | None:
+    """vocab_size from a local model's config.json (None when unknown or not local)."""
+    config = Path(model_path) / "config.json"
+    if not model_path or not config.is_file():
+        return None
+    try:
+        return int(yaml.safe_load(config.read_text()).get("vocab_size"))
+    except (yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _vocab_checks(tree: dict) -> list[str]:
+    """dipo.k must not exceed the vocabulary of the model being unlearned (when it is local)."""
+    dipo, model = tree.get("dipo"), tree.get("model")
+    if not isinstance(dipo, dict) or not isinstance(model, dict):
+        return []
+    vocab, k = _model_vocab_size(str(model.get("path") or "")), dipo.get("k")
+    if vocab is not None and isinstance(k, int) and k > vocab:
+        return [f"dipo.k: {k} exceeds the vocabulary size of {model['path']} ({vocab})"]
+    return []
+
+
+def load_unlearn_config(path: str | Path | None, overrides: list[str] | None = None,
+                        base: dict | None = None) -> UnlearnConfig:
+    """`load_config` for unlearning runs, with the model-dependent check (k ≤ vocab)."""
+    return load_config(path, overrides, UnlearnConfig, base, raw_checks=_vocab_checks)

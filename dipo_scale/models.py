@@ -127,11 +127,13 @@ def build_models(data, out_dir: str | Path, settings: TinyModelSettings | None =
 
     Returns {"tokenizer": dir, "target": dir, "retrain": dir}.
     """
-    from dipo_scale.prepare import pack_blocks, split_texts, tokenize_documents
+    from dipo_scale.prepare import pack_blocks, split_sequences
 
     s = settings or TinyModelSettings()
     out_dir = Path(out_dir)
-    texts = split_texts(data, with_qa=True)
+    texts = {"forget": data.forget_docs, "retain": data.retain_docs,
+             "qa": [[q.question, q.answer] for q in data.forget_qa + data.retain_qa
+                    + data.forget_qa_icl + data.retain_qa_icl]}
     key = _fingerprint({"settings": s.model_dump(), "texts": texts})
     paths = {"tokenizer": out_dir / "tokenizer", "target": out_dir / "target", "retrain": out_dir / "retrain"}
     manifest_path = out_dir / "build.json"
@@ -142,10 +144,11 @@ def build_models(data, out_dir: str | Path, settings: TinyModelSettings | None =
         ):
             return paths
     t0 = time.time()
-    tokenizer = train_tokenizer(texts["forget"] + texts["retain"], s.vocab_size)
-    pad_id = tokenizer.pad_token_id
-    forget = pack_blocks(tokenize_documents(tokenizer, texts["forget"]), s.block_size, pad_id)
-    retain = pack_blocks(tokenize_documents(tokenizer, texts["retain"]), s.block_size, pad_id)
+    qa_texts = [f"Question: {q}\nAnswer: {a}" for q, a in texts["qa"]]
+    tokenizer = train_tokenizer(texts["forget"] + texts["retain"] + qa_texts, s.vocab_size)
+    seqs = split_sequences(data, tokenizer, with_qa=True)
+    forget = pack_blocks(seqs["forget"], s.block_size, tokenizer.pad_token_id, layout="per_sequence")
+    retain = pack_blocks(seqs["retain"], s.block_size, tokenizer.pad_token_id, layout="per_sequence")
     both = {k: np.concatenate([forget[k], retain[k]]) for k in forget}
     history = {}
     with atomic_dir(paths["tokenizer"]) as tmp:

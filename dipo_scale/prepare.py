@@ -6,8 +6,10 @@ Output (one directory, written atomically):
     forget/part-00000.parquet ...  columns block_id, input_ids, labels, attention_mask
     retain/part-00000.parquet ...
 
-Documents are laid end to end as `<bos> text <eos>`, cut into blocks of `block_size` tokens;
-the tail of the last block is padding (label -100, attention 0). Every shard's sha256 is in the
+Documents are `<bos> text <eos>` sequences (QA pairs, with `with_qa`, are sequences in the KnowMem
+format with labels on the answer). Layout `concat` lays them end to end and cuts blocks of
+`block_size` tokens; `per_sequence` starts each sequence on a new block. Padding has label -100
+and attention 0. Every shard's sha256 is in the
 manifest and is checked before a shard is trusted (`read_blocks`).
 """
 
@@ -33,37 +35,72 @@ ROWS_PER_SHARD = 4096
 SPLITS = ("forget", "retain")
 
 
-def qa_text(qa: QA) -> str:
-    """A QA pair in the KnowMem evaluation format (the few-shot prompt repeats this)."""
-    return f"Question: {qa.question}\nAnswer: {qa.answer}\n\n"
+Sequence = tuple[list[int], list[int]]  # (input_ids, labels); label -100 = no loss
 
 
-def split_texts(data: MuseData, *, with_qa: bool) -> dict[str, list[str]]:
-    """Texts of each split. `with_qa` adds the split's QA pairs (TOFU-style forget sets)."""
-    texts = {"forget": list(data.forget_docs), "retain": list(data.retain_docs)}
+def tokenize_documents(tokenizer, texts: list[str]) -> list[Sequence]:
+    """Each document as `<bos> text <eos>`, every token a label."""
+    out = []
+    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = [tokenizer.bos_token_id, *doc, tokenizer.eos_token_id]
+        out.append((ids, ids))
+    return out
+
+
+def tokenize_qa(tokenizer, pairs: list[QA], icl: list[QA]) -> list[Sequence]:
+    """Each QA pair in the KnowMem evaluation format (the few-shot `icl` prompt, then the
+    answer), with labels on the answer only, as TOFU trains.
+
+    Prompt and answer are tokenised separately, so the tokens a model learns after "Answer: "
+    are the ones it must produce after the evaluation prompt, which ends in a space (a byte-level
+    BPE would otherwise glue that space to the answer's first word).
+    """
+    from dipo_scale.evaluate import knowmem_prompt
+
+    out = []
+    for qa in pairs:
+        prompt = [tokenizer.bos_token_id] + tokenizer(knowmem_prompt(icl, qa.question),
+                                                      add_special_tokens=False)["input_ids"]
+        answer = tokenizer(f"{qa.answer}\n\n", add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
+        out.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    return out
+
+
+def split_sequences(data: MuseData, tokenizer, *, with_qa: bool) -> dict[str, list[Sequence]]:
+    """Token sequences of each split. `with_qa` adds the split's QA pairs (TOFU-style forget sets)."""
+    seqs = {"forget": tokenize_documents(tokenizer, data.forget_docs),
+            "retain": tokenize_documents(tokenizer, data.retain_docs)}
     if with_qa:
-        texts["forget"].append("".join(qa_text(q) for q in data.forget_qa))
-        texts["retain"].append("".join(qa_text(q) for q in data.retain_qa))
-    return texts
+        seqs["forget"] += tokenize_qa(tokenizer, data.forget_qa, data.forget_qa_icl)
+        seqs["retain"] += tokenize_qa(tokenizer, data.retain_qa, data.retain_qa_icl)
+    return seqs
 
 
-def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [[tokenizer.bos_token_id, *doc, tokenizer.eos_token_id] for doc in ids]
+def pack_blocks(seqs: list[Sequence], block_size: int, pad_id: int, *,
+                layout: str = "concat") -> dict[str, np.ndarray]:
+    """[N, block_size] blocks of input_ids / labels / attention_mask.
 
-
-def pack_blocks(docs: list[list[int]], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Concatenate token lists and cut into [N, block_size] blocks; pad the tail."""
-    stream = np.fromiter((t for d in docs for t in d), dtype=np.int32)
-    n_blocks = max(1, -(-len(stream) // block_size))
-    input_ids = np.full(n_blocks * block_size, pad_id, dtype=np.int32)
-    input_ids[: len(stream)] = stream
-    attention = np.zeros(n_blocks * block_size, dtype=np.int32)
-    attention[: len(stream)] = 1
-    labels = np.where(attention == 1, input_ids, IGNORE_INDEX).astype(np.int32)
-    shape = (n_blocks, block_size)
-    return {"input_ids": input_ids.reshape(shape), "labels": labels.reshape(shape),
-            "attention_mask": attention.reshape(shape)}
+    `concat`: sequences end to end, cut every `block_size` tokens (no padding but the tail).
+    `per_sequence`: each sequence starts a new block (long ones continue into the next blocks),
+    so a document is always seen from its `<bos>`, as at evaluation; costs padding.
+    """
+    if layout not in ("concat", "per_sequence"):
+        raise UserInputError(f"layout: {layout!r} is not one of concat, per_sequence")
+    if layout == "concat":
+        seqs = [([t for ids, _ in seqs for t in ids], [t for _, lab in seqs for t in lab])]
+    rows_ids, rows_lab = [], []
+    for ids, lab in seqs:
+        for start in range(0, len(ids), block_size):
+            rows_ids.append(ids[start:start + block_size])
+            rows_lab.append(lab[start:start + block_size])
+    n = max(1, len(rows_ids))
+    input_ids = np.full((n, block_size), pad_id, dtype=np.int32)
+    labels = np.full((n, block_size), IGNORE_INDEX, dtype=np.int32)
+    attention = np.zeros((n, block_size), dtype=np.int32)
+    for i, (ids, lab) in enumerate(zip(rows_ids, rows_lab)):
+        input_ids[i, :len(ids)], labels[i, :len(lab)], attention[i, :len(ids)] = ids, lab, 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -95,21 +132,22 @@ def _write_split(blocks: dict[str, np.ndarray], out: Path) -> list[dict]:
 
 
 def prepare(data: MuseData, tokenizer, out_dir: str | Path, *, block_size: int,
-            with_qa: bool = False) -> dict:
+            with_qa: bool = False, layout: str = "concat") -> dict:
     """Tokenise and pack the forget and retain splits; returns the manifest."""
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise UserInputError("tokenizer: needs bos and eos tokens to pack documents")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    manifest = {"block_size": block_size, "with_qa": with_qa, "source": str(data.root),
+    manifest = {"block_size": block_size, "layout": layout, "with_qa": with_qa, "source": str(data.root),
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "splits": {}}
     with atomic_dir(out_dir) as tmp:
         data_hash = hashlib.sha256()
-        for split, texts in split_texts(data, with_qa=with_qa).items():
-            blocks = pack_blocks(tokenize_documents(tokenizer, texts), block_size, pad_id)
+        for split, seqs in split_sequences(data, tokenizer, with_qa=with_qa).items():
+            blocks = pack_blocks(seqs, block_size, pad_id, layout=layout)
             data_hash.update(blocks["input_ids"].tobytes())
             manifest["splits"][split] = {
                 "blocks": int(len(blocks["input_ids"])),
                 "tokens": int(blocks["attention_mask"].sum()),
+                "loss_tokens": int((blocks["labels"] != IGNORE_INDEX).sum()),
                 "shards": _write_split(blocks, tmp / split),
             }
         manifest["data_fingerprint"] = data_hash.hexdigest()[:16]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -249,7 +251,7 @@ def test_memorised_answers_score_100(tokenizer):
     assert ev.verbmem(model, tokenizer, [item], max_new_tokens=verb_tokens) == pytest.approx(100.0)
 
     data = MuseData(
-        root=None,
+        root=Path("muse"),
         forget_docs=[],
         retain_docs=[],
         holdout_docs=[],

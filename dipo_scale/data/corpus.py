@@ -11,7 +11,8 @@ construction:
 
 * Invented words (names, towns, organisation stems) are unique in the corpus and prefix-free:
   each is (onset vowel){2,3} + one final coda letter, and no onset starts with a coda letter, so
-  no invented word is a prefix of another. They are capitalised and nothing else in the text has
+  no invented word is a prefix of another (nor of a capitalised template word: those prefixes
+  are reserved). They are capitalised and nothing else in the text has
   a capital letter inside a word, so an answer that ends in an invented word, or in template text
   after one, can only occur where that word occurs -- that is, in its own document.
 * Answers holding digits (dates, years, amounts, counts) can repeat by chance. Every string with
@@ -21,6 +22,8 @@ construction:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import random
 import re
@@ -35,19 +38,19 @@ SPLIT_FRACTIONS = {"forget": 0.3, "holdout": 0.2}  # retain gets the rest
 QA_PER_DOC = 3
 ICL_SIZE = 3
 VERBMEM_PROMPT_FRACTION = 0.4
+_DIGIT = re.compile(r"\d")
+_has_digit = _DIGIT.search
 
 # --- invented words ---------------------------------------------------------------------------
 # No onset starts with a coda letter (n, r, s, x): that is what makes the words prefix-free.
 # Repetition weights the choice towards plain consonants and vowels (short, pronounceable names).
 _ONSETS = (
-    "b", "d", "f", "g", "k", "l", "m", "p", "t", "v", "z", "h", "j", "w",
-    "b", "d", "g", "k", "l", "m", "p", "t", "v",
+    *("b", "d", "f", "g", "k", "l", "m", "p", "t", "v", "z", "h", "j", "w") * 3,
     "br", "dr", "gr", "kr", "tr", "th", "ch", "bl", "kl", "pl",
 )
-_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "a", "e", "o", "ai", "ei", "ou", "y")
+_VOWELS = (*("a", "e", "i", "o") * 6, "u", "u", "u", "ai", "ei", "ou", "y")
 _SYLLABLES = tuple(o + v for o in _ONSETS for v in _VOWELS)
 _CODAS = ("n", "n", "n", "r", "r", "r", "s", "s", "x")
-_TWO_SYLLABLES = 0.5  # probability of a two-syllable word (else three)
 _MONTHS = (
     "January", "February", "March", "April", "May", "June", "July", "August", "September",
     "October", "November", "December",
@@ -82,12 +85,15 @@ class _World:
         return seq[int(self.random() * len(seq))]
 
     def word(self) -> str:
-        rnd, syl, n_syl = self.random, _SYLLABLES, len(_SYLLABLES)
+        """A new invented word: 2 or 3 syllables and a coda, e.g. "Velorin", "Dakes"."""
+        syl, n, codas = _SYLLABLES, len(_SYLLABLES), _CODAS
         for _ in range(10_000):
-            w = syl[int(rnd() * n_syl)] + syl[int(rnd() * n_syl)]
-            if rnd() >= _TWO_SYLLABLES:
-                w += syl[int(rnd() * n_syl)]
-            w = (w + _CODAS[int(rnd() * len(_CODAS))]).capitalize()
+            r = self.rng.getrandbits(48)  # one draw, split into the four choices below
+            r, a = divmod(r, n)
+            r, b = divmod(r, n)
+            r, c = divmod(r, n)
+            r, coda = divmod(r, len(codas))
+            w = (syl[a] + syl[b] + (syl[c] if r % 3 else "") + codas[coda]).capitalize()  # 1/3: 2 syllables
             if w not in self.used and w not in self.reserved:
                 self.used.add(w)
                 return w
@@ -727,44 +733,50 @@ def _reserved_prefixes() -> set[str]:
 class _Doc:
     text: str
     qa: list[tuple[str, str]]  # candidate questions, answers verbatim in `text`
+    numeric: list[str]  # the answers in `qa` that hold digits
     values: list[str]  # every digit-bearing string in `text`
 
 
-def _render(block: _Block, w: _World, c: dict) -> tuple[str, list[tuple[str, str]]]:
+def _render(block: _Block, w: _World, c: dict, sentences: list[str], qa: list[tuple[str, str]]) -> None:
     for key, slot in block.slots.items():
         c[key] = slot(w, c)
-    sentence = w.pick(block.texts).format_map(c)
-    return sentence, [(q.format_map(c), a.format_map(c)) for q, a in block.qa]
+    sentences.append(w.pick(block.texts).format_map(c))
+    qa += [(q.format_map(c), a.format_map(c)) for q, a in block.qa]
 
 
 def _write_document(w: _World, kind: _Kind) -> _Doc:
     w.values = []
     c: dict[str, Any] = {}
-    sentence, qa = _render(kind.intro, w, c)
-    sentences = [sentence]
-    n = w.randint(5, min(9, len(kind.blocks)))
-    for i in sorted(w.rng.sample(range(len(kind.blocks)), n)):
-        sentence, block_qa = _render(kind.blocks[i], w, c)
-        sentences.append(sentence)
-        qa += block_qa
+    sentences: list[str] = []
+    qa: list[tuple[str, str]] = []
+    _render(kind.intro, w, c, sentences, qa)
+    remaining = len(kind.blocks)
+    wanted = w.randint(5, min(9, remaining))
+    for block in kind.blocks:  # keep `wanted` of the blocks, in order (selection sampling)
+        if w.random() * remaining < wanted:
+            _render(block, w, c, sentences, qa)
+            wanted -= 1
+        remaining -= 1
     text = " ".join(sentences)
-    for q, a in qa:  # invariants the uniqueness argument rests on
-        if a not in text or (_has_digit(a) and a not in w.values):
-            raise AssertionError(f"corpus template bug: answer {a!r} of {q!r}")
-    return _Doc(text, qa, w.values)
+    numeric = []
+    for q, a in qa:  # check the invariants the uniqueness argument rests on
+        if _has_digit(a):
+            numeric.append(a)
+            if a not in w.values:
+                raise AssertionError(f"corpus template bug: numeric answer {a!r} of {q!r} is not a whole value")
+        if a not in text:
+            raise AssertionError(f"corpus template bug: answer {a!r} of {q!r} is not in the text")
+    return _Doc(text, qa, numeric, w.values)
 
 
-_has_digit = re.compile(r"\d").search
+def _value_suffixes(value: str) -> list[str]:
+    """Every suffix of `value` starting at a digit ("1,412 million krona" -> "412 million krona", ...).
 
-
-def _value_pieces(value: str) -> Iterator[str]:
-    """Every substring of `value` that starts at a digit and ends at a space, comma, dot or the end."""
-    ends = [j for j, ch in enumerate(value) if ch in " ,."] + [len(value)]
-    for i, ch in enumerate(value):
-        if ch.isdigit():
-            for j in ends:
-                if j > i:
-                    yield value[i:j]
+    A numeric answer is a whole value (a date, a year, "<number> <unit>"), so where it occurs inside
+    another value it is one of these suffixes ("4 May 2019" in "14 May 2019"); the value formats
+    never put a date, year or unit-bearing number in the middle of another value.
+    """
+    return [value[m.start():] for m in _DIGIT.finditer(value)]
 
 
 def _split_sizes(num_docs: int) -> dict[str, int]:
@@ -777,23 +789,23 @@ def _choose_qa(
     docs: dict[str, list[_Doc]], rng: random.Random
 ) -> dict[str, list[list[tuple[str, str]]]]:
     """Per split and document, the candidate QA pairs whose answer occurs in no other split, shuffled."""
-    numeric: dict[str, set[str]] = {}  # numeric answer -> splits it occurs in (filled below)
+    shared = "<several splits>"
+    where: dict[str, str | None] = {}  # numeric answer -> the one split holding it, or `shared`
     for split_docs in docs.values():
         for doc in split_docs:
-            for _, a in doc.qa:
-                if _has_digit(a):
-                    numeric[a] = set()
+            for a in doc.numeric:
+                where[a] = None
     for split, split_docs in docs.items():
-        for doc in split_docs:
-            for value in doc.values:
-                for piece in _value_pieces(value):
-                    if piece in numeric:
-                        numeric[piece].add(split)
+        distinct_values = {value for doc in split_docs for value in doc.values}
+        for value in distinct_values:  # (set order does not matter: the result is order-free)
+            for piece in _value_suffixes(value):
+                if piece in where and where[piece] != split:
+                    where[piece] = split if where[piece] is None else shared
     chosen: dict[str, list[list[tuple[str, str]]]] = {}
     for split, split_docs in docs.items():
         chosen[split] = []
         for doc in split_docs:
-            ok = [(q, a) for q, a in doc.qa if not _has_digit(a) or numeric[a] == {split}]
+            ok = [(q, a) for q, a in doc.qa if where.get(a, split) == split]
             rng.shuffle(ok)
             chosen[split].append(ok)
     return chosen
@@ -809,9 +821,27 @@ def _verbmem_item(text: str) -> dict[str, str]:
     return {"prompt": " ".join(words[:cut]), "gt": " ".join(words[cut:])}
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: generation makes millions of small acyclic objects, and
+    the collector's repeated full scans over them would cost a third of the run time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _write_json(path: Path, obj: Any) -> None:
+    """JSON with one array element a line: readable, and fast (the C encoder, no indent)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if isinstance(obj, list):
+        text = "[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in obj) + "\n]\n"
+    else:
+        text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
 
 
 def generate_corpus(out_dir: str | Path, *, num_docs: int, seed: int = 0) -> Path:
@@ -828,18 +858,21 @@ def generate_corpus(out_dir: str | Path, *, num_docs: int, seed: int = 0) -> Pat
     rng = random.Random(seed)
     world = _World(rng, _reserved_prefixes())
     sizes = _split_sizes(num_docs)
-    docs = {split: [_write_document(world, rng.choice(_KINDS)) for _ in range(n)] for split, n in sizes.items()}
-    qa = _choose_qa(docs, rng)
+    with _gc_paused():
+        docs = {split: [_write_document(world, rng.choice(_KINDS)) for _ in range(n)]
+                for split, n in sizes.items()}
+        qa = _choose_qa(docs, rng)
     split_qa = {split: [pair for per_doc in qa[split] for pair in per_doc[:QA_PER_DOC]]
                 for split in ("forget", "retain")}
     icl_pool = [pair for per_doc in qa["holdout"] for pair in per_doc]
     icl = [icl_pool[i % len(icl_pool)] for i in range(2 * ICL_SIZE)]
     texts = {split: [d.text for d in split_docs] for split, split_docs in docs.items()}
+    raw = {split: "\n\n".join(split_texts) + "\n" for split, split_texts in texts.items()}
 
     with atomic_dir(out_dir) as tmp:
-        for split, split_texts in texts.items():
-            (tmp / "raw").mkdir(exist_ok=True)
-            (tmp / "raw" / f"{split}.txt").write_text("\n\n".join(split_texts) + "\n", encoding="utf-8")
+        (tmp / "raw").mkdir()
+        for split, split_raw in raw.items():
+            (tmp / "raw" / f"{split}.txt").write_text(split_raw, encoding="utf-8")
         _write_json(tmp / "knowmem" / "forget_qa.json", _qa_json(split_qa["forget"]))
         _write_json(tmp / "knowmem" / "retain_qa.json", _qa_json(split_qa["retain"]))
         _write_json(tmp / "knowmem" / "forget_qa_icl.json", _qa_json(icl[:ICL_SIZE]))
@@ -856,7 +889,7 @@ def generate_corpus(out_dir: str | Path, *, num_docs: int, seed: int = 0) -> Pat
                 "forget_qa": len(split_qa["forget"]),
                 "retain_qa": len(split_qa["retain"]),
                 "verbmem": sizes["forget"],
-                "raw_bytes": sum(len(t.encode("utf-8")) + 2 for ts in texts.values() for t in ts),
+                "raw_bytes": sum(len(r.encode("utf-8")) for r in raw.values()),
             },
         })
     return out_dir

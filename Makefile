@@ -1,0 +1,26 @@
+# Quick start: `make demo` and `make test` each do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# CPU torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	DS_ACCELERATOR=cpu $(VENV)/bin/dipo-scale demo --out $(DEMO_OUT)
+
+test: setup
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

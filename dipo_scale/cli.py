@@ -1,0 +1,122 @@
+"""The `dipo-scale` command: one subcommand per stage, plus the end-to-end demo.
+
+    dipo-scale generate --out DIR [--num-docs N] [--seed S]
+    dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa]
+    dipo-scale unlearn  [--config YAML] [--set key=value ...]
+    dipo-scale evaluate --model PATH --data DIR --out OUT
+    dipo-scale demo     --out DIR [--data DIR] [--set key=value ...]
+
+Bad input prints one line `error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dipo_scale.errors import UserInputError
+
+
+def _cmd_generate(args) -> None:
+    from dipo_scale.data.corpus import generate_corpus
+
+    print(generate_corpus(args.out, num_docs=args.num_docs, seed=args.seed))
+
+
+def _cmd_prepare(args) -> None:
+    from transformers import AutoTokenizer
+
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.prepare import prepare
+
+    data = load_muse_dir(args.data)
+    if not Path(args.tokenizer).exists() and "/" not in args.tokenizer:
+        raise UserInputError(f"--tokenizer {args.tokenizer}: no such directory or hub name")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    manifest = prepare(data, tokenizer, args.out, block_size=args.block_size, with_qa=args.with_qa)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['blocks']} blocks, {info['tokens']} tokens")
+
+
+def _cmd_unlearn(args) -> None:
+    from dipo_scale.config import load_unlearn_config
+    from dipo_scale.unlearn import run_unlearning
+
+    cfg = load_unlearn_config(args.config, args.set)
+    print(run_unlearning(cfg))
+
+
+def _cmd_evaluate(args) -> None:
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.evaluate import evaluate_muse, load_model_and_tokenizer
+    from dipo_scale.files import atomic_write_json
+
+    data = load_muse_dir(args.data)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    metrics = evaluate_muse(model, tokenizer, data, batch_size=args.batch_size, limit=args.limit)
+    atomic_write_json(Path(args.out) / "metrics.json", metrics)
+    print(metrics)
+
+
+def _cmd_demo(args) -> None:
+    from dipo_scale.demo import run_demo
+
+    run_demo(args.out, data_dir=args.data, overrides=args.set, num_docs=args.num_docs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dipo-scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="write the embedded fictitious news corpus (MUSE layout)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-docs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("prepare", help="tokenise and pack a MUSE-layout corpus into parquet blocks")
+    p.add_argument("--data", required=True, help="MUSE-layout directory")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name")
+    p.add_argument("--out", required=True)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--with-qa", action="store_true", help="add each split's QA pairs to its blocks")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("unlearn", help="run one unlearning job (Ray Train + DeepSpeed ZeRO-3)")
+    p.add_argument("--config", help="YAML config (see configs/unlearn.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set dipo.alpha=2.0 (repeatable)")
+    p.set_defaults(func=_cmd_unlearn)
+
+    p = sub.add_parser("evaluate", help="VerbMem / KnowMem of a model on a MUSE-layout directory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the whole chain on the embedded corpus (or --data) with tiny models")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None, help="your own MUSE-layout directory instead of the generated corpus")
+    p.add_argument("--num-docs", type=int, default=None, help="size of the generated corpus")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the unlearning config of all three methods")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

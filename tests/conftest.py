@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny corpus, tokenizer and memorised models, and a local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+            block_size=64, batch_size=8, lr=3e-3, epochs=15, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """{"corpus", "tokenizer", "target", "retrain", "prepared"}: built once per test session."""
+    from transformers import AutoTokenizer
+
+    from dipo_scale.data.corpus import generate_corpus
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.models import TinyModelSettings, build_models
+    from dipo_scale.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = generate_corpus(root / "corpus", num_docs=12, seed=0)
+    data = load_muse_dir(corpus)
+    paths = build_models(data, root / "models", TinyModelSettings(**TINY))
+    tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    prepare(data, tokenizer, root / "prepared", block_size=TINY["block_size"], with_qa=True)
+    return {"corpus": Path(corpus), **paths, "prepared": root / "prepared", "root": root}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    temp = Path("/tmp") / f"dipo_ray_{os.getpid()}"  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=True,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
+    yield
+    ray.shutdown()
