@@ -1,7 +1,7 @@
 """The `dipo-scale` command: one subcommand per stage, plus the end-to-end demo.
 
     dipo-scale generate --out DIR [--num-docs N] [--seed S]
-    dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa]
+    dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa] [--layout L]
     dipo-scale unlearn  [--config YAML] [--set key=value ...]
     dipo-scale evaluate --model PATH --data DIR --out OUT
     dipo-scale demo     --out DIR [--data DIR] [--set key=value ...]
@@ -34,7 +34,8 @@ def _cmd_prepare(args) -> None:
     if not Path(args.tokenizer).exists() and "/" not in args.tokenizer:
         raise UserInputError(f"--tokenizer {args.tokenizer}: no such directory or hub name")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    manifest = prepare(data, tokenizer, args.out, block_size=args.block_size, with_qa=args.with_qa)
+    manifest = prepare(data, tokenizer, args.out, block_size=args.block_size, with_qa=args.with_qa,
+                       layout=args.layout)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['blocks']} blocks, {info['tokens']} tokens")
 
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--with-qa", action="store_true", help="add each split's QA pairs to its blocks")
+    p.add_argument("--layout", choices=["concat", "per_sequence"], default="concat",
+                   help="concat: documents end to end; per_sequence: each document starts a block")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("unlearn", help="run one unlearning job (Ray Train + DeepSpeed ZeRO-3)")

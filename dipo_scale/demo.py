@@ -18,7 +18,7 @@ from dipo_scale.files import atomic_write_json, atomic_write_text
 from dipo_scale.models import TinyModelSettings
 
 METHODS = ("dipo", "npo", "ga")
-DEFAULT_NUM_DOCS = 30
+DEFAULT_NUM_DOCS = 20
 
 # The unlearning settings the demo uses for every method (overridable with --set).
 DEMO_UNLEARN = {
@@ -49,17 +49,17 @@ def _plot(metrics: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, m in metrics.items():
-        ax.scatter(m["knowmem_r"], m["knowmem_f"], s=60, label=f"{name} (KnowMem)")
-        ax.scatter(m["knowmem_r"], m["verbmem_f"], s=60, marker="x", color=ax.collections[-1].get_facecolor())
-        ax.annotate(name, (m["knowmem_r"], m["knowmem_f"]), textcoords="offset points", xytext=(5, 4))
-    ax.set_xlabel("retain knowledge: KnowMem on retain (higher is better)")
-    ax.set_ylabel("forget knowledge: KnowMem ● / VerbMem ✕ on forget (lower is better)")
-    ax.set_xlim(-5, 105)
-    ax.set_ylim(-5, 105)
-    ax.grid(alpha=0.3)
-    ax.set_title("Forget vs retain knowledge per model")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, sharey=True)
+    for ax, key, title in zip(axes, ("knowmem_f", "verbmem_f"), ("KnowMem on forget", "VerbMem on forget")):
+        for name, m in metrics.items():
+            ax.scatter(m["knowmem_r"], m[key], s=70, label=name, alpha=0.85)
+        ax.set_xlabel("KnowMem on retain (higher is better)")
+        ax.set_ylabel(f"{title} (lower is better)")
+        ax.set_xlim(-5, 105)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("Forget knowledge vs retain knowledge per model")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -140,7 +140,8 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    prepare(data, tokenizer, out / "prepared", block_size=MODEL_SETTINGS.block_size, with_qa=True)
+    prepare(data, tokenizer, out / "prepared", block_size=MODEL_SETTINGS.block_size, with_qa=True,
+            layout="per_sequence")
     timings["prepare"] = time.time() - t
 
     if not ray.is_initialized():

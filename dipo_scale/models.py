@@ -31,14 +31,14 @@ SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 class TinyModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vocab_size: int = 1024
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_layers: int = 2
     num_heads: int = 4
-    block_size: int = 128
-    batch_size: int = 16
+    block_size: int = 256
+    batch_size: int = 8
     lr: float = 3e-3
-    epochs: int = 40
+    epochs: int = 70
     seed: int = 0
 
 

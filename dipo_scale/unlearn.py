@@ -252,10 +252,14 @@ def _save_and_export(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> No
     """DeepSpeed checkpoint through ray.train.report, then the consolidated HF export (rank 0)."""
     import ray.train
 
+    from transformers import AutoTokenizer
+
     state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
     if rank == 0:
         with atomic_dir(run_dir / "model") as tmp:
             engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+                                          ).save_pretrained(tmp)
             atomic_write_json(tmp / "dipo_scale.json", {
                 "method": cfg.run_name, "source_model": cfg.model.path,
                 "prepared_dir": cfg.data.prepared_dir,

@@ -30,7 +30,8 @@ def tiny_assets(tmp_path_factory):
     data = load_muse_dir(corpus)
     paths = build_models(data, root / "models", TinyModelSettings(**TINY))
     tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
-    prepare(data, tokenizer, root / "prepared", block_size=TINY["block_size"], with_qa=True)
+    prepare(data, tokenizer, root / "prepared", block_size=TINY["block_size"], with_qa=True,
+            layout="per_sequence")
     return {"corpus": Path(corpus), **paths, "prepared": root / "prepared", "root": root}
 
 
