@@ -71,7 +71,11 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0
-    max_failures: int = Field(0, ge=-1)
+    checkpoint_every: int = Field(0, ge=0)   # steps between checkpoints (0: only the final one)
+    keep_checkpoints: int = Field(2, ge=1)   # the last K are kept in storage
+    max_failures: int = Field(0, ge=-1)      # worker-group restarts from the last checkpoint (-1: unlimited)
+    storage_path: Optional[str] = None       # Ray Train storage (shared on clusters); default <out_dir>/ray
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class LoggingConfig(_Strict):

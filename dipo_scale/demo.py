@@ -10,6 +10,7 @@ With `--data DIR` the same chain runs on the user's own MUSE-layout directory.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -155,6 +156,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
             "model": cfg.model.model_copy(update={"path": str(paths["target"])}),
             "data": cfg.data.model_copy(update={"prepared_dir": str(out / "prepared"),
                                                 "block_size": MODEL_SETTINGS.block_size})})
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the demo always unlearns afresh
         models[method] = run_unlearning(cfg)
         log_lines = (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()
         last_log[method] = json.loads(log_lines[-1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -159,6 +160,87 @@ def _start_wandb(cfg: UnlearnConfig, run_dir: Path):
                       mode=mode, config=safe_config, reinit="finish_previous")
 
 
+def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: int) -> dict[str, float]:
+    """Forward over [forget; retain] rows, loss, backward, step. Returns the logged values."""
+    targets = shift_targets(batch["labels"])
+    f, r = slice(0, n_forget), slice(n_forget, None)
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref_logits = None
+    if ref_engine is not None:
+        with torch.no_grad():
+            ref_logits = ref_engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = (lambda rows: None) if ref_logits is None else (lambda rows: ref_logits[rows])
+    forget_loss, stat = _forget_loss(cfg, logits[f], ref(f), targets[f])
+    loss = cfg.loss.gamma * forget_loss
+    record = {"forget_loss": forget_loss.item()}
+    has_retain = len(batch["input_ids"]) > n_forget
+    if has_retain:
+        retain_loss = _retain_loss(cfg, logits[r], ref(r), targets[r])
+        loss = loss + cfg.loss.lam * retain_loss
+        record["retain_loss"] = retain_loss.item()
+    engine.backward(loss)
+    engine.step()
+    with torch.no_grad():
+        record["loss"] = loss.item()
+        record["forget_nll"] = nll_loss(logits[f].detach(), targets[f]).item()
+        if has_retain:
+            record["retain_nll"] = nll_loss(logits[r].detach(), targets[r]).item()
+        if cfg.method == "dipo":
+            record["dipo_margin"] = stat.mean().item()
+        elif cfg.method == "npo":
+            record["npo_log_ratio"] = stat.mean().item()
+    return record
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _restore(engine, checkpoint) -> int:
+    """Load model, optimizer, LR schedule and RNG states; returns the number of finished steps."""
+    with checkpoint.as_directory() as ckpt_dir:
+        load_path, client_state = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True,
+                                                         load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"checkpoint {checkpoint.path} could not be loaded by DeepSpeed")
+    _set_rng_state(client_state["rng"])
+    return int(client_state["step"])
+
+
+def _report_checkpoint(engine, step: int, metrics: dict) -> None:
+    """Every rank saves its DeepSpeed shard; Ray merges them into one checkpoint in storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        engine.save_checkpoint(ckpt_dir, tag=f"step{step:07d}",
+                               client_state={"step": step, "rng": _rng_state()})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+
+
+def _open_log(path: Path, finished_steps: int):
+    """The step log, cut back to the steps the restored checkpoint contains (redone steps are
+    logged again, so each step appears once)."""
+    kept = []
+    if finished_steps and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if record.get("step", 0) <= finished_steps:
+                kept.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
 def train_worker(config: dict) -> None:
     """Runs in every Ray Train worker process."""
     import ray.train
@@ -172,89 +254,61 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = run_dir_of(cfg)
     torch.manual_seed(cfg.train.seed)
-    ds_config = load_ds_config(cfg, world)
-    engine, ref_engine = _init_engines(cfg, ds_config)
-    device = engine.device
+    engine, ref_engine = _init_engines(cfg, load_ds_config(cfg, world))
+    checkpoint = ray.train.get_checkpoint()
+    start = _restore(engine, checkpoint) if checkpoint else 0
 
     forget = read_blocks(cfg.data.prepared_dir, "forget")
     retain = read_blocks(cfg.data.prepared_dir, "retain") if cfg.loss.retain != "none" else None
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    local = G // world
+    mine = slice(rank * (G // world), (rank + 1) * (G // world))  # this worker's rows of a global batch
 
     (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "ranks" / f"rank{rank}.json",
-                      {"rank": rank, "world_size": world, **_partition_sizes(engine)})
+                      {"rank": rank, "world_size": world, "pid": os.getpid(),
+                       "node_ip": ray.util.get_node_ip_address(), "resumed_from_step": start,
+                       **_partition_sizes(engine)})
     wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
-    log_file = open(run_dir / "log.jsonl", "w") if rank == 0 else None
+    log_file = _open_log(run_dir / "log.jsonl", start) if rank == 0 else None
+    every = cfg.train.checkpoint_every
 
-    for step in range(cfg.train.steps):
+    for step in range(start, cfg.train.steps):
         t0 = time.time()
-        f_ids = batch_schedule(len(forget["input_ids"]), G, step, cfg.train.seed)[rank * local:(rank + 1) * local]
-        r_ids = (batch_schedule(len(retain["input_ids"]), G, step, cfg.train.seed + 1)[rank * local:(rank + 1) * local]
-                 if retain is not None else None)
+        forget_ids = batch_schedule(len(forget["input_ids"]), G, step, cfg.train.seed)
+        retain_ids = batch_schedule(len(retain["input_ids"]), G, step, cfg.train.seed + 1) if retain else None
         sums: dict[str, float] = {}
-        for m in range(0, local, micro):
-            f_rows = f_ids[m:m + micro]
-            parts = [forget]
-            rows = [f_rows]
+        for m in range(0, G // world, micro):
+            rows = [(forget, forget_ids[mine][m:m + micro])]
             if retain is not None:
-                parts.append(retain)
-                rows.append(r_ids[m:m + micro])
-            batch = {k: torch.as_tensor(np.concatenate([p[k][r] for p, r in zip(parts, rows)])).to(device)
+                rows.append((retain, retain_ids[mine][m:m + micro]))
+            batch = {k: torch.as_tensor(np.concatenate([split[k][ids] for split, ids in rows])).to(engine.device)
                      for k in ("input_ids", "labels", "attention_mask")}
-            targets = shift_targets(batch["labels"])
-            n_f = len(f_rows)
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            ref_logits = None
-            if ref_engine is not None:
-                with torch.no_grad():
-                    ref_logits = ref_engine(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits
-            forget_loss, stat = _forget_loss(cfg, logits[:n_f], None if ref_logits is None else ref_logits[:n_f],
-                                             targets[:n_f])
-            loss = cfg.loss.gamma * forget_loss
-            record = {"forget_loss": forget_loss.item()}
-            if retain is not None:
-                retain_loss = _retain_loss(cfg, logits[n_f:], None if ref_logits is None else ref_logits[n_f:],
-                                           targets[n_f:])
-                loss = loss + cfg.loss.lam * retain_loss
-                record["retain_loss"] = retain_loss.item()
-            engine.backward(loss)
-            engine.step()
-            with torch.no_grad():
-                record["loss"] = loss.item()
-                record["forget_nll"] = nll_loss(logits[:n_f].detach(), targets[:n_f]).item()
-                if retain is not None:
-                    record["retain_nll"] = nll_loss(logits[n_f:].detach(), targets[n_f:]).item()
-                if cfg.method == "dipo":
-                    record["dipo_margin"] = stat.mean().item()
-                elif cfg.method == "npo":
-                    record["npo_log_ratio"] = stat.mean().item()
+            record = _micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]))
             for k, v in record.items():
-                sums[k] = sums.get(k, 0.0) + v * len(f_rows) / local
+                sums[k] = sums.get(k, 0.0) + v * micro / (G // world)
         metrics = _mean_over_ranks(sums)
         metrics.update(step=step + 1, lr=engine.get_lr()[0], step_time_s=time.time() - t0)
         if rank == 0:
-            metrics["forget_block_ids"] = batch_schedule(len(forget["input_ids"]), G, step, cfg.train.seed).tolist()
-            log_file.write(json.dumps(metrics) + "\n")
+            log_file.write(json.dumps({**metrics, "forget_block_ids": forget_ids.tolist()}) + "\n")
             log_file.flush()
             if wandb_run is not None:
-                wandb_run.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step + 1)
+                wandb_run.log(metrics, step=step + 1)
+        if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
+            _report_checkpoint(engine, step + 1, metrics)
 
-    _save_and_export(cfg, engine, rank, run_dir)
+    _export_hf(cfg, engine, rank, run_dir)
+    _report_checkpoint(engine, cfg.train.steps, {"step": cfg.train.steps})
     if rank == 0:
         log_file.close()
         if wandb_run is not None:
             wandb_run.finish()
 
 
-def _save_and_export(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> None:
-    """DeepSpeed checkpoint through ray.train.report, then the consolidated HF export (rank 0)."""
-    import ray.train
-
+def _export_hf(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> None:
+    """Consolidate the ZeRO-3 shards (a collective) and write an HF-format model from rank 0."""
     from transformers import AutoTokenizer
 
-    state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+    state_dict = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
     if rank == 0:
         with atomic_dir(run_dir / "model") as tmp:
             engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -264,10 +318,6 @@ def _save_and_export(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> No
                 "method": cfg.run_name, "source_model": cfg.model.path,
                 "prepared_dir": cfg.data.prepared_dir,
                 "config": cfg.model_dump(by_alias=True)})
-    with tempfile.TemporaryDirectory() as ckpt:
-        engine.save_checkpoint(ckpt, tag="final")
-        ray.train.report({"step": cfg.train.steps},
-                         checkpoint=ray.train.Checkpoint.from_directory(ckpt))
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,27 +337,50 @@ def validate_run(cfg: UnlearnConfig) -> None:
     load_ds_config(cfg, cfg.train.num_workers)
 
 
+def _absolute(cfg: UnlearnConfig) -> UnlearnConfig:
+    """Local paths made absolute: workers may run in another directory (or on another node)."""
+    local = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
+    return cfg.model_copy(update={
+        "out_dir": str(run_dir_of(cfg)),
+        "model": cfg.model.model_copy(update={"path": local(cfg.model.path),
+                                              "reference_path": local(cfg.model.reference_path)}),
+        "data": cfg.data.model_copy(update={"prepared_dir": local(cfg.data.prepared_dir)}),
+    })
+
+
 def run_unlearning(cfg: UnlearnConfig) -> Path:
-    """Run one unlearning job on the Ray cluster (local one if none); returns the HF export dir."""
+    """Run one unlearning job on the Ray cluster (a local one if none is running).
+
+    Re-running the same config with the same out_dir resumes from its last checkpoint (Ray Train
+    restores a run by name and storage path); a different config in that out_dir is refused.
+    Returns the HF export directory.
+    """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     validate_run(cfg)
-    run_dir = run_dir_of(cfg)
+    cfg = _absolute(cfg)
+    run_dir = Path(cfg.out_dir)
+    saved = run_dir / "config.json"
+    config = cfg.model_dump(by_alias=True)
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(config)):
+        raise UserInputError(f"{run_dir}: holds a run with a different config (re-run with the same "
+                             "config to resume it, or choose another out_dir)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", cfg.model_dump(by_alias=True))
+    atomic_write_json(saved, config)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not cfg.train.use_gpu else None)
-    cfg = cfg.model_copy(update={"out_dir": str(run_dir),
-                                 "data": cfg.data.model_copy(update={"prepared_dir": str(Path(cfg.data.prepared_dir).resolve())})})
+        env = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
+        ray.init(runtime_env={"env_vars": env})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(by_alias=True)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        train_loop_config={"cfg": config},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     placement_strategy=cfg.train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.train.storage_path or str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
     )
     trainer.fit()
     return run_dir / "model"

@@ -287,3 +287,77 @@ def load_muse_dir(path: str | Path) -> MuseData:
         privleak_holdout=_texts_file(root, "privleak/holdout"),
     )
 
+
+
+# --- the Hugging Face hub (muse-bench/MUSE-News, muse-bench/MUSE-Books) ---------------------------
+# config -> split names of the MUSE datasets on the hub.
+HUB_SPLITS = {
+    "raw": ("forget", "retain1", "retain2", "holdout"),
+    "verbmem": ("forget",),
+    "knowmem": ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl"),
+    "privleak": ("forget", "holdout"),
+}
+
+
+def _hub_records(name: str, config: str, split: str, *, required: bool = True) -> list[tuple[str, Any]]:
+    """The rows of one split of a hub dataset as (location, dict) pairs."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # no network, unknown dataset/config/split, ...
+        if not required:
+            return []
+        raise UserInputError(f"{name}: not a local directory and cannot load {config}/{split} from the hub "
+                             f"({type(e).__name__}: {_one_line(e)[:200]})") from None
+    return [(f"{name}[{config}/{split}]: entry {i}", dict(row)) for i, row in enumerate(ds)]
+
+
+def load_muse_hub(name: str) -> MuseData:
+    """A MUSE dataset from the hub (`datasets.load_dataset(name, config, split=...)`)."""
+    def texts(config: str, split: str, required: bool = True) -> list[str]:
+        docs = [_text_of(where, row, ("text", "input")) for where, row in
+                _hub_records(name, config, split, required=required)]
+        return [d.strip() for d in docs if d.strip()]
+
+    def qa(split: str, required: bool) -> list[QA]:
+        rows = _hub_records(name, "knowmem", split, required=required)
+        items = [QA(_field(w, r, ("question", "prompt")), _field(w, r, ("answer", "response"))) for w, r in rows]
+        if required and not items:
+            raise UserInputError(f"{name}[knowmem/{split}]: no entries")
+        return items
+
+    forget_docs = texts("raw", "forget")
+    if not forget_docs:
+        raise UserInputError(f"{name}[raw/forget]: forget set is empty")
+    verbmem = [VerbMemItem(_field(w, r, ("prompt",)), _field(w, r, ("gt",)))
+               for w, r in _hub_records(name, "verbmem", "forget")]
+    if not verbmem:
+        raise UserInputError(f"{name}[verbmem/forget]: no entries")
+    return MuseData(
+        root=Path(name),
+        forget_docs=forget_docs,
+        retain_docs=texts("raw", "retain1") + texts("raw", "retain2"),
+        holdout_docs=texts("raw", "holdout", required=False),
+        forget_qa=qa("forget_qa", True),
+        retain_qa=qa("retain_qa", True),
+        forget_qa_icl=qa("forget_qa_icl", False),
+        retain_qa_icl=qa("retain_qa_icl", False),
+        verbmem=verbmem,
+        privleak_forget=texts("privleak", "forget", required=False),
+        privleak_holdout=texts("privleak", "holdout", required=False),
+    )
+
+
+def load_muse(source: str | Path) -> MuseData:
+    """A local MUSE-layout directory, or (a name that is no local path, like "muse-bench/MUSE-News")
+    the hub dataset of that name."""
+    path = Path(source)
+    if not path.exists() and is_hub_name(str(source)):
+        return load_muse_hub(str(source))
+    return load_muse_dir(path)
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether `name` has the form owner/name of a hub dataset (a local path rarely has)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None

@@ -1,0 +1,99 @@
+"""Fault tolerance for real: a worker SIGKILLed mid-run, and a driver killed and re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STEPS = 10
+# Resume restores weights, optimizer, LR schedule and RNG exactly; on CPU the redone steps are
+# bit-identical in practice. The bound allows for float32 reduction-order noise only.
+WEIGHT_ATOL = 1e-6
+
+
+def _args(tiny_assets, out_dir, *extra):
+    sets = [f"model.path={tiny_assets['target']}", f"data.prepared_dir={tiny_assets['prepared']}",
+            f"out_dir={out_dir}", f"train.steps={STEPS}", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "train.lr=2e-3", "train.checkpoint_every=2",
+            "logging.wandb=disabled", "method=dipo", *extra]
+    return [sys.executable, "-m", "dipo_scale.cli", "unlearn", *(a for s in sets for a in ("--set", s))]
+
+
+def _start(args, log_path):
+    return subprocess.Popen(args, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _wait_for_steps(run_dir: Path, n: int, proc, timeout=240):
+    deadline = time.time() + timeout
+    log = run_dir / "log.jsonl"
+    while time.time() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, "run ended before it could be interrupted"
+        time.sleep(0.2)
+    raise TimeoutError(f"{log} never reached {n} steps")
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(run_dir, reference_dir):
+    log, ref = _log(run_dir), _log(reference_dir)
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))  # each step exactly once
+    assert [r["forget_block_ids"] for r in log] == [r["forget_block_ids"] for r in ref]
+    a = load_file(run_dir / "model" / "model.safetensors")
+    b = load_file(reference_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= WEIGHT_ATOL, worst
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    proc = subprocess.run(_args(tiny_assets, out), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_killed_worker_is_restarted_and_ends_like_an_uninterrupted_run(tiny_assets, uninterrupted, tmp_path):
+    out = tmp_path / "killed_worker"
+    proc = _start(_args(tiny_assets, out, "train.max_failures=1"), tmp_path / "run.log")
+    _wait_for_steps(out, 5, proc)
+    victim = json.loads((out / "ranks" / "rank1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    ranks = json.loads((out / "ranks" / "rank1.json").read_text())
+    assert ranks["pid"] != victim and ranks["resumed_from_step"] >= 2  # a new worker, from a checkpoint
+    _assert_same_run(out, uninterrupted)
+
+
+def test_rerun_after_driver_death_resumes_from_last_checkpoint(tiny_assets, uninterrupted, tmp_path):
+    out = tmp_path / "killed_driver"
+    args = _args(tiny_assets, out)
+    proc = _start(args, tmp_path / "first.log")
+    _wait_for_steps(out, 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started (its local Ray)
+    proc.wait()
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert json.loads((out / "ranks" / "rank0.json").read_text())["resumed_from_step"] >= 2
+    _assert_same_run(out, uninterrupted)
+
+
+def test_rerun_with_a_different_config_is_refused(tiny_assets, uninterrupted):
+    proc = subprocess.run(_args(tiny_assets, uninterrupted, "dipo.alpha=7.0"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "different config" in proc.stderr
