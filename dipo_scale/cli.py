@@ -49,15 +49,18 @@ def _cmd_unlearn(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from dipo_scale.data.muse import load_muse_dir
-    from dipo_scale.evaluate import evaluate_muse, load_model_and_tokenizer
-    from dipo_scale.files import atomic_write_json
+    from dipo_scale.evaluate import run_evaluation
 
-    data = load_muse_dir(args.data)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    metrics = evaluate_muse(model, tokenizer, data, batch_size=args.batch_size, limit=args.limit)
-    atomic_write_json(Path(args.out) / "metrics.json", metrics)
-    print(metrics)
+    metrics = run_evaluation(
+        args.model, args.data, args.out,
+        retrain_model=args.retrain_model, retrain_auc=args.retrain_auc,
+        retain_model=args.retain_model, retain_truth_ratios=args.retain_truth_ratios,
+        forget=args.forget, retain=args.retain, limit=args.limit, batch_size=args.batch_size,
+        num_workers=args.num_workers, max_new_tokens=args.max_new_tokens,
+    )
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4g}")
+    print(f"report: {Path(args.out) / 'report.md'}")
 
 
 def _cmd_demo(args) -> None:
@@ -93,12 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted override, e.g. --set dipo.alpha=2.0 (repeatable)")
     p.set_defaults(func=_cmd_unlearn)
 
-    p = sub.add_parser("evaluate", help="VerbMem / KnowMem of a model on a MUSE-layout directory")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("evaluate", help="MUSE (VerbMem, KnowMem, PrivLeak) or TOFU (forget quality, "
+                       "model utility) metrics of a model; writes OUT/metrics.json and OUT/report.md")
+    p.add_argument("--model", required=True, help="model directory or hub name")
+    p.add_argument("--data", required=True,
+                   help="MUSE- or TOFU-layout directory (detected), or a hub name (locuslab/TOFU, muse-bench/MUSE-News)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each set")
+    p.add_argument("--retrain-model", default=None, help="model never trained on the forget set: its MIA AUC gives privleak")
+    p.add_argument("--retrain-auc", type=float, default=None, help="the retrained model's MIA AUC, if known")
+    p.add_argument("--retain-model", default=None, help="TOFU: the retain model, for forget quality")
+    p.add_argument("--retain-truth-ratios", default=None, metavar="FILE.json",
+                   help="TOFU: the retain model's forget-set truth ratios (a JSON list, or a truth_ratios.json)")
+    p.add_argument("--forget", default="forget10", help="TOFU forget split (forget01, forget05, forget10)")
+    p.add_argument("--retain", default=None,
+                   help="TOFU retain split for utility (default retain_perturbed, TOFU's evaluation subset)")
+    p.add_argument("--num-workers", type=int, default=1, help="MUSE: Ray actors evaluating shares of the items")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens (defaults: VerbMem 128, KnowMem 32, TOFU 128)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="the whole chain on the embedded corpus (or --data) with tiny models")

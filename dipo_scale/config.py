@@ -187,9 +187,8 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 
 def resolve_ds_config_path(name: str) -> Path:
-    path = Path(name)
-    if not path.is_file():
-        path = DS_CONFIG_DIR / name
+    candidates = [Path(name), Path.cwd() / "ds_configs" / name, DS_CONFIG_DIR / name]
+    path = next((p for p in candidates if p.is_file()), candidates[-1])
     if not path.is_file():
         raise UserInputError(f"train.ds_config: {name} not found (looked in {DS_CONFIG_DIR})")
     return path

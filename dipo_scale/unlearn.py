@@ -266,6 +266,7 @@ def train_worker(config: dict) -> None:
     (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "ranks" / f"rank{rank}.json",
                       {"rank": rank, "world_size": world, "pid": os.getpid(),
+                       "node_id": ray.get_runtime_context().get_node_id(),
                        "node_ip": ray.util.get_node_ip_address(), "resumed_from_step": start,
                        **_partition_sizes(engine)})
     wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
@@ -370,8 +371,7 @@ def run_unlearning(cfg: UnlearnConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, config)
     if not ray.is_initialized():
-        env = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
-        ray.init(runtime_env={"env_vars": env})
+        ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": config},

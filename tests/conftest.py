@@ -35,10 +35,13 @@ def tiny_assets(tmp_path_factory):
     return {"corpus": Path(corpus), **paths, "prepared": root / "prepared", "root": root}
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module (modules that build their own clusters stay apart)."""
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
     temp = Path("/tmp") / f"dipo_ray_{os.getpid()}"  # short: Ray's socket paths have a length limit
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=True,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})

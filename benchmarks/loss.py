@@ -1,0 +1,306 @@
+"""Loss benchmark: DiPO (chunked, naive, fused LM head) against plain cross-entropy, on CPU.
+
+    .venv/bin/python benchmarks/loss.py --json benchmarks/results/loss.json          # ~4 min
+    .venv/bin/python benchmarks/loss.py --quick --json /tmp/loss_quick.json          # ~20 s
+
+For each size (B = 1, seq T x vocab V) and each case, forward + backward is run in a fresh
+subprocess (this script with `--case`), so that peak memory can be read per case:
+
+* memory: peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) minus the RSS once the inputs
+  exist, in MB (1e6 bytes). The peak is reset after the inputs are created (`/proc/self/clear_refs`
+  `5`, Linux >= 4.0), so transients of input creation do not count. torch has no CPU allocator
+  statistics; glibc's mmap threshold is pinned to 1 MiB in the child (`MALLOC_MMAP_THRESHOLD_`)
+  so freed tensors go back to the OS and the RSS peak tracks the peak of live tensors (the CPU
+  analogue of `torch.cuda.max_memory_allocated`), instead of glibc's heap high-water mark.
+* time: median wall time of `--reps` forward+backward after one warm-up at the same size
+  (`--reps-hidden` for the expensive hidden-state cases, after a warm-up at a small size),
+  `torch.set_num_threads(2)`.
+
+Cases (float32 everywhere; targets uniform random, no padding):
+  ce          F.cross_entropy on logits [T, V] that require grad (plain fine-tuning loss)
+  dipo        dipo_scale.losses.dipo_loss on the same logits + reference logits [1, T, V],
+              chunk_size=1024 (the module's default)
+  dipo_auto   the same with chunk_size=auto_chunk_size(V) (~2**23 elements per [chunk, V]
+              temporary): the proposed default for losses/__init__.py, measured here by
+              passing chunk_size, without editing that module
+  naive       dipo_loss_naive (unchunked, full [T, V] float32 intermediates)
+  ce_hidden   cross_entropy(hidden @ weight.T) from hidden [T, H] and weight [V, H], both
+              requiring grad (the unfused fine-tuning LM head + loss)
+  fused_dipo  dipo_scale.losses.fused.fused_dipo_loss from the same hidden/weight, reference in
+              the hidden cache form (ref_hidden [T, H] + ref_weight [V, H]), default chunk
+
+Memory ratios use the policy side only (the delta over the inputs; the reference logits /
+reference hidden + weight are inputs and can be cached). `*_with_ref` numbers add the
+reference inputs' bytes to the DiPO side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FULL_SIZES = [(512, 32000), (2048, 32000), (1024, 128256)]
+QUICK_SIZES = [(128, 4096), (512, 32000)]
+LOGIT_CASES = ["ce", "dipo", "dipo_auto", "naive"]
+HIDDEN_CASES = ["ce_hidden", "fused_dipo"]
+DIPO_KW = dict(alpha=1.0, beta=0.1, select="topk", k=1, reduction="sum")
+MB = 1e6
+
+
+# --------------------------------------------------------------------------------------------
+# Child: one case, one size.
+# --------------------------------------------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _make(case: str, T: int, V: int, H: int, seed: int = 0):
+    """Inputs and a step() doing forward + backward. Inputs are built in place (no temporaries)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dipo_scale.losses import dipo_loss, dipo_loss_naive
+    from dipo_scale.losses.fused import auto_chunk_size, fused_dipo_loss
+
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, V, (1, T), generator=g)
+    inputs, ref_bytes, extra = {}, 0, {}
+
+    if case in LOGIT_CASES:
+        logits = torch.empty(1, T, V).normal_(generator=g).mul_(2.0).requires_grad_(True)
+        inputs["logits"] = logits
+        if case != "ce":
+            ref = torch.empty(1, T, V).normal_(generator=g).mul_(0.5).add_(logits.detach())
+            inputs["ref_logits"], ref_bytes = ref, ref.nbytes
+        if case == "ce":
+            def step():
+                F.cross_entropy(logits[0], targets[0]).backward()
+        elif case in ("dipo", "dipo_auto"):
+            chunk = 1024 if case == "dipo" else auto_chunk_size(V)
+            extra["chunk_size"] = chunk
+
+            def step():
+                dipo_loss(logits, ref, targets, chunk_size=chunk, **DIPO_KW)[0].backward()
+        else:
+            def step():
+                dipo_loss_naive(logits, ref, targets, **DIPO_KW)[0].backward()
+        params = [logits]
+    else:
+        hidden = torch.empty(1, T, H).normal_(generator=g).requires_grad_(True)
+        weight = torch.empty(V, H).normal_(generator=g).mul_(H ** -0.5).requires_grad_(True)
+        inputs.update(hidden=hidden, weight=weight)
+        if case == "ce_hidden":
+            def step():
+                F.cross_entropy(hidden[0] @ weight.T, targets[0]).backward()
+        else:
+            ref_hidden = torch.empty(1, T, H).normal_(generator=g).mul_(0.3).add_(hidden.detach())
+            ref_weight = torch.empty(V, H).normal_(generator=g).mul_(0.3 * H ** -0.5).add_(weight.detach())
+            inputs.update(ref_hidden=ref_hidden, ref_weight=ref_weight)
+            ref_bytes = ref_hidden.nbytes + ref_weight.nbytes
+            extra["chunk_size"] = auto_chunk_size(V)
+
+            def step():
+                fused_dipo_loss(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                **DIPO_KW)[0].backward()
+        params = [hidden, weight]
+
+    def run():
+        for p in params:
+            p.grad = None
+        step()
+        for p in params:
+            p.grad = None
+
+    return run, inputs, ref_bytes, extra
+
+
+def run_case(case: str, T: int, V: int, H: int, reps: int, small_warmup: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    if small_warmup:  # initialise kernels / lazy state at a small size; not timed, not measured
+        warm, *_ = _make(case, 16, 256, 64)
+        warm()
+        del warm
+    run, inputs, ref_bytes, extra = _make(case, T, V, H)
+    rss_inputs = _rss_bytes()
+    reset = _reset_peak()
+    if not reset:  # fall back: the high-water mark may include input creation
+        rss_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for i in range(reps + (0 if small_warmup else 1)):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    timed = times if small_warmup else times[1:]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return dict(
+        case=case, seq=T, vocab=V, hidden=H if case in HIDDEN_CASES else None,
+        time_s=statistics.median(timed), times_s=timed, warmup="small" if small_warmup else "full",
+        peak_mb=(peak - rss_inputs) / MB, rss_inputs_mb=rss_inputs / MB, peak_rss_mb=peak / MB,
+        ref_input_mb=ref_bytes / MB, input_mb={k: v.nbytes / MB for k, v in inputs.items()},
+        logits_fp32_mb=T * V * 4 / MB, peak_reset=reset, **extra,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Parent: every case in a fresh subprocess, ratios, JSON, markdown table.
+# --------------------------------------------------------------------------------------------
+def _spawn(case, T, V, H, reps, small_warmup) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), OMP_NUM_THREADS="2")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--seq", str(T),
+           "--vocab", str(V), "--hidden", str(H), "--reps", str(reps)]
+    if small_warmup:
+        cmd.append("--small-warmup")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"case {case} {T}x{V} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ratios(c: dict) -> dict:
+    r = lambda a, b: round(a / b, 3)  # noqa: E731
+    ce, dipo, auto, naive = c["ce"], c["dipo"], c["dipo_auto"], c["naive"]
+    out = dict(
+        dipo_over_ce_time=r(dipo["time_s"], ce["time_s"]),
+        dipo_over_ce_peak_memory=r(dipo["peak_mb"], ce["peak_mb"]),
+        dipo_over_ce_peak_memory_with_ref=r(dipo["peak_mb"] + dipo["ref_input_mb"], ce["peak_mb"]),
+        chunked_over_naive_peak_memory=r(dipo["peak_mb"], naive["peak_mb"]),
+        chunked_over_naive_time=r(dipo["time_s"], naive["time_s"]),
+        dipo_auto_over_ce_time=r(auto["time_s"], ce["time_s"]),
+        dipo_auto_over_ce_peak_memory=r(auto["peak_mb"], ce["peak_mb"]),
+        dipo_auto_over_ce_peak_memory_with_ref=r(auto["peak_mb"] + auto["ref_input_mb"], ce["peak_mb"]),
+        dipo_auto_over_naive_peak_memory=r(auto["peak_mb"], naive["peak_mb"]),
+    )
+    if "fused_dipo" in c:
+        f, ceh = c["fused_dipo"], c["ce_hidden"]
+        out.update(fused_over_ce_peak_memory=r(f["peak_mb"], ceh["peak_mb"]),
+                   fused_over_ce_peak_memory_with_ref=r(f["peak_mb"] + f["ref_input_mb"], ceh["peak_mb"]),
+                   fused_over_ce_time=r(f["time_s"], ceh["time_s"]))
+    return out
+
+
+def _machine() -> dict:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+                if line.startswith("MemTotal")), None)
+    return dict(device="cpu", cpu_model=model, cpu_count=os.cpu_count(), torch_threads=2,
+                memory_gb=round(mem / 1e9, 1) if mem else None, torch=torch.__version__,
+                python=platform.python_version(), platform=platform.platform(),
+                loadavg_at_start=os.getloadavg())
+
+
+def _table(results: dict) -> str:
+    rows = ["| seq × vocab | case | time (s) | peak MB (policy side) | + ref inputs MB | chunk |",
+            "|---|---|---:|---:|---:|---:|"]
+    for key, size in results["sizes"].items():
+        for name, c in size["cases"].items():
+            label = name + (f" (H={c['hidden']})" if c.get("hidden") else "")
+            rows.append(f"| {key} | {label} | {c['time_s']:.3f} | {c['peak_mb']:.0f} | "
+                        f"{c['ref_input_mb']:.0f} | {c.get('chunk_size', '')} |")
+    rows += ["", "| seq × vocab | " + " | ".join(RATIO_KEYS) + " |",
+             "|---|" + "---:|" * len(RATIO_KEYS)]
+    for key, size in results["sizes"].items():
+        rows.append(f"| {key} | " + " | ".join(str(size.get(k, "")) for k in RATIO_KEYS) + " |")
+    return "\n".join(rows)
+
+
+RATIO_KEYS = ["dipo_over_ce_peak_memory", "dipo_over_ce_peak_memory_with_ref", "dipo_over_ce_time",
+              "chunked_over_naive_peak_memory", "dipo_auto_over_ce_peak_memory",
+              "dipo_auto_over_naive_peak_memory", "dipo_auto_over_ce_time",
+              "fused_over_ce_peak_memory", "fused_over_ce_time"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds, for smoke tests)")
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="hidden size H of the fused cases (default 2048; 512 with --quick)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions of the logits cases")
+    ap.add_argument("--reps-hidden", type=int, default=1,
+                    help="timed repetitions of the hidden-state cases (each is matmul-bound)")
+    ap.add_argument("--no-hidden", action="store_true", help="skip the hidden-state cases")
+    # child mode
+    ap.add_argument("--case", choices=LOGIT_CASES + HIDDEN_CASES, help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--small-warmup", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.case:
+        print(json.dumps(run_case(args.case, args.seq, args.vocab, args.hidden, args.reps,
+                                  args.small_warmup)))
+        return 0
+
+    H = args.hidden or (512 if args.quick else 2048)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    started = time.time()
+    results = dict(
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.executable).name, "benchmarks/loss.py"] + list(sys.argv[1:] if argv is None else argv)),
+        machine=_machine(),
+        settings=dict(batch=1, hidden=H, dtype="float32", dipo=DIPO_KW, reps=args.reps,
+                      reps_hidden=args.reps_hidden, memory="peak RSS - RSS after inputs (MB=1e6 B)",
+                      ratio_memory_side="policy side only (reference inputs not counted)"),
+        sizes={},
+    )
+    for T, V in sizes:
+        key = f"{T}x{V}"
+        cases = {}
+        for case in LOGIT_CASES + ([] if args.no_hidden else HIDDEN_CASES):
+            hidden_case = case in HIDDEN_CASES
+            c = _spawn(case, T, V, H, args.reps_hidden if hidden_case else args.reps, hidden_case)
+            cases[case] = c
+            print(f"{key:>12} {case:<10} time {c['time_s']:8.3f} s   peak {c['peak_mb']:8.0f} MB",
+                  file=sys.stderr, flush=True)
+        results["sizes"][key] = dict(seq=T, vocab=V, cases=cases, **_ratios(cases))
+
+    target_key = "2048x32000"
+    if target_key in results["sizes"]:
+        s = results["sizes"][target_key]
+        results["targets"] = {
+            "dipo_over_ce_peak_memory <= 1.3 (chunk 1024)": s["dipo_over_ce_peak_memory"] <= 1.3,
+            "chunked_over_naive_peak_memory <= 0.5 (chunk 1024)": s["chunked_over_naive_peak_memory"] <= 0.5,
+            "dipo_auto_over_ce_peak_memory <= 1.3": s["dipo_auto_over_ce_peak_memory"] <= 1.3,
+            "dipo_auto_over_naive_peak_memory <= 0.5": s["dipo_auto_over_naive_peak_memory"] <= 0.5,
+        }
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
+    results["wall_s"] = round(time.time() - started, 1)
+    print(_table(results))
+    if "targets" in results:
+        print(json.dumps(results["targets"], indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The cluster paths for real: `ray job submit` to a head started with `ray start`, and the two
+ZeRO-3 workers placed on two different Ray nodes (simulated on this machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_env() -> dict:
+    env = dict(os.environ)
+    if (Path.home() / ".ray" / "auth_token").exists():
+        env["RAY_AUTH_MODE"] = "token"  # the CLI client must authenticate like the cluster
+    return env
+
+
+def _unlearn_sets(tiny_assets, out_dir, *extra):
+    sets = [f"model.path={tiny_assets['target']}", f"data.prepared_dir={tiny_assets['prepared']}",
+            f"out_dir={out_dir}", "train.steps=4", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "train.lr=2e-3", "logging.wandb=disabled", *extra]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_ray_job_submit_runs_the_unlearn_job(tiny_assets, tmp_path):
+    port, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"dipo_job_{os.getpid()}"
+    env = _ray_env()
+    start = subprocess.run([BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "2",
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                            "--temp-dir", str(temp), "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        out = tmp_path / "job_run"
+        submit = subprocess.run(
+            [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+             "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"),
+             "--", "python", "ray_jobs/unlearn.py", *_unlearn_sets(tiny_assets, out)],
+            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "SUCCEEDED" in submit.stdout + submit.stderr
+        assert (out / "model" / "model.safetensors").is_file()
+        assert len((out / "log.jsonl").read_text().splitlines()) == 4
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_two_workers_on_two_nodes_match_one_node(tiny_assets, two_node_cluster, tmp_path):
+    import ray
+
+    from dipo_scale.config import load_unlearn_config
+    from dipo_scale.unlearn import run_unlearning
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    logs, nodes = {}, {}
+    for name, strategy in (("one_node", "STRICT_PACK"), ("two_nodes", "STRICT_SPREAD")):
+        out = tmp_path / name
+        sets = _unlearn_sets(tiny_assets, out, f"train.placement_strategy={strategy}")
+        run_unlearning(load_unlearn_config(None, sets[1::2]))
+        logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        nodes[name] = {json.loads((out / "ranks" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)}
+    assert len(nodes["one_node"]) == 1 and len(nodes["two_nodes"]) == 2
+    for a, b in zip(logs["one_node"], logs["two_nodes"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["forget_block_ids"] == a["forget_block_ids"]
