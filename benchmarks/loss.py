@@ -1,20 +1,25 @@
 """Loss benchmark: DiPO (chunked, naive, fused LM head) against plain cross-entropy, on CPU.
 
-    .venv/bin/python benchmarks/loss.py --json benchmarks/results/loss.json          # ~4 min
-    .venv/bin/python benchmarks/loss.py --quick --json /tmp/loss_quick.json          # ~20 s
+    .venv/bin/python benchmarks/loss.py --json /tmp/loss.json          # several minutes on 2 cores
+    .venv/bin/python benchmarks/loss.py --quick --json /tmp/loss_quick.json
 
 For each size (B = 1, seq T x vocab V) and each case, forward + backward is run in a fresh
 subprocess (this script with `--case`), so that peak memory can be read per case:
 
 * memory: peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) minus the RSS once the inputs
-  exist, in MB (1e6 bytes). The peak is reset after the inputs are created (`/proc/self/clear_refs`
-  `5`, Linux >= 4.0), so transients of input creation do not count. torch has no CPU allocator
-  statistics; glibc's mmap threshold is pinned to 1 MiB in the child (`MALLOC_MMAP_THRESHOLD_`)
-  so freed tensors go back to the OS and the RSS peak tracks the peak of live tensors (the CPU
-  analogue of `torch.cuda.max_memory_allocated`), instead of glibc's heap high-water mark.
-* time: median wall time of `--reps` forward+backward after one warm-up at the same size
-  (`--reps-hidden` for the expensive hidden-state cases, after a warm-up at a small size),
-  `torch.set_num_threads(2)`.
+  exist, in MB (1e6 bytes), for one forward + backward. The peak is reset just before that run
+  (`/proc/self/clear_refs` `5`, Linux >= 4.0), so transients of input creation do not count; a
+  small (16x256) warm-up first touches the code paths (library pages count in RSS). torch has no
+  CPU allocator statistics; glibc's mmap threshold is pinned to 1 MiB (`mallopt`) from process
+  start to the end of that run, so freed tensors go back to the OS and the RSS peak tracks the
+  peak of live tensors (the CPU analogue of `torch.cuda.max_memory_allocated`), not glibc's heap
+  high-water mark.
+* time: `torch.set_num_threads(2)`; median wall time of `--reps` forward + backward after a
+  full-size warm-up (the memory run; mmap threshold then 32 MiB, glibc's steady-state default)
+  for ce / dipo / dipo_auto. To fit a few minutes on 2 shared cores, `naive` (`--reps-naive`) and
+  the matmul-bound hidden-state cases (`--reps-hidden`) default to 0 extra runs: their time is
+  that of the memory run itself (after the small warm-up; fresh-page faults counted, both sides
+  of the fused-vs-CE ratio alike).
 
 Cases (float32 everywhere; targets uniform random, no padding):
   ce          F.cross_entropy on logits [T, V] that require grad (plain fine-tuning loss)
@@ -77,7 +82,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _make(case: str, T: int, V: int, H: int, seed: int = 0):
+def _make(case: str, T: int, V: int, H: int, seed: int = 0, fused_chunk=None):
     """Inputs and a step() doing forward + backward. Inputs are built in place (no temporaries)."""
     import torch
     import torch.nn.functional as F
@@ -120,11 +125,11 @@ def _make(case: str, T: int, V: int, H: int, seed: int = 0):
             ref_weight = torch.empty(V, H).normal_(generator=g).mul_(0.3 * H ** -0.5).add_(weight.detach())
             inputs.update(ref_hidden=ref_hidden, ref_weight=ref_weight)
             ref_bytes = ref_hidden.nbytes + ref_weight.nbytes
-            extra["chunk_size"] = auto_chunk_size(V)
+            extra["chunk_size"] = fused_chunk or auto_chunk_size(V)
 
             def step():
                 fused_dipo_loss(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                **DIPO_KW)[0].backward()
+                                chunk_size=fused_chunk, **DIPO_KW)[0].backward()
         params = [hidden, weight]
 
     def run():
@@ -137,44 +142,84 @@ def _make(case: str, T: int, V: int, H: int, seed: int = 0):
     return run, inputs, ref_bytes, extra
 
 
-def run_case(case: str, T: int, V: int, H: int, reps: int, small_warmup: bool) -> dict:
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _set_mmap_threshold(libc, nbytes: int) -> bool:
+    """glibc: allocations >= nbytes get their own mmap, unmapped on free (fixed, not dynamic)."""
+    if libc is None:
+        return False
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    return ok and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes))
+
+
+def _timed(run) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def run_case(case: str, T: int, V: int, H: int, reps: int, fused_chunk=None) -> dict:
+    """One process, one case: a small warm-up, the memory-measured run, then `reps` timed runs.
+
+    The memory run comes first, with glibc's mmap threshold pinned to 1 MiB since process start
+    (pinning it later would not help: allocations are served from the free lists of a heap grown
+    by earlier runs). It is a full-size run, so it is also the warm-up of the timed runs, which
+    follow with the threshold at 32 MiB (glibc's steady-state default on 64-bit). With reps == 0
+    the time is the memory run's own (fresh-page faults counted).
+    """
     import torch
 
+    libc = _libc()
+    pinned = _set_mmap_threshold(libc, 1 << 20)
     torch.set_num_threads(2)
-    if small_warmup:  # initialise kernels / lazy state at a small size; not timed, not measured
-        warm, *_ = _make(case, 16, 256, 64)
-        warm()
-        del warm
-    run, inputs, ref_bytes, extra = _make(case, T, V, H)
+    warm, *_ = _make(case, 16, 256, 64)  # touch the code paths (library pages count in RSS)
+    warm()
+    del warm
+    hidden_case = case in HIDDEN_CASES
+    run, inputs, ref_bytes, extra = _make(case, T, V, H, fused_chunk=fused_chunk)
+
     rss_inputs = _rss_bytes()
     reset = _reset_peak()
     if not reset:  # fall back: the high-water mark may include input creation
         rss_inputs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for i in range(reps + (0 if small_warmup else 1)):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    timed = times if small_warmup else times[1:]
+    mem_run_s = _timed(run)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    if reps <= 0:
+        times, timing = [mem_run_s], "the memory run (after a 16x256 warm-up; mmap threshold 1 MiB)"
+    else:
+        _set_mmap_threshold(libc, 32 << 20)
+        times = [_timed(run) for _ in range(reps)]
+        timing = f"median of {reps} after a full-size warm-up (the memory run); mmap threshold 32 MiB"
     return dict(
-        case=case, seq=T, vocab=V, hidden=H if case in HIDDEN_CASES else None,
-        time_s=statistics.median(timed), times_s=timed, warmup="small" if small_warmup else "full",
+        case=case, seq=T, vocab=V, hidden=H if hidden_case else None,
+        time_s=statistics.median(times), times_s=times, timing=timing, memory_run_s=mem_run_s,
         peak_mb=(peak - rss_inputs) / MB, rss_inputs_mb=rss_inputs / MB, peak_rss_mb=peak / MB,
+        peak_reset=reset, mmap_threshold_pinned=pinned,
         ref_input_mb=ref_bytes / MB, input_mb={k: v.nbytes / MB for k, v in inputs.items()},
-        logits_fp32_mb=T * V * 4 / MB, peak_reset=reset, **extra,
+        logits_fp32_mb=T * V * 4 / MB, **extra,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Parent: every case in a fresh subprocess, ratios, JSON, markdown table.
 # --------------------------------------------------------------------------------------------
-def _spawn(case, T, V, H, reps, small_warmup) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), OMP_NUM_THREADS="2")
+def _spawn(case, T, V, H, reps, fused_chunk=None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--seq", str(T),
            "--vocab", str(V), "--hidden", str(H), "--reps", str(reps)]
-    if small_warmup:
-        cmd.append("--small-warmup")
+    if fused_chunk:
+        cmd += ["--fused-chunk", str(fused_chunk)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"case {case} {T}x{V} failed:\n{out.stderr[-4000:]}")
@@ -189,7 +234,6 @@ def _ratios(c: dict) -> dict:
         dipo_over_ce_peak_memory=r(dipo["peak_mb"], ce["peak_mb"]),
         dipo_over_ce_peak_memory_with_ref=r(dipo["peak_mb"] + dipo["ref_input_mb"], ce["peak_mb"]),
         chunked_over_naive_peak_memory=r(dipo["peak_mb"], naive["peak_mb"]),
-        chunked_over_naive_time=r(dipo["time_s"], naive["time_s"]),
         dipo_auto_over_ce_time=r(auto["time_s"], ce["time_s"]),
         dipo_auto_over_ce_peak_memory=r(auto["peak_mb"], ce["peak_mb"]),
         dipo_auto_over_ce_peak_memory_with_ref=r(auto["peak_mb"] + auto["ref_input_mb"], ce["peak_mb"]),
@@ -243,20 +287,24 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds, for smoke tests)")
     ap.add_argument("--hidden", type=int, default=None,
                     help="hidden size H of the fused cases (default 2048; 512 with --quick)")
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions of the logits cases")
-    ap.add_argument("--reps-hidden", type=int, default=1,
-                    help="timed repetitions of the hidden-state cases (each is matmul-bound)")
+    ap.add_argument("--reps", type=int, default=2,
+                    help="timed runs of ce/dipo/dipo_auto after the warm-up (memory) run")
+    ap.add_argument("--reps-naive", type=int, default=0,
+                    help="timed runs of naive (0: time the memory run)")
+    ap.add_argument("--reps-hidden", type=int, default=0,
+                    help="timed runs of the matmul-bound hidden-state cases (0: time the memory run)")
     ap.add_argument("--no-hidden", action="store_true", help="skip the hidden-state cases")
+    ap.add_argument("--fused-chunk", type=int, default=None,
+                    help="chunk_size of fused_dipo (default: the module's, auto_chunk_size(V))")
     # child mode
     ap.add_argument("--case", choices=LOGIT_CASES + HIDDEN_CASES, help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--small-warmup", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.case:
         print(json.dumps(run_case(args.case, args.seq, args.vocab, args.hidden, args.reps,
-                                  args.small_warmup)))
+                                  args.fused_chunk)))
         return 0
 
     H = args.hidden or (512 if args.quick else 2048)
@@ -267,7 +315,9 @@ def main(argv=None) -> int:
         command=" ".join([Path(sys.executable).name, "benchmarks/loss.py"] + list(sys.argv[1:] if argv is None else argv)),
         machine=_machine(),
         settings=dict(batch=1, hidden=H, dtype="float32", dipo=DIPO_KW, reps=args.reps,
-                      reps_hidden=args.reps_hidden, memory="peak RSS - RSS after inputs (MB=1e6 B)",
+                      fused_chunk=args.fused_chunk or "auto_chunk_size(V)",
+                      reps_naive=args.reps_naive, reps_hidden=args.reps_hidden,
+                      memory="peak RSS - RSS after inputs (MB=1e6 B)",
                       ratio_memory_side="policy side only (reference inputs not counted)"),
         sizes={},
     )
@@ -275,8 +325,9 @@ def main(argv=None) -> int:
         key = f"{T}x{V}"
         cases = {}
         for case in LOGIT_CASES + ([] if args.no_hidden else HIDDEN_CASES):
-            hidden_case = case in HIDDEN_CASES
-            c = _spawn(case, T, V, H, args.reps_hidden if hidden_case else args.reps, hidden_case)
+            reps = (args.reps_hidden if case in HIDDEN_CASES else
+                    args.reps_naive if case == "naive" else args.reps)
+            c = _spawn(case, T, V, H, reps, args.fused_chunk)
             cases[case] = c
             print(f"{key:>12} {case:<10} time {c['time_s']:8.3f} s   peak {c['peak_mb']:8.0f} MB",
                   file=sys.stderr, flush=True)

@@ -31,7 +31,7 @@ LABELS = {
     "forget_quality": ("Forget quality", "↑"),
     "model_utility": ("Model utility", "↑"),
     "forget_truth_ratio": ("Truth ratio forget", ""),
-    "forget_prob": ("Prob. forget", "↓"),
+    "forget_prob": ("Prob. forget", ""),
 }
 CRITERIA = ("verbmem_f", "knowmem_f", "knowmem_r")
 
@@ -100,7 +100,7 @@ def _plot_criteria(metrics_by_model: dict[str, dict], path: Path) -> bool:
     leak = {n: m["privleak"] for n, m in metrics_by_model.items() if _is_number(m.get("privleak"))}
     if not criteria and not leak:
         return False
-    names = list(metrics_by_model)
+    names = [n for n, m in metrics_by_model.items() if any(_is_number(m.get(k)) for k in criteria)]
     panels = (1 if criteria else 0) + (1 if leak else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels + 1.5, 4.2), squeeze=False)
     axes = list(axes[0])
@@ -110,7 +110,7 @@ def _plot_criteria(metrics_by_model: dict[str, dict], path: Path) -> bool:
         for j, name in enumerate(names):
             values = [metrics_by_model[name].get(k) for k in criteria]
             xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(criteria))]
-            ax.bar(xs, [float(v) if _is_number(v) else 0.0 for v in values], width, label=name)
+            ax.bar(xs, [float(v) if _is_number(v) else math.nan for v in values], width, label=name)
         ax.set_xticks(range(len(criteria)))
         ax.set_xticklabels([_header(k) for k in criteria])
         ax.set_ylabel("score (0..100)")
@@ -154,6 +154,7 @@ def _plot_tradeoff(metrics_by_model: dict[str, dict], path: Path) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel("Forget quality (KS-test p-value, higher is better)")
         ax.set_ylabel("Model utility (higher is better)")
+        ax.set_ylim(-0.02, 1.02)
     else:
         ax.set_xlabel("KnowMem on forget (lower is better)")
         ax.set_ylabel("KnowMem on retain (higher is better)")

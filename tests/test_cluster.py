@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ def _free_port() -> int:
 
 
 def _ray_env() -> dict:
-    env = dict(os.environ)
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # job `python` = this venv
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"  # the CLI client must authenticate like the cluster
     return env
@@ -48,13 +50,20 @@ def test_ray_job_submit_runs_the_unlearn_job(tiny_assets, tmp_path):
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         out = tmp_path / "job_run"
-        submit = subprocess.run(
-            [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-             "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"),
-             "--", "python", "ray_jobs/unlearn.py", *_unlearn_sets(tiny_assets, out)],
-            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+        for _ in range(30):  # the head's job agent needs a few seconds after `ray start`
+            submit = subprocess.run(
+                [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                 "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"),
+                 "--", "python", "ray_jobs/unlearn.py", *_unlearn_sets(tiny_assets, out)],
+                capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "SUCCEEDED" in submit.stdout + submit.stderr
+        job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+        status = subprocess.run([BIN / "ray", "job", "status", "--address", f"http://127.0.0.1:{dash}", job_id],
+                                capture_output=True, text=True, env=env, timeout=120)
+        assert "SUCCEEDED" in status.stdout + status.stderr
         assert (out / "model" / "model.safetensors").is_file()
         assert len((out / "log.jsonl").read_text().splitlines()) == 4
     finally:

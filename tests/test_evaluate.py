@@ -281,3 +281,151 @@ def test_load_model_and_tokenizer_round_trip(tmp_path, model, tokenizer):
     assert ev.greedy_generate(loaded, loaded_tok, prompts, max_new_tokens=6) == ev.greedy_generate(
         model, tokenizer, prompts, max_new_tokens=6
     )
+
+
+# --- PrivLeak on MUSE data, the hub loader, `dipo-scale evaluate`, data-parallel evaluation --------
+
+
+def _write_muse_dir(root: Path, *, holdout: bool = True) -> Path:
+    import json
+
+    def write(name: str, obj) -> None:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+    write("raw/forget.txt", "\n\n".join(CORPUS[2:4]))
+    write("raw/retain1.txt", CORPUS[4])
+    if holdout:
+        write("raw/holdout.txt", CORPUS[5])
+        write("privleak/forget.json", [{"text": t} for t in CORPUS[2:5]])
+        write("privleak/holdout.json", [{"text": t} for t in (CORPUS[5], "The dog slept by the river.")])
+    write("knowmem/forget_qa.json", [{"question": "What is the capital of France?", "answer": "Paris"},
+                                     {"question": "Where did the cat sit?", "answer": "on the mat"}])
+    write("knowmem/forget_qa_icl.json", [{"question": "Who wrote the report?", "answer": "The committee"}])
+    write("knowmem/retain_qa.json", [{"question": "Where did the river flow?", "answer": "into the sea"}])
+    write("verbmem/forget.json", [{"prompt": "The cat sat", "gt": " on the mat while the dog slept."},
+                                  {"prompt": "Once upon a time", "gt": " there was a quiet village."},
+                                  {"prompt": "The river", "gt": " flowed past the old mill."}])
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_evaluate_muse_with_mia(model, tokenizer, tmp_path):
+    from dipo_scale.data.muse import load_muse_dir
+
+    data = load_muse_dir(_write_muse_dir(tmp_path / "muse"))
+    scores = ev.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=4, knowmem_max_new_tokens=4, mia=True)
+    assert list(scores) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc"]
+    forget = ev.min_k_scores(model, tokenizer, data.privleak_forget)
+    holdout = ev.min_k_scores(model, tokenizer, data.privleak_holdout)
+    wins = sum((f > h) + 0.5 * (f == h) for f in forget for h in holdout)
+    assert scores["mia_auc"] == pytest.approx(wins / (len(forget) * len(holdout)))
+    assert ev.muse_mia_auc(model, tokenizer, data) == pytest.approx(scores["mia_auc"])
+    assert "mia_auc" not in ev.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=2,
+                                             knowmem_max_new_tokens=2)  # off by default
+
+    # Without holdout texts there is no attack.
+    data = load_muse_dir(_write_muse_dir(tmp_path / "no_holdout", holdout=False))
+    assert ev.muse_mia_auc(model, tokenizer, data) is None
+
+
+def test_muse_hub_loading_uses_datasets(monkeypatch):
+    import datasets
+
+    from dipo_scale.data.muse import load_muse
+    from dipo_scale.errors import UserInputError
+
+    splits = {
+        ("raw", "forget"): [{"text": "Forget one."}], ("raw", "retain1"): [{"text": "Retain one."}],
+        ("raw", "retain2"): [{"text": "Retain two."}], ("raw", "holdout"): [{"text": "Holdout one."}],
+        ("verbmem", "forget"): [{"prompt": "Forget", "gt": " one."}],
+        ("knowmem", "forget_qa"): [{"question": "Q?", "answer": "A"}],
+        ("knowmem", "retain_qa"): [{"question": "R?", "answer": "B"}],
+        ("knowmem", "forget_qa_icl"): [{"question": "I?", "answer": "J"}],
+        ("knowmem", "retain_qa_icl"): [{"question": "K?", "answer": "L"}],
+        ("privleak", "forget"): [{"text": "Forget one."}], ("privleak", "holdout"): [{"text": "Holdout one."}],
+    }
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: splits[(config, split)])
+    data = load_muse("muse-bench/MUSE-News")
+    assert data.retain_docs == ["Retain one.", "Retain two."]
+    assert data.forget_qa == [QA("Q?", "A")] and data.retain_qa_icl == [QA("K?", "L")]
+    assert data.verbmem == [VerbMemItem("Forget", " one.")]
+    assert data.privleak_holdout == ["Holdout one."]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserInputError, match="muse-bench/MUSE-News: not a local directory"):
+        load_muse("muse-bench/MUSE-News")
+
+
+def test_cli_evaluate_muse(tmp_path, model_dir, capsys):
+    import json
+
+    from dipo_scale.cli import main
+
+    data = _write_muse_dir(tmp_path / "muse")
+    out = tmp_path / "out"
+    args = ["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4"]
+    assert main(args + ["--retrain-model", str(model_dir)]) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak"]
+    assert metrics["privleak"] == pytest.approx(0.0)  # the model is its own retrained model
+    report = (out / "report.md").read_text()
+    assert f"| {model_dir.name} (retrain) |" in report
+    assert (out / "criteria.png").is_file() and (out / "tradeoff.png").is_file()
+
+    assert main(args + ["--retrain-auc", "0.5", "--limit", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["privleak"] == pytest.approx((metrics["mia_auc"] - 0.5) / 0.5 * 100)
+    capsys.readouterr()
+
+    # A MUSE directory with an empty QA file: one line naming the file, exit 2, nothing written.
+    (data / "knowmem" / "retain_qa.json").write_text("")
+    out2 = tmp_path / "out2"
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out2)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {data / 'knowmem' / 'retain_qa.json'}: no entries"]
+    assert not out2.exists()
+    (data / "knowmem" / "retain_qa.json").write_text("[]")
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out2),
+                 "--retain-model", str(model_dir)]) == 2
+    assert "TOFU" in capsys.readouterr().err
+
+
+def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
+    import ray
+
+    from dipo_scale.data.muse import load_muse_dir
+
+    data_dir = _write_muse_dir(tmp_path / "muse")
+    model, tokenizer = ev.load_model_and_tokenizer(str(model_dir))
+    settings = dict(verbmem_max_new_tokens=6, knowmem_max_new_tokens=6, batch_size=2)
+    single = ev.evaluate_muse(model, tokenizer, load_muse_dir(data_dir), mia=True, **settings)
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir="/tmp/dipo_eval_ray", log_to_driver=False)
+    try:
+        parallel = ev.evaluate_muse_parallel(str(model_dir), data_dir, num_workers=2, **settings)
+    finally:
+        if started:
+            ray.shutdown()
+    assert list(parallel) == list(single) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc"]
+    for key in single:
+        assert parallel[key] == pytest.approx(single[key], abs=1e-9), key
+
+
+def test_shards_are_contiguous_and_cover_everything():
+    assert ev._shard(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
+    assert sum(ev._shard([1], 3), []) == [1] and len(ev._shard([1], 3)) == 3
+    assert sum(ev._shard(list(range(10)), 3), []) == list(range(10))

@@ -25,9 +25,11 @@ Chunk size. `chunk_size` counts positions. Each chunk holds a handful of [chunk,
 temporaries (logits, reference logits, the preference distributions, the gradient), so the
 memory a chunk costs grows with V: 1024 positions at V = 128256 is ~525 MB *per temporary*.
 `chunk_size=None` (the default) picks `max(1, min(1024, CHUNK_ELEMENTS // V))` positions, i.e.
-~32 MB per [chunk, V] float32 temporary whatever the vocabulary (256 positions at V = 32000,
-65 at V = 128256). Pass an int to force a size. Smaller chunks re-read the weight more often
-(one pass over [V, H] per chunk), which costs time mostly on CPUs; see docs/benchmarks.md.
+~16 MiB per [chunk, V] float32 temporary whatever the vocabulary (131 positions at V = 32000,
+32 at V = 128256); with the ~10 such temporaries a chunk needs, that is ~170 MB in flight.
+Pass an int to force a size (on a GPU, where a [chunk, H] x [H, V] matmul wants >= 128 rows to
+run near peak, a larger chunk may be faster at 128k vocabularies). Smaller chunks re-read the
+weight more often (one pass over [V, H] per chunk and matmul); see docs/benchmarks.md.
 
 Precision and memory notes. The matmul runs in the compute dtype (float32 for bf16/fp16/fp32
 inputs), so a bf16 `weight` is upcast once per forward and once per backward pass (a transient
@@ -81,8 +83,8 @@ from dipo_scale.losses import (
 __all__ = ["fused_dipo_loss", "fused_nll_loss", "fused_sequence_logprob", "auto_chunk_size",
            "CHUNK_ELEMENTS"]
 
-#: Elements of one [chunk, V] float32 temporary when `chunk_size=None` (2**23 = 32 MiB).
-CHUNK_ELEMENTS = 2 ** 23
+#: Elements of one [chunk, V] float32 temporary when `chunk_size=None` (2**22 = 16 MiB).
+CHUNK_ELEMENTS = 2 ** 22
 MAX_CHUNK = 1024
 
 

@@ -134,5 +134,5 @@ def test_argument_errors():
 
 
 def test_auto_chunk_size_scales_with_vocab():
-    assert auto_chunk_size(32000) == 262 and auto_chunk_size(128256) == 65
+    assert auto_chunk_size(32000) == 131 and auto_chunk_size(128256) == 32
     assert auto_chunk_size(11) == 1024 and auto_chunk_size(10 ** 9) == 1
