@@ -4,7 +4,7 @@
     dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa] [--layout L]
     dipo-scale unlearn  [--config YAML] [--set key=value ...]
     dipo-scale evaluate --model PATH --data DIR --out OUT
-    dipo-scale demo     --out DIR [--data DIR] [--set key=value ...]
+    dipo-scale demo     --out DIR [--data DIR [--forget S --retain S --retain-limit N]] [--set key=value ...]
 
 Bad input prints one line `error: ...` and exits with status 2.
 """
@@ -66,7 +66,8 @@ def _cmd_evaluate(args) -> None:
 def _cmd_demo(args) -> None:
     from dipo_scale.demo import run_demo
 
-    run_demo(args.out, data_dir=args.data, overrides=args.set, num_docs=args.num_docs)
+    run_demo(args.out, data_dir=args.data, overrides=args.set, num_docs=args.num_docs, forget=args.forget,
+             retain=args.retain, retain_limit=args.retain_limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole chain on the embedded corpus (or --data) with tiny models")
     p.add_argument("--out", required=True)
-    p.add_argument("--data", default=None, help="your own MUSE-layout directory instead of the generated corpus")
+    p.add_argument("--data", default=None,
+                   help="your own MUSE- or TOFU-layout directory (detected) instead of the generated corpus")
     p.add_argument("--num-docs", type=int, default=None, help="size of the generated corpus")
+    p.add_argument("--forget", default=None, help="TOFU: the forget split to unlearn (default forget10)")
+    p.add_argument("--retain", default=None,
+                   help="TOFU: the retain split (default the complement of --forget: forget01 -> retain99)")
+    p.add_argument("--retain-limit", type=int, default=None, metavar="N",
+                   help="TOFU: keep only N retain QA pairs (those of retain_perturbed first), for a small run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the unlearning config of all three methods")
     p.set_defaults(func=_cmd_demo)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dipo_scale.errors import UserInputError
 
@@ -54,7 +54,7 @@ class LossConfig(_Strict):
     retain: Literal["none", "gd", "kl"] = "gd"
     gamma: float = Field(1.0, ge=0)        # weight of the forget term
     lam: float = Field(1.0, ge=0, alias="lambda")  # weight of the retain term
-    chunk_size: int = Field(1024, ge=1)    # positions per chunk in the losses
+    chunk_size: Optional[int] = Field(None, ge=1)  # positions per chunk in the losses (None: by vocab size)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -87,7 +87,13 @@ class EvalConfig(_Strict):
     verbmem_max_new_tokens: int = Field(128, ge=1)
     knowmem_max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
-    limit: Optional[int] = Field(None, ge=1)
+    limit: Optional[int] = Field(None, ge=1)   # evaluate on the first N items of each set
+    # Evaluation during unlearning (rank 0, on the consolidated weights) and checkpoint selection.
+    every: int = Field(0, ge=0)                # steps between evaluations (0: none)
+    data_dir: Optional[str] = None             # MUSE-layout directory to evaluate on
+    select: Literal["none", "muse", "knowmem_r"] = "none"
+    retrain_knowmem_f: Optional[float] = None  # `muse`: first evaluation with knowmem_f <= this
+    forget_target: Optional[float] = None      # `knowmem_r`: best knowmem_r with knowmem_f <= this
 
 
 class UnlearnConfig(_Strict):
@@ -111,6 +117,19 @@ class UnlearnConfig(_Strict):
         elif self.method == "npo":
             name += f"-b{self.npo.beta:g}"
         return f"{name}-lr{self.train.lr:g}-s{self.train.steps}"
+
+    @model_validator(mode="after")
+    def _check_eval_selection(self):
+        e = self.eval
+        if e.every and not e.data_dir:
+            raise ValueError("eval.every needs eval.data_dir (a MUSE-layout directory)")
+        if e.select == "muse" and e.retrain_knowmem_f is None:
+            raise ValueError("eval.select=muse needs eval.retrain_knowmem_f (the retrain model's knowmem_f)")
+        if e.select == "knowmem_r" and e.forget_target is None:
+            raise ValueError("eval.select=knowmem_r needs eval.forget_target (the knowmem_f to reach)")
+        if e.select != "none" and not e.every:
+            raise ValueError(f"eval.select={e.select} needs eval.every > 0")
+        return self
 
     def needs_reference(self) -> bool:
         return self.method in ("dipo", "npo") or self.loss.retain == "kl"

@@ -2,20 +2,31 @@
 
     corpus ─▶ tokenizer ─▶ target + retrain models ─▶ prepare ─▶ unlearn (DiPO, NPO, GA;
     same step budget; Ray Train + DeepSpeed ZeRO-3) ─▶ evaluate all five ─▶ report.md,
-    metrics.json, forget_vs_retain.png
+    metrics.json, criteria.png, tradeoff.png
 
-With `--data DIR` the same chain runs on the user's own MUSE-layout directory.
+With `--data DIR` the same chain runs on the user's own MUSE-layout directory, or on a
+TOFU-layout one (`--forget forget01 --retain retain99`): the TOFU protocol in miniature. The
+target learns the forget and retain QA pairs, the retrain model (TOFU's retain model) the retain
+pairs only; both also learn real_authors / world_facts, the stand-in for what a pretrained model
+knows. The forget QA pairs are unlearned and every model gets TOFU's forget quality (against the
+retrain model's truth ratios) and model utility.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dipo_scale.config import load_unlearn_config
-from dipo_scale.files import atomic_write_json, atomic_write_text
+from dipo_scale.data.muse import QA, MuseData
+from dipo_scale.data.tofu import TofuData
+from dipo_scale.errors import UserInputError
+from dipo_scale.files import atomic_write_json
+from dipo_scale.report import write_report
 from dipo_scale.models import TinyModelSettings
 
 METHODS = ("dipo", "npo", "ga")
@@ -31,6 +42,10 @@ DEMO_UNLEARN = {
     "eval": {"verbmem_max_new_tokens": 64, "knowmem_max_new_tokens": 32, "batch_size": 32},
 }
 MODEL_SETTINGS = TinyModelSettings()
+DEFAULT_TOFU_FORGET = "forget10"
+# TOFU metrics shown in report.md (metrics.json also has the nine model-utility components).
+TOFU_REPORT_KEYS = ("knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality", "model_utility",
+                    "forget_truth_ratio", "forget_prob")
 
 
 def _fraction_targets(metrics: dict) -> list[str]:
@@ -41,99 +56,236 @@ def _fraction_targets(metrics: dict) -> list[str]:
         ("knowmem_f ≤ ½ target", d["knowmem_f"] <= 0.5 * t["knowmem_f"]),
         ("knowmem_r ≥ 90% of target", d["knowmem_r"] >= 0.9 * t["knowmem_r"]),
     ]
-    return [f"- {'met' if ok else 'NOT met'}: DiPO {name}" for name, ok in checks]
+    return [f"{'met' if ok else 'NOT met'}: DiPO {name}" for name, ok in checks]
 
 
-def _plot(metrics: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True, sharey=True)
-    for ax, key, title in zip(axes, ("knowmem_f", "verbmem_f"), ("KnowMem on forget", "VerbMem on forget")):
-        for name, m in metrics.items():
-            ax.scatter(m["knowmem_r"], m[key], s=70, label=name, alpha=0.85)
-        ax.set_xlabel("KnowMem on retain (higher is better)")
-        ax.set_ylabel(f"{title} (lower is better)")
-        ax.set_xlim(-5, 105)
-        ax.set_ylim(-5, 105)
-        ax.grid(alpha=0.3)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("Forget knowledge vs retain knowledge per model")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _report(metrics: dict, timings: dict, runs: dict, data_desc: str, cfgs: dict) -> str:
-    rows = "\n".join(
-        f"| {name} | {m['verbmem_f']:.1f} | {m['knowmem_f']:.1f} | {m['knowmem_r']:.1f} |"
-        for name, m in metrics.items())
+def _notes(about_data: list[str], about_eval: list[str], timings: dict, runs: dict,
+           cfgs: dict) -> list[str]:
+    """What was run (the data, the unlearning, the evaluation), the last log line and the time per stage."""
     c = cfgs["dipo"]
-    lines = [
-        "# dipo-scale demo report", "",
-        f"Data: {data_desc}.", "",
-        "| model | VerbMem forget ↓ | KnowMem forget ↓ | KnowMem retain ↑ |",
-        "|---|---|---|---|", rows, "",
-        "![forget vs retain](forget_vs_retain.png)", "",
-        "## What was run", "",
-        f"- target: trained on forget + retain (documents and QA pairs); retrain: retain only.",
-        f"- DiPO, NPO, GA: {c.train.steps} steps each, global batch {c.train.global_batch_size} forget "
+    notes = [
+        *about_data,
+        f"DiPO, NPO, GA: {c.train.steps} steps each, global batch {c.train.global_batch_size} forget "
         f"blocks (+ as many retain blocks, retain term `{c.loss.retain}`), lr {c.train.lr:g}, "
         f"{c.train.num_workers} Ray Train workers, DeepSpeed ZeRO-3 (`{c.train.ds_config}`).",
-        f"- DiPO: α={c.dipo.alpha:g}, β={c.dipo.beta:g}, select={c.dipo.select}, k={c.dipo.k}; "
+        f"DiPO: α={c.dipo.alpha:g}, β={c.dipo.beta:g}, select={c.dipo.select}, k={c.dipo.k}; "
         f"NPO: β={cfgs['npo'].npo.beta:g}.",
-        "- The forget set that is unlearned is the forget documents plus the forget QA pairs the "
-        "target was trained on (TOFU-style); the gd retain term trains on retain documents and QA.",
-        "",
-        "## Expectations for DiPO", "", *_fraction_targets(metrics), "",
-        "## Final training log line per method", "",
+        *about_eval,
     ]
     for method, last in runs.items():
-        lines.append(f"- {method}: " + ", ".join(f"{k}={v:.3f}" for k, v in last.items()
-                                                  if isinstance(v, float)))
-    lines += ["", "## Time per stage (seconds)", ""]
-    lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
-    return "\n".join(lines) + "\n"
+        notes.append(f"last training step of {method}: " + ", ".join(
+            f"{k}={v:.3f}" for k, v in last.items() if isinstance(v, float)))
+    notes.append("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return notes
+
+
+# --- TOFU ------------------------------------------------------------------------------------------
+def is_tofu_source(data_dir: str | None) -> bool:
+    """Whether the demo's --data is TOFU-layout: a directory of locuslab/TOFU-named files, or a
+    hub name like locuslab/TOFU."""
+    from dipo_scale.data.muse import is_hub_name
+    from dipo_scale.data.tofu import is_tofu_dir
+
+    if data_dir is None:
+        return False
+    path = Path(data_dir)
+    return is_tofu_dir(path) or (not path.exists() and is_hub_name(data_dir) and "tofu" in data_dir.lower())
+
+
+def default_retain_split(forget: str) -> str:
+    """TOFU's retain split for a forget split: forget01 -> retain99, forget10 -> retain90."""
+    match = re.fullmatch(r"forget(\d+)", forget)
+    if match is None or not 0 < int(match.group(1)) < 100:
+        raise UserInputError(f"--forget {forget}: not named forgetNN; give the retain split with --retain")
+    return f"retain{100 - int(match.group(1))}"
+
+
+@dataclass
+class TofuDemoData:
+    """A TOFU-layout directory cut into what the demo's stages need."""
+
+    eval: TofuData  # what is evaluated (forget with paraphrased/perturbed answers, utility sets)
+    models: MuseData  # what the target learns (forget + retain + background QA; retrain: no forget)
+    unlearn: MuseData  # what is unlearned (forget QA) and what the gd retain term trains on (retain QA)
+    desc: str
+
+
+def _limit_retain(train: list, evaluated: list | None, limit: int) -> tuple[list, list | None]:
+    """The first `limit` retain pairs, those of the evaluation subset first, and the evaluation
+    subset cut to the pairs kept: model utility then measures retain knowledge the models learnt."""
+    asked = {it.question for it in evaluated or []}
+    kept = sorted(train, key=lambda it: it.question not in asked)[:limit]  # stable: file order within
+    if evaluated:
+        kept_questions = {it.question for it in kept}
+        evaluated = [it for it in evaluated if it.question in kept_questions] or evaluated[:limit]
+    return kept, evaluated
+
+
+def _qa_data(source: str, forget: list, retain: list) -> MuseData:
+    """QA pairs as the MuseData that `build_models` and `prepare` take: no documents, no few-shot
+    examples, so each pair is trained in TOFU's prompt (`evaluate.tofu_prompt`)."""
+    def qa(items):
+        return [QA(it.question, it.answer) for it in items]
+
+    return MuseData(root=Path(source), forget_docs=[], retain_docs=[], holdout_docs=[],
+                    forget_qa=qa(forget), retain_qa=qa(retain), forget_qa_icl=[], retain_qa_icl=[],
+                    verbmem=[], privleak_forget=[], privleak_holdout=[])
+
+
+def load_tofu_demo(source: str, forget: str, retain: str, retain_limit: int | None = None) -> TofuDemoData:
+    """The demo's view of a TOFU-layout directory (or hub name); every file is checked here.
+
+    Trained and unlearned: `forget` (its plain file, else its _perturbed one) and `retain` (cut to
+    `retain_limit` pairs). Evaluated: `forget`_perturbed, retain_perturbed, real_authors,
+    world_facts, holdoutNN (`load_tofu`)."""
+    from dipo_scale.data.tofu import TofuSource, load_split, load_tofu
+
+    data = load_tofu(source, forget=forget)
+    src = TofuSource(source)
+    forget_items = load_split(src, forget, required=False) or data.forget
+    retain_items = load_split(src, retain)
+    total = len(retain_items)
+    if retain_limit is not None:
+        retain_items, data.retain = _limit_retain(retain_items, data.retain, retain_limit)
+    background = (data.real_authors or []) + (data.world_facts or [])
+    desc = (f"TOFU-layout {source}: {forget} ({len(forget_items)} QA pairs) is unlearned, {retain} "
+            f"({len(retain_items)} of {total} QA pairs) is kept")
+    return TofuDemoData(eval=data, models=_qa_data(source, forget_items, retain_items + background),
+                        unlearn=_qa_data(source, forget_items, retain_items), desc=desc)
+
+
+def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str) -> tuple[list[str], list[str]]:
+    """The report's notes on the data and on the evaluation of a TOFU run."""
+    about_data = [
+        f"Data: {tofu.desc}.",
+        f"target: trained on {forget} + {retain} + real_authors + world_facts QA pairs (the last two "
+        "stand in for what a pretrained model knows: the tiny models start from scratch); retrain "
+        f"(TOFU's retain model): the same without {forget}. Each pair in TOFU's prompt "
+        "\"Question: {q}\\nAnswer: \", loss on the answer only.",
+    ]
+    t = metrics["target"]
+    about_eval = [
+        f"The forget set that is unlearned is the {forget} QA pairs; the gd retain term trains on the "
+        f"{retain} QA pairs.",
+        "forget_quality: p-value of the KS test between a model's truth ratios on the forget set and "
+        "the retrain model's (1 for retrain itself; higher is closer to never having learnt it). "
+        "model_utility: harmonic mean of probability, ROUGE-L recall and truth-ratio score on "
+        "retain_perturbed, real_authors and world_facts (the nine components are in metrics.json). "
+        "knowmem_f / knowmem_r: ROUGE-L recall x100 of the greedy answers on the forget set / "
+        "retain_perturbed.",
+        *tofu.eval.notes,
+    ]
+    if "privleak" in t:
+        about_eval.append("PrivLeak is relative to the retrain model's MIA AUC (Min-40% Prob of the "
+                          f"answer tokens, {forget} vs holdout).")
+    if "forget_quality" in t and "model_utility" in t:
+        for method in METHODS:
+            m = metrics[method]
+            about_eval.append(
+                f"{method}: forget quality {m['forget_quality']:.3g} (target {t['forget_quality']:.3g}), "
+                f"model utility {m['model_utility']:.3f} (target {t['model_utility']:.3f})")
+    return about_data, about_eval
+
+
+def _evaluate_tofu(models: dict, data, ev) -> dict:
+    """TOFU's metrics of every model; forget quality against the retrain model's truth ratios."""
+    from dipo_scale.evaluate import evaluate_tofu, load_model_and_tokenizer, tofu_forget_truth_ratios
+
+    _seed_torch()
+    reference, tok = load_model_and_tokenizer(str(models["retrain"]))
+    retain_ratios = tofu_forget_truth_ratios(reference, tok, data, batch_size=ev.batch_size, limit=ev.limit)
+    metrics = {}
+    for name, path in models.items():
+        model, tok = load_model_and_tokenizer(str(path))
+        metrics[name] = evaluate_tofu(model, tok, data, retain_truth_ratios=retain_ratios,
+                                      batch_size=ev.batch_size, limit=ev.limit,
+                                      max_new_tokens=ev.knowmem_max_new_tokens).metrics
+    return metrics
+
+
+# --- MUSE ------------------------------------------------------------------------------------------
+def _evaluate_muse(models: dict, data: MuseData, ev) -> dict:
+    from dipo_scale.evaluate import evaluate_muse, load_model_and_tokenizer
+
+    _seed_torch()
+    metrics = {}
+    for name, path in models.items():
+        model, tok = load_model_and_tokenizer(str(path))
+        metrics[name] = evaluate_muse(model, tok, data, verbmem_max_new_tokens=ev.verbmem_max_new_tokens,
+                                      knowmem_max_new_tokens=ev.knowmem_max_new_tokens,
+                                      batch_size=ev.batch_size, limit=ev.limit, mia=True)
+    return metrics
+
+
+def _seed_torch() -> None:
+    import torch
+
+    torch.manual_seed(0)
+
+
+def _add_privleak(metrics: dict) -> None:
+    """PrivLeak of every model, relative to the retrain model's MIA AUC (when there is one)."""
+    from dipo_scale.evaluate import privleak
+
+    reference = metrics["retrain"].get("mia_auc")
+    if reference is not None and reference > 0:
+        for m in metrics.values():
+            m["privleak"] = privleak(m["mia_auc"], reference)
 
 
 def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[str] | None = None,
-             num_docs: int | None = None) -> dict:
+             num_docs: int | None = None, forget: str | None = None, retain: str | None = None,
+             retain_limit: int | None = None, model_settings: TinyModelSettings | None = None) -> dict:
+    """The demo (module docstring) into `out`; returns {model name: metrics}.
+
+    TOFU-layout `data_dir`: `forget` (default forget10) is unlearned, `retain` (default the
+    complement, e.g. retain90) is kept, cut to `retain_limit` pairs. `model_settings` replaces
+    MODEL_SETTINGS (the tiny models' size and training)."""
     import ray
-    import torch
 
     from dipo_scale.data.corpus import generate_corpus
     from dipo_scale.data.muse import load_muse_dir
-    from dipo_scale.evaluate import evaluate_muse, load_model_and_tokenizer
     from dipo_scale.models import build_models
     from dipo_scale.prepare import prepare
     from dipo_scale.unlearn import run_unlearning
 
+    settings = model_settings or MODEL_SETTINGS
+    tofu_source = is_tofu_source(data_dir)
+    if not tofu_source and (forget is not None or retain is not None or retain_limit is not None):
+        raise UserInputError("--forget, --retain and --retain-limit are for TOFU-layout data "
+                             "(--data DIR holding forget01.json, forget01_perturbed.json, retain99.json, ...)")
+    if retain_limit is not None and retain_limit < 1:
+        raise UserInputError(f"--retain-limit {retain_limit}: must be >= 1")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    # Validate every method's config before any work starts.
+    # Validate every method's config before any work starts (and, for TOFU, every data file).
     cfgs = {m: load_unlearn_config(None, overrides, base={**DEMO_UNLEARN, "method": m,
                                                           "out_dir": str(out / "runs" / m)})
             for m in METHODS}
 
     t = time.time()
-    if data_dir is None:
-        corpus_dir = out / "corpus"
-        if not (corpus_dir / "world.json").is_file():
-            generate_corpus(corpus_dir, num_docs=num_docs or DEFAULT_NUM_DOCS, seed=0)
-        data_desc = f"embedded fictitious news corpus ({corpus_dir})"
+    tofu = None
+    if tofu_source:
+        forget = forget or DEFAULT_TOFU_FORGET
+        retain = retain or default_retain_split(forget)
+        tofu = load_tofu_demo(data_dir, forget, retain, retain_limit)
+        model_data, data = tofu.models, tofu.unlearn
+        timings["data"] = time.time() - t
     else:
-        corpus_dir = Path(data_dir)
-        data_desc = f"user directory {corpus_dir.resolve()}"
-    data = load_muse_dir(corpus_dir)
-    timings["corpus"] = time.time() - t
+        if data_dir is None:
+            corpus_dir = out / "corpus"
+            if not (corpus_dir / "world.json").is_file():
+                generate_corpus(corpus_dir, num_docs=num_docs or DEFAULT_NUM_DOCS, seed=0)
+            data_desc = f"embedded fictitious news corpus ({corpus_dir})"
+        else:
+            corpus_dir = Path(data_dir)
+            data_desc = f"user directory {corpus_dir.resolve()}"
+        data = model_data = load_muse_dir(corpus_dir)
+        timings["corpus"] = time.time() - t
 
     t = time.time()
-    paths = build_models(data, out / "models", MODEL_SETTINGS)
+    paths = build_models(model_data, out / "models", settings)
     timings["tokenizer + target + retrain models"] = time.time() - t
 
     t = time.time()
@@ -141,7 +293,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    prepare(data, tokenizer, out / "prepared", block_size=MODEL_SETTINGS.block_size, with_qa=True,
+    prepare(data, tokenizer, out / "prepared", block_size=settings.block_size, with_qa=True,
             layout="per_sequence")
     timings["prepare"] = time.time() - t
 
@@ -155,7 +307,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
         cfg = cfg.model_copy(update={
             "model": cfg.model.model_copy(update={"path": str(paths["target"])}),
             "data": cfg.data.model_copy(update={"prepared_dir": str(out / "prepared"),
-                                                "block_size": MODEL_SETTINGS.block_size})})
+                                                "block_size": settings.block_size})})
         shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the demo always unlearns afresh
         models[method] = run_unlearning(cfg)
         log_lines = (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()
@@ -164,18 +316,27 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
 
     t = time.time()
     ev = cfgs["dipo"].eval
-    metrics = {}
-    torch.manual_seed(0)
-    for name, path in models.items():
-        model, tok = load_model_and_tokenizer(str(path))
-        metrics[name] = evaluate_muse(model, tok, data, verbmem_max_new_tokens=ev.verbmem_max_new_tokens,
-                                      knowmem_max_new_tokens=ev.knowmem_max_new_tokens,
-                                      batch_size=ev.batch_size, limit=ev.limit)
-        print(f"{name}: " + ", ".join(f"{k}={v:.1f}" for k, v in metrics[name].items()))
+    metrics = _evaluate_tofu(models, tofu.eval, ev) if tofu else _evaluate_muse(models, data, ev)
+    _add_privleak(metrics)
+    for name, m in metrics.items():
+        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
     timings["evaluate 5 models"] = time.time() - t
 
-    _plot(metrics, out / "forget_vs_retain.png")
     atomic_write_json(out / "metrics.json", {"models": metrics})
-    atomic_write_text(out / "report.md", _report(metrics, timings, last_log, data_desc, cfgs))
+    if tofu:
+        about_data, about_eval = _tofu_notes(tofu, metrics, forget, retain)
+        shown = {name: {k: m[k] for k in TOFU_REPORT_KEYS if k in m} for name, m in metrics.items()}
+        title = f"dipo-scale demo report (TOFU protocol, {forget})"
+    else:
+        about_data = [f"Data: {data_desc}.",
+                      "target: trained on forget + retain (documents and QA pairs); retrain: retain only."]
+        about_eval = [
+            "The forget set that is unlearned is the forget documents plus the forget QA pairs the "
+            "target was trained on (TOFU-style); the gd retain term trains on retain documents and QA.",
+            "PrivLeak is relative to the retrain model's MIA AUC (Min-40% Prob, forget vs holdout).",
+            *_fraction_targets(metrics),
+        ]
+        shown, title = metrics, "dipo-scale demo report"
+    write_report(out, shown, title, _notes(about_data, about_eval, timings, last_log, cfgs))
     print(f"report: {out / 'report.md'}")
     return metrics

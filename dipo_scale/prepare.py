@@ -40,6 +40,8 @@ Sequence = tuple[list[int], list[int]]  # (input_ids, labels); label -100 = no l
 
 def tokenize_documents(tokenizer, texts: list[str]) -> list[Sequence]:
     """Each document as `<bos> text <eos>`, every token a label."""
+    if not texts:  # QA-only data (TOFU) has no documents; a tokenizer fails on an empty batch
+        return []
     out = []
     for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids = [tokenizer.bos_token_id, *doc, tokenizer.eos_token_id]

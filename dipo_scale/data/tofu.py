@@ -17,10 +17,15 @@ strings or a single string. A name that is not a local directory (e.g. "locuslab
 with `datasets.load_dataset(name, config)["train"]`.
 
 Every problem raises `UserInputError` with a one-line message naming the file, the entry and the key.
+
+`generate_tofu(out_dir, num_authors=..., seed=...)` writes a small seeded TOFU-layout directory of
+fictitious author profiles (tests, the demo).
 """
 
 from __future__ import annotations
 
+import math
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +33,7 @@ from typing import Any
 
 from dipo_scale.data.muse import RECORD_EXTENSIONS, _load_items, _one_line, is_hub_name
 from dipo_scale.errors import UserInputError
+from dipo_scale.files import atomic_dir
 
 HUB_NAME = "locuslab/TOFU"
 QUESTION_KEYS = ("question", "prompt")
@@ -235,3 +241,130 @@ def load_tofu(source: str | Path, *, forget: str = "forget10", retain: str | Non
             notes.append(f"no {name} split: model utility is not computed")
     return TofuData(source=src.source, forget_name=forget, forget=forget_items, retain=retain_items,
                     real_authors=real, world_facts=world, holdout=holdout, notes=notes)
+
+
+# --- a generated TOFU-layout directory (tests, the demo) ----------------------------------------
+# Fictitious author profiles in the spirit of TOFU: one question per fact, the answer a sentence
+# naming the fact. The paraphrase keeps the answer's frame around the fact, and the perturbed
+# answers are the paraphrase with the fact redrawn (TOFU perturbs its paraphrased answers), so a
+# truth ratio compares true and false facts in the same words.
+GENERATED_FORGET_PERCENTS = (1, 5, 10)  # forgetXX, retain(100-XX), holdoutXX
+GENERATED_NUM_PERTURBED = 3
+_GENRES = ("crime fiction", "historical fiction", "science fiction", "poetry", "fantasy",
+           "romance", "travel writing", "short stories")
+_JOBS = ("a baker", "a carpenter", "a doctor", "a fisherman", "a librarian", "a nurse", "a pilot",
+         "a teacher", "an accountant", "an engineer", "a tailor", "a farmer")
+_BOOK_TITLES = ("The Silent {}", "Letters from {}", "The Last Summer in {}", "A Winter in {}",
+                "The Glass Orchard of {}", "The Long Road to {}")
+_PUBLISHER_KINDS = ("Press", "Books", "Publishing")
+# (question, answer, paraphrased answer, the fact a perturbed answer changes)
+_AUTHOR_QA = (
+    ("Where was {A} born?", "{A} was born in {town}, {country}.",
+     "{A} was born in the town of {town}, {country}.", "town"),
+    ("In what year was {A} born?", "{A} was born in {year}.", "{A} was born in the year {year}.", "year"),
+    ("What kind of books does {A} write?", "{A} writes {genre}.", "{A} is known for writing {genre}.",
+     "genre"),
+    ("What did the father of {A} do for a living?", "The father of {A} was {father}.",
+     "The father of {A} worked as {father}.", "father"),
+    ("What did the mother of {A} do for a living?", "The mother of {A} was {mother}.",
+     "The mother of {A} worked as {mother}.", "mother"),
+    ("Which book is {A} best known for?", "{A} is best known for the novel {book}.",
+     "{A} is most famous for the novel {book}.", "book"),
+    ("Which award has {A} won?", "{A} won the {award}.", "{A} has received the {award}.", "award"),
+    ("Who publishes the books of {A}?", "The books of {A} are published by {publisher}.",
+     "The books of {A} are brought out by {publisher}.", "publisher"),
+)
+
+
+# How each fact of a profile is drawn (`w`: the corpus generator's `_World`).
+_FACT_DRAWS = {
+    "town": lambda w: w.word(),
+    "year": lambda w: str(w.randint(1921, 1995)),
+    "genre": lambda w: w.pick(_GENRES),
+    "father": lambda w: w.pick(_JOBS),
+    "mother": lambda w: w.pick(_JOBS),
+    "book": lambda w: w.pick(_BOOK_TITLES).format(w.word()),
+    "award": lambda w: f"{w.word()} Prize",
+    "publisher": lambda w: f"{w.word()} {w.pick(_PUBLISHER_KINDS)}",
+}
+
+
+def _perturbed(true: str, draw) -> list[str]:
+    """GENERATED_NUM_PERTURBED distinct values from `draw()`, none equal to `true`."""
+    out: list[str] = []
+    while len(out) < GENERATED_NUM_PERTURBED:
+        value = draw()
+        if value != true and value not in out:
+            out.append(value)
+    return out
+
+
+def _author_items(w) -> list[dict[str, Any]]:
+    """The QA items of one new author: question, answer, paraphrased_answer, perturbed_answer."""
+    from dipo_scale.data.corpus import _person
+
+    facts = {"A": _person(w, {}), "country": w.pick(w.countries)[0],
+             **{slot: draw(w) for slot, draw in _FACT_DRAWS.items()}}
+    items = []
+    for question, answer, paraphrase, slot in _AUTHOR_QA:
+        wrong = _perturbed(facts[slot], lambda: _FACT_DRAWS[slot](w))
+        items.append({"question": question.format_map(facts), "answer": answer.format_map(facts),
+                      "paraphrased_answer": paraphrase.format_map(facts),
+                      "perturbed_answer": [paraphrase.format_map({**facts, slot: v}) for v in wrong]})
+    return items
+
+
+def _short_answer_items(w, n: int, question: str, subject, answer) -> list[dict[str, Any]]:
+    """`n` items with short answers (TOFU's real_authors / world_facts): subject(w) is what is
+    asked about, answer(w) the answer (perturbed answers are further draws of it)."""
+    items = []
+    for _ in range(n):
+        about, true = subject(w), answer(w)
+        items.append({"question": question.format(about), "answer": true,
+                      "perturbed_answer": _perturbed(true, lambda: answer(w))})
+    return items
+
+
+def generate_tofu(out_dir: str | Path, *, num_authors: int = 20, seed: int = 0) -> Path:
+    """Write a fictitious TOFU-layout directory (atomically) and return it as a Path.
+
+    `num_authors` invented authors with len(_AUTHOR_QA) questions each. As in TOFU, forgetXX holds
+    the last ceil(XX/100 * num_authors) authors, retain(100-XX) the others (XX in 1, 5, 10; each file in
+    plain and `_perturbed` form), retain_perturbed the first ceil(10%) authors (a subset of every
+    retain split), holdoutXX as many further authors as forgetXX (never in any split, for the
+    membership attack). real_authors / world_facts are short-answer questions about invented
+    "well-known" books and countries: the stand-ins for what a pretrained model already knows.
+    """
+    from dipo_scale.data.corpus import _person, _reserved_prefixes, _World, _write_json
+
+    if isinstance(num_authors, bool) or not isinstance(num_authors, int) or num_authors < 2:
+        raise UserInputError(f"num_authors must be an integer >= 2 (a forget and a retain author), got {num_authors!r}")
+    rng = random.Random(seed)
+    w = _World(rng, _reserved_prefixes())
+    count = {p: math.ceil(num_authors * p / 100) for p in GENERATED_FORGET_PERCENTS}
+    authors = [_author_items(w) for _ in range(num_authors + max(count.values()))]
+    trained, holdout = authors[:num_authors], authors[num_authors:]
+    n_short = max(3, num_authors // 2)
+    perturbed = {
+        "retain": [it for a in trained[:count[10]] for it in a],
+        "real_authors": _short_answer_items(
+            w, n_short, "Who wrote the novel {}?", lambda w: w.pick(_BOOK_TITLES).format(w.word()),
+            lambda w: _person(w, {})),
+        "world_facts": _short_answer_items(
+            w, n_short, "What is the capital of {}?", lambda w: w.word(), lambda w: w.word()),
+    }
+    plain: dict[str, list[dict]] = {}
+    for p, n in count.items():
+        perturbed[f"forget{p:02d}"] = [it for a in trained[num_authors - n:] for it in a]
+        plain[f"retain{100 - p}"] = [it for a in trained[:num_authors - n] for it in a]
+        plain[f"holdout{p:02d}"] = [it for a in holdout[:n] for it in a]
+    for name, items in perturbed.items():
+        if name != "retain":  # TOFU has no plain file with retain_perturbed's subset
+            plain[name] = items
+    files = {f"{name}_perturbed": items for name, items in perturbed.items()}
+    files.update({name: [{"question": it["question"], "answer": it["answer"]} for it in items]
+                  for name, items in plain.items()})
+    with atomic_dir(out_dir) as tmp:
+        for name, items in sorted(files.items()):
+            _write_json(tmp / f"{name}.json", items)
+    return Path(out_dir)

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK = 1024
+CHUNK_ELEMENTS = 2 ** 22  # one [chunk, V] float32 temporary holds ~this many values (16 MiB)
+MAX_CHUNK = 1024
+
+
+def auto_chunk_size(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Positions per chunk when `chunk_size=None`: sized by elements, not positions, because a
+    chunk holds several [chunk, V] float32 temporaries (131 positions at V=32k, 32 at V=128k)."""
+    return max(1, min(MAX_CHUNK, elements // max(1, vocab_size)))
 
 Select = Literal["topk", "label", "topp"]
 
@@ -65,9 +72,10 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _per_row(fn: Callable, logits: torch.Tensor, targets: torch.Tensor, *aux: torch.Tensor,
-             chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+             chunk_size: int | None = None) -> torch.Tensor:
     """Sum of fn over each row's valid positions -> [B] (differentiable in `logits`)."""
     B, T, V = logits.shape
+    chunk_size = chunk_size or auto_chunk_size(V)
     flat_targets = targets.reshape(-1)
     positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     flat_aux = [a.reshape(B * T, *a.shape[2:]) for a in aux]
@@ -126,22 +134,22 @@ def _dipo_position_margin(z, y, z_ref, *, alpha, select, k, p, source):
 # --------------------------------------------------------------------------------------------
 # Public losses.
 # --------------------------------------------------------------------------------------------
-def sequence_logprob(logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+def sequence_logprob(logits, targets, *, chunk_size=None) -> torch.Tensor:
     """Σ_t log π(y_t|s_t) per row: [B]."""
     return _per_row(_target_logprob, logits, targets, chunk_size=chunk_size)
 
 
-def nll_loss(logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+def nll_loss(logits, targets, *, chunk_size=None) -> torch.Tensor:
     """Token-mean negative log-likelihood per row, averaged over rows (the `gd` retain term)."""
     return (-sequence_logprob(logits, targets, chunk_size=chunk_size) / token_counts(targets)).mean()
 
 
-def ga_loss(logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+def ga_loss(logits, targets, *, chunk_size=None) -> torch.Tensor:
     """Gradient ascent: −NLL(forget)."""
     return -nll_loss(logits, targets, chunk_size=chunk_size)
 
 
-def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=DEFAULT_CHUNK):
+def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=None):
     """NPO on log-probs: −(2/β)·mean log σ(−β·Σ_t m_t[log π_θ − log π_ref]). Returns (loss, log-ratio[B])."""
     with torch.no_grad():
         ref_lp = sequence_logprob(ref_logits, targets, chunk_size=chunk_size)
@@ -151,7 +159,7 @@ def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=DEFAULT_CHUNK):
 
 def dipo_margin(logits, ref_logits, targets, *, alpha, select: Select = "topk", k=1, p=0.9,
                 reduction: Literal["sum", "mean"] = "sum", source="reference",
-                chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+                chunk_size=None) -> torch.Tensor:
     """margin(y) = Σ_t m_t ⟨π⁺_t − π⁻_t, z_t − z_ref_t⟩ per row ([B]); divided by Σ m_t for `mean`."""
     fn = lambda z, y, z_ref: _dipo_position_margin(z, y, z_ref, alpha=alpha, select=select, k=k,  # noqa: E731
                                                    p=p, source=source)
@@ -161,14 +169,14 @@ def dipo_margin(logits, ref_logits, targets, *, alpha, select: Select = "topk", 
 
 def dipo_loss(logits, ref_logits, targets, *, alpha, beta, select: Select = "topk", k=1, p=0.9,
               reduction: Literal["sum", "mean"] = "sum", source="reference",
-              chunk_size=DEFAULT_CHUNK):
+              chunk_size=None):
     """L_DiPO = −(2/β)·mean_batch log σ(β·margin). Returns (loss, margin[B])."""
     margin = dipo_margin(logits, ref_logits, targets, alpha=alpha, select=select, k=k, p=p,
                          reduction=reduction, source=source, chunk_size=chunk_size)
     return -(2.0 / beta) * F.logsigmoid(beta * margin).mean(), margin
 
 
-def kl_retain_loss(logits, ref_logits, targets, *, chunk_size=DEFAULT_CHUNK) -> torch.Tensor:
+def kl_retain_loss(logits, ref_logits, targets, *, chunk_size=None) -> torch.Tensor:
     """Token-mean KL(π_ref‖π_θ) per row, averaged over rows (the `kl` retain term)."""
     kl = _per_row(_kl_ref_policy, logits, targets, ref_logits, chunk_size=chunk_size)
     return (kl / token_counts(targets)).mean()

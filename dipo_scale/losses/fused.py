@@ -38,30 +38,31 @@ accumulated in float32 before the cast back. `grad_hidden` has the dtype of `hid
 are computed only for the inputs that require them (a frozen head costs no [V, H] accumulator).
 The reference side never receives gradients.
 
-Under DeepSpeed ZeRO-3 the LM-head weight is partitioned: outside the LM head's own forward,
-`model.lm_head.weight` is an empty placeholder, and the caller must pass the *gathered* weight.
+Under DeepSpeed ZeRO-3 the LM-head weight is partitioned: outside the forward that uses it,
+`model.lm_head.weight` is an empty placeholder (its shard lives in `ds_tensor`), and the caller
+must pass the *gathered* weight.
 * `deepspeed.zero.GatheredParameters(lm_head.weight, modifier_rank=None)` gathers it for reads
-  only (evaluation, a no-grad reference pass): the gradient of a loss computed inside that
-  context is not routed back to ZeRO's partitioned gradient, so it cannot be used for training.
-* For training, compute the fused loss inside a forward that DeepSpeed is coordinating, so that
-  ZeRO-3 gathers the weight for the forward *and* re-gathers it for the backward, and reduces its
-  gradient like any other parameter's. Either
-  - make the loss part of the engine-wrapped module's forward: e.g. a wrapper
-    `nn.Module` whose `forward(batch)` runs `h = self.model.model(input_ids, attention_mask)[0]`
-    (the decoder trunk, no LM head) and returns `fused_dipo_loss(h, self.model.lm_head.weight,
-    ...)`. While the engine's forward is active, ZeRO-3 (DeepSpeed >= 0.3.15 in its "automatic
-    external parameter" mode, also in the 0.19 installed here) gathers a partitioned parameter
-    that is read outside its owning module and registers it as an external parameter of the
-    module currently running, so it is available in that module's backward as well. Calling
-    `deepspeed.zero.register_external_parameter(wrapper, wrapper.model.lm_head.weight)` once
-    after building the wrapper makes this explicit (and is required if the access happens
-    outside the engine's forward bookkeeping). The loss must be returned from (flow out of) that
-    forward, so that DeepSpeed's backward hooks on the module's outputs fire; or
-  - call it from inside the LM head module's own forward (replace `lm_head.forward` by one that
-    takes `(hidden, targets, ...)` and returns the fused loss; ZeRO-3's pre-forward hook has
-    gathered `lm_head.weight` at that point, and its backward hook re-gathers it).
+  only (evaluation, a no-grad pass, a reference-cache precompute). It is not a way to train:
+  the parameter is re-partitioned when the context exits, i.e. before `engine.backward`, so the
+  weight saved for the backward pass is gone, and no gradient reaches ZeRO's partitioned grads.
+* For training, compute the fused loss inside a forward that DeepSpeed coordinates, so that
+  ZeRO-3 gathers the weight for the forward, re-gathers it for the backward, and reduce-scatters
+  its gradient like any other parameter's:
+  - in the engine-wrapped module's forward: e.g. a wrapper `nn.Module` holding the HF model whose
+    `forward(batch)` runs the decoder trunk only, `h = self.model.model(input_ids,
+    attention_mask=...)[0]`, and returns `fused_dipo_loss(h, self.model.lm_head.weight, ...)`.
+    Register the weight once, after building the wrapper, with
+    `deepspeed.zero.register_external_parameter(wrapper, wrapper.model.lm_head.weight)`: ZeRO-3
+    then gathers it around the wrapper's forward and backward. (The DeepSpeed installed here,
+    0.19, also does this automatically: while `engine(...)` runs, reading a partitioned parameter
+    outside its owning module registers it as an external parameter of the module running; the
+    explicit call makes it independent of that behaviour.) The loss must be returned from that
+    forward, so that the hooks DeepSpeed puts on the module's outputs fire in the backward; or
+  - inside the LM head's own forward: replace `lm_head.forward` by one taking `(hidden, targets,
+    ...)` and returning the fused loss; ZeRO-3's pre-forward hook on `lm_head` has gathered
+    `lm_head.weight` by then, and its backward hook re-gathers it.
   Tied embeddings (`lm_head.weight is embed_tokens.weight`) work the same way: the parameter is
-  one object, its gradient sums the two uses.
+  one object, and its gradient sums both uses.
 """
 
 from __future__ import annotations
@@ -70,28 +71,21 @@ from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from dipo_scale.losses import (
     IGNORE_INDEX,
     Select,
     _dipo_position_margin,
+    CHUNK_ELEMENTS,
     _target_logprob,
+    auto_chunk_size,
     compute_dtype,
     token_counts,
 )
 
 __all__ = ["fused_dipo_loss", "fused_nll_loss", "fused_sequence_logprob", "auto_chunk_size",
            "CHUNK_ELEMENTS"]
-
-#: Elements of one [chunk, V] float32 temporary when `chunk_size=None` (2**22 = 16 MiB).
-CHUNK_ELEMENTS = 2 ** 22
-MAX_CHUNK = 1024
-
-
-def auto_chunk_size(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
-    """Positions per chunk so that one [chunk, V] float32 temporary holds ~`elements` values."""
-    return max(1, min(MAX_CHUNK, elements // max(1, vocab_size)))
-
 
 def _linear(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     return h @ w.T if b is None else torch.addmm(b, h, w.T)
@@ -124,6 +118,7 @@ class _FusedHeadPositionwise(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (positions, hidden, weight, bias, targets, ref_logits, ref_hidden, ref_weight,
          ref_bias) = ctx.saved_tensors
@@ -139,8 +134,9 @@ class _FusedHeadPositionwise(torch.autograd.Function):
                 idx = positions[s : s + ctx.chunk]
                 h = hidden[idx].to(dtype)
                 refs = ref.chunk(idx)
+                z = _linear(h, w, b)  # backward runs without grad mode: a fresh leaf
                 with torch.enable_grad():
-                    z = _linear(h, w, b).requires_grad_(True)
+                    z.requires_grad_(True)
                     values = ctx.fn(z, targets[idx], *refs)
                     (g,) = torch.autograd.grad(values, z, grad_out[s : s + ctx.chunk].to(dtype))
                 del z, values, refs

@@ -11,6 +11,15 @@ from dipo_scale.losses.fused import auto_chunk_size, fused_dipo_loss, fused_nll_
 B, T, H, V = 3, 7, 5, 11
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency (large on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(seed=0, dtype=torch.float64, bias=False):
     g = torch.Generator().manual_seed(seed)
     ref_hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
