@@ -168,9 +168,43 @@ def _plot_tradeoff(metrics_by_model: dict[str, dict], path: Path) -> bool:
     return True
 
 
+def _plot_series(name: str, x_key: str, records: list[dict], path: Path) -> None:
+    """Each metric against `x_key` (forget-set size, request index), one line per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [r[x_key] for r in records]
+    for key in _columns({str(i): r for i, r in enumerate(records)}):
+        if key != x_key and all(_is_number(r.get(key)) for r in records):
+            ax.plot(xs, [r[key] for r in records], marker="o", label=_header(key))
+    ax.set_xlabel(x_key)
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def series_section(out_dir: str | Path, name: str, x_key: str, records: list[dict]) -> list[str]:
+    """A report section for metrics over a sequence of runs — MUSE's scalability (x = forget-set
+    size) or sustainability (x = request index): a table and `<name>.png`. Returns its lines."""
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower())
+    _plot_series(name, x_key, records, Path(out_dir) / f"{slug}.png")
+    table = markdown_table({f"{x_key} = {r[x_key]}": {k: v for k, v in r.items() if k != x_key}
+                            for r in records})
+    return [f"## {name}", "", table, "", f"![{name}]({slug}.png)", ""]
+
+
 def write_report(out_dir: str | Path, metrics_by_model: dict[str, dict], title: str,
-                 notes: list[str]) -> None:
-    """report.md (a table of every numeric metric per model, the notes) and the plots in `out_dir`."""
+                 notes: list[str], series: dict[str, tuple[str, list[dict]]] | None = None) -> None:
+    """report.md (a table of every numeric metric per model, the notes) and the plots in `out_dir`.
+
+    `series` adds sections such as {"Scalability": ("forget_size", [{...metrics}, ...]),
+    "Sustainability": ("request", [...])}, each with its table and plot.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", markdown_table(metrics_by_model), ""]
@@ -180,6 +214,8 @@ def write_report(out_dir: str | Path, metrics_by_model: dict[str, dict], title: 
         lines += ["![forget vs utility](tradeoff.png)", ""]
     lines += ["↓ lower is better, ↑ higher is better, →0 closest to zero is best. MUSE scores are on "
               "0..100; TOFU's forget quality, model utility and its components on 0..1.", ""]
+    for name, (x_key, records) in (series or {}).items():
+        lines += series_section(out, name, x_key, records)
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))
