@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import hmean, ks_2samp
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dipo_scale import evaluate as ev
+from dipo_scale.models import train_tokenizer
 from dipo_scale.cli import main
 from dipo_scale.data.tofu import TofuData, TofuItem, load_tofu
 from dipo_scale.report import write_report
@@ -30,13 +30,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return train_tokenizer(CORPUS * 4, 300)  # the byte-level BPE the demo models use
 
 
 @pytest.fixture(scope="module")
