@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dipo_scale.config import load_unlearn_config
-from dipo_scale.data.muse import QA, MuseData
-from dipo_scale.data.tofu import TofuData
+from dipo_scale.data.muse import QA, MuseData, is_hub_name
+from dipo_scale.data.tofu import TofuData, is_tofu_dir
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json
 from dipo_scale.report import write_report
@@ -83,9 +83,6 @@ def _notes(about_data: list[str], about_eval: list[str], timings: dict, runs: di
 def is_tofu_source(data_dir: str | None) -> bool:
     """Whether the demo's --data is TOFU-layout: a directory of locuslab/TOFU-named files, or a
     hub name like locuslab/TOFU."""
-    from dipo_scale.data.muse import is_hub_name
-    from dipo_scale.data.tofu import is_tofu_dir
-
     if data_dir is None:
         return False
     path = Path(data_dir)
@@ -154,7 +151,8 @@ def load_tofu_demo(source: str, forget: str, retain: str, retain_limit: int | No
                         unlearn=_qa_data(source, forget_items, retain_items), desc=desc)
 
 
-def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str) -> tuple[list[str], list[str]]:
+def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str,
+                max_new_tokens: int) -> tuple[list[str], list[str]]:
     """The report's notes on the data and on the evaluation of a TOFU run."""
     about_data = [
         f"Data: {tofu.desc}.",
@@ -171,8 +169,8 @@ def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str) -> 
         "the retrain model's (1 for retrain itself; higher is closer to never having learnt it). "
         "model_utility: harmonic mean of probability, ROUGE-L recall and truth-ratio score on "
         "retain_perturbed, real_authors and world_facts (the nine components are in metrics.json). "
-        "knowmem_f / knowmem_r: ROUGE-L recall x100 of the greedy answers on the forget set / "
-        "retain_perturbed.",
+        "knowmem_f / knowmem_r: ROUGE-L recall x100 of the greedy answers (at most "
+        f"eval.knowmem_max_new_tokens = {max_new_tokens} tokens) on the forget set / retain_perturbed.",
         *tofu.eval.notes,
     ]
     if "privleak" in t:
@@ -187,7 +185,7 @@ def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str) -> 
     return about_data, about_eval
 
 
-def _evaluate_tofu(models: dict, data, ev) -> dict:
+def _evaluate_tofu(models: dict, data: TofuData, ev) -> dict:
     """TOFU's metrics of every model; forget quality against the retrain model's truth ratios."""
     from dipo_scale.evaluate import evaluate_tofu, load_model_and_tokenizer, tofu_forget_truth_ratios
 
@@ -217,20 +215,38 @@ def _evaluate_muse(models: dict, data: MuseData, ev) -> dict:
     return metrics
 
 
+def _muse_notes(metrics: dict, data_desc: str) -> tuple[list[str], list[str]]:
+    """The report's notes on the data and on the evaluation of a MUSE run."""
+    about_data = [f"Data: {data_desc}.",
+                  "target: trained on forget + retain (documents and QA pairs); retrain: retain only."]
+    about_eval = [
+        "The forget set that is unlearned is the forget documents plus the forget QA pairs the "
+        "target was trained on (TOFU-style); the gd retain term trains on retain documents and QA.",
+        "PrivLeak is relative to the retrain model's MIA AUC (Min-40% Prob, forget vs holdout).",
+        *_fraction_targets(metrics),
+    ]
+    return about_data, about_eval
+
+
 def _seed_torch() -> None:
     import torch
 
     torch.manual_seed(0)
 
 
-def _add_privleak(metrics: dict) -> None:
-    """PrivLeak of every model, relative to the retrain model's MIA AUC (when there is one)."""
+def _add_privleak(metrics: dict) -> list[str]:
+    """PrivLeak of every model, relative to the retrain model's MIA AUC (when there is one); a
+    note when it is undefined."""
     from dipo_scale.evaluate import privleak
 
     reference = metrics["retrain"].get("mia_auc")
-    if reference is not None and reference > 0:
-        for m in metrics.values():
-            m["privleak"] = privleak(m["mia_auc"], reference)
+    if reference is None:
+        return []
+    if not reference > 0:
+        return ["the retrain model's MIA AUC is 0: PrivLeak is undefined"]
+    for m in metrics.values():
+        m["privleak"] = privleak(m["mia_auc"], reference)
+    return []
 
 
 def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[str] | None = None,
@@ -317,26 +333,19 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     t = time.time()
     ev = cfgs["dipo"].eval
     metrics = _evaluate_tofu(models, tofu.eval, ev) if tofu else _evaluate_muse(models, data, ev)
-    _add_privleak(metrics)
+    eval_notes = _add_privleak(metrics)
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
     timings["evaluate 5 models"] = time.time() - t
 
     atomic_write_json(out / "metrics.json", {"models": metrics})
     if tofu:
-        about_data, about_eval = _tofu_notes(tofu, metrics, forget, retain)
+        about_data, about_eval = _tofu_notes(tofu, metrics, forget, retain, ev.knowmem_max_new_tokens)
         shown = {name: {k: m[k] for k in TOFU_REPORT_KEYS if k in m} for name, m in metrics.items()}
         title = f"dipo-scale demo report (TOFU protocol, {forget})"
     else:
-        about_data = [f"Data: {data_desc}.",
-                      "target: trained on forget + retain (documents and QA pairs); retrain: retain only."]
-        about_eval = [
-            "The forget set that is unlearned is the forget documents plus the forget QA pairs the "
-            "target was trained on (TOFU-style); the gd retain term trains on retain documents and QA.",
-            "PrivLeak is relative to the retrain model's MIA AUC (Min-40% Prob, forget vs holdout).",
-            *_fraction_targets(metrics),
-        ]
+        about_data, about_eval = _muse_notes(metrics, data_desc)
         shown, title = metrics, "dipo-scale demo report"
-    write_report(out, shown, title, _notes(about_data, about_eval, timings, last_log, cfgs))
+    write_report(out, shown, title, _notes(about_data, about_eval + eval_notes, timings, last_log, cfgs))
     print(f"report: {out / 'report.md'}")
     return metrics
