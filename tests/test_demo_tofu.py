@@ -27,16 +27,6 @@ def tofu_dir(tmp_path_factory):
     return generate_tofu(tmp_path_factory.mktemp("tofu") / "data", num_authors=4, seed=0)
 
 
-@pytest.fixture
-def no_ray_left_behind():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    ray.shutdown()
-
-
 def _demo_args(out, data, *extra):
     overrides = [arg for o in FAST for arg in ("--set", o)]
     return [str(a) for a in ("demo", "--out", out, "--data", data, *extra, *overrides)]
@@ -59,7 +49,9 @@ def test_generated_tofu_dir_has_the_tofu_splits(tofu_dir, tmp_path):
         assert (again / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_tofu_demo_end_to_end(tofu_dir, tmp_path, monkeypatch, no_ray_left_behind, capsys):
+def test_tofu_demo_end_to_end(tofu_dir, tmp_path, monkeypatch, ray_cluster, capsys):
+    # ray_cluster (conftest): a private local Ray, shut down after this module; the demo uses it
+    # instead of starting its own.
     monkeypatch.setattr(demo, "MODEL_SETTINGS", TinyModelSettings(**TOFU_TINY))
     out = tmp_path / "demo"
     args = _demo_args(out, tofu_dir, "--forget", "forget01", "--retain", "retain99", "--retain-limit", "8")
