@@ -198,7 +198,7 @@ def _missing(root: Path, name: str) -> UserInputError:
     return UserInputError(f"{root}: missing {name} ({LAYOUT_HINT})")
 
 
-def _field(where: str, record: dict, keys: tuple[str, ...]) -> str:
+def string_field(where: str, record: dict, keys: tuple[str, ...]) -> str:
     """record[key] for the first of `keys` present (aliases), as a string."""
     for key in keys:
         if key in record:
@@ -216,7 +216,7 @@ def _read_qa(path: Path) -> list[QA]:
     for where, item in _load_items(path):
         if not isinstance(item, dict):
             raise UserInputError(f"{where} is not a JSON object with keys 'question' and 'answer'")
-        items.append(QA(_field(where, item, ("question", "prompt")), _field(where, item, ("answer", "response"))))
+        items.append(QA(string_field(where, item, ("question", "prompt")), string_field(where, item, ("answer", "response"))))
     return items
 
 
@@ -271,7 +271,7 @@ def load_muse_dir(path: str | Path) -> MuseData:
     for where, item in _load_items(verbmem_path):
         if not isinstance(item, dict):
             raise UserInputError(f"{where} is not a JSON object with keys 'prompt' and 'gt'")
-        verbmem.append(VerbMemItem(_field(where, item, ("prompt",)), _field(where, item, ("gt",))))
+        verbmem.append(VerbMemItem(string_field(where, item, ("prompt",)), string_field(where, item, ("gt",))))
 
     return MuseData(
         root=root,
@@ -322,7 +322,7 @@ def load_muse_hub(name: str) -> MuseData:
 
     def qa(split: str, required: bool) -> list[QA]:
         rows = _hub_records(name, "knowmem", split, required=required)
-        items = [QA(_field(w, r, ("question", "prompt")), _field(w, r, ("answer", "response"))) for w, r in rows]
+        items = [QA(string_field(w, r, ("question", "prompt")), string_field(w, r, ("answer", "response"))) for w, r in rows]
         if required and not items:
             raise UserInputError(f"{name}[knowmem/{split}]: no entries")
         return items
@@ -330,7 +330,7 @@ def load_muse_hub(name: str) -> MuseData:
     forget_docs = texts("raw", "forget")
     if not forget_docs:
         raise UserInputError(f"{name}[raw/forget]: forget set is empty")
-    verbmem = [VerbMemItem(_field(w, r, ("prompt",)), _field(w, r, ("gt",)))
+    verbmem = [VerbMemItem(string_field(w, r, ("prompt",)), string_field(w, r, ("gt",)))
                for w, r in _hub_records(name, "verbmem", "forget")]
     if not verbmem:
         raise UserInputError(f"{name}[verbmem/forget]: no entries")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dipo_scale.data.muse import RECORD_EXTENSIONS, _load_items, _one_line, is_hub_name
+from dipo_scale.data.muse import RECORD_EXTENSIONS, _load_items, _one_line, is_hub_name, string_field
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_dir
 
@@ -70,18 +70,6 @@ class TofuData:
 
 
 # --- parsing entries ----------------------------------------------------------------------------
-def _string(where: str, record: dict, keys: tuple[str, ...]) -> str:
-    for key in keys:
-        if key in record:
-            value = record[key]
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            if not isinstance(value, str):
-                raise UserInputError(f"{where}: key '{key}' must be a string (got {type(value).__name__})")
-            return value
-    raise UserInputError(f"{where} is missing key '{keys[0]}'")
-
-
 def _string_list(where: str, record: dict, key: str) -> list[str]:
     if key not in record:
         raise UserInputError(f"{where} is missing key '{key}'")
@@ -100,9 +88,9 @@ def parse_items(entries: list[tuple[str, Any]], *, paraphrased: bool, perturbed:
         if not isinstance(entry, dict):
             raise UserInputError(f"{where} is not a JSON object with keys 'question' and 'answer'")
         items.append(TofuItem(
-            question=_string(where, entry, QUESTION_KEYS),
-            answer=_string(where, entry, ANSWER_KEYS),
-            paraphrased_answer=_string(where, entry, (PARAPHRASE_KEY,)) if paraphrased else None,
+            question=string_field(where, entry, QUESTION_KEYS),
+            answer=string_field(where, entry, ANSWER_KEYS),
+            paraphrased_answer=string_field(where, entry, (PARAPHRASE_KEY,)) if paraphrased else None,
             perturbed_answers=_string_list(where, entry, PERTURBED_KEY) if perturbed else [],
         ))
     return items
