@@ -359,6 +359,10 @@ def train_worker(config: dict) -> None:
             state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective
             if evaluator is not None:
                 evaluator.run(step + 1, state_dict, wandb_run)
+            # Every rank reports (a Ray Train report is collective); rank 0's carries the metrics,
+            # which reach Ray Tune through the sweep's callback (ASHA stops trials on them).
+            ray.train.report({"step": step + 1, "eval": True,
+                              **(evaluator.history[-1] if evaluator is not None else {})})
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
             _report_checkpoint(engine, step + 1, metrics)
 
@@ -416,11 +420,12 @@ def _absolute(cfg: UnlearnConfig) -> UnlearnConfig:
     })
 
 
-def run_unlearning(cfg: UnlearnConfig) -> Path:
+def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     """Run one unlearning job on the Ray cluster (a local one if none is running).
 
     Re-running the same config with the same out_dir resumes from its last checkpoint (Ray Train
     restores a run by name and storage path); a different config in that out_dir is refused.
+    `callbacks`: Ray Train callbacks (the sweep passes one that forwards evaluations to Ray Tune).
     Returns the HF export directory.
     """
     import ray
@@ -447,7 +452,8 @@ def run_unlearning(cfg: UnlearnConfig) -> Path:
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.train.storage_path or str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             callbacks=callbacks),
     )
     trainer.fit()
     return run_dir / "model"
