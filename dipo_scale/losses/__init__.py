@@ -9,6 +9,24 @@ See ../shared/docs/DIPO.md (copied into docs/DIPO.md) for the derivation. Conven
   chunk, so the autograd graph stores only the inputs (see `_PositionwiseChunked`).
 * Per-row quantities are sums over that row's valid positions, so a row's loss does not depend
   on the other rows of the batch or on how much padding it carries.
+* The reference (`ref_logits` of `dipo_loss`, `npo_loss`, `kl_retain_loss`) is full logits
+  [B, T, V] (the `online` form), or one of the cached forms of docs/DIPO.md, "Reference
+  statistics": `HiddenReference` (exact: the reference's final hidden states + its LM-head
+  weight) or `TopKReference` (approximate: top-K logits, their ids and the log-sum-exp). A cached
+  form is turned into reference logits chunk by chunk, inside the loss (`Reference.logits`), so
+  the reference's [B, T, V] logits never exist whole.
+
+The `topk` tail. A top-K row stores the K largest reference logits `l_1..l_K`, their ids and
+`lse = logsumexp(z_ref)` over the whole vocabulary. The dense row rebuilt from it gives the K
+stored ids their stored logits and every other id the same logit
+
+    tail = lse + log((1 − Σ_i exp(l_i − lse)) / (V − K)),
+
+i.e. the probability mass outside the top K, spread uniformly over the V − K other ids. The
+rebuilt row has log-sum-exp exactly `lse`, so the K stored ids keep their exact reference
+log-probabilities, the total tail mass is exact, and K = V reproduces the reference exactly.
+(When rounding makes the stored mass reach 1, the tail mass is clamped to the dtype's smallest
+positive number: the tail gets essentially no probability.)
 """
 
 from __future__ import annotations
@@ -85,8 +103,148 @@ def _per_row(fn: Callable, logits: torch.Tensor, targets: torch.Tensor, *aux: to
     return values.new_zeros(B).index_add(0, rows, values)
 
 
+def _reference_values(fn: Callable, ref: "Reference", targets: torch.Tensor,
+                      chunk_size: int | None = None) -> torch.Tensor:
+    """Sum of fn(z_ref, y) over each row's valid positions -> [B], without gradients (the
+    reference side of NPO: only the reference's logits, rebuilt chunk by chunk)."""
+    B, T = targets.shape
+    chunk_size = chunk_size or auto_chunk_size(ref.vocab_size)
+    flat_targets = targets.reshape(-1)
+    positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    aux = [a.reshape(B * T, *a.shape[2:]) for a in ref.per_position()]
+    out = []
+    with torch.no_grad():
+        for s in range(0, positions.numel(), chunk_size):
+            idx = positions[s : s + chunk_size]
+            out.append(fn(ref.logits(*(a[idx] for a in aux)), flat_targets[idx]))
+    values = torch.cat(out) if out else targets.new_zeros(0, dtype=torch.float32)
+    rows = torch.div(positions, T, rounding_mode="floor")
+    return values.new_zeros(B).index_add(0, rows, values)
+
+
 def token_counts(targets: torch.Tensor) -> torch.Tensor:
     return (targets != IGNORE_INDEX).sum(dim=1).clamp_min(1).float()
+
+
+# --------------------------------------------------------------------------------------------
+# The reference: full logits (online) or a cached form, turned into logits chunk by chunk.
+# --------------------------------------------------------------------------------------------
+def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return h @ w.T if b is None else torch.addmm(b, h, w.T)
+
+
+class LogitsReference:
+    """The `online` form: reference logits [B, T, V] as they are."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.tensor = logits.detach()
+        self.shape = tuple(logits.shape)
+        self.vocab_size = logits.shape[-1]
+
+    def per_position(self) -> tuple[torch.Tensor, ...]:
+        return (self.tensor,)
+
+    def logits(self, z_ref: torch.Tensor) -> torch.Tensor:
+        return z_ref
+
+    def rows(self, rows) -> "LogitsReference":
+        return LogitsReference(self.tensor[rows])
+
+
+class HiddenReference:
+    """The `hidden` form (exact): the reference's final hidden states [B, T, H] — the input of
+    its LM head — and that head's `weight` [V, H] (+ `bias` [V]). Logits of a chunk of positions
+    are `hidden @ weight.T + bias`, computed in float32 at least (float64 stays float64)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"HiddenReference: hidden must be [..., H] and weight [V, H]; got "
+                             f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+        self.hidden, self.weight = hidden.detach(), weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(weight))
+        self._w = self.weight.to(self.dtype)  # cast once, not per chunk
+        self._b = None if bias is None else self.bias.to(self.dtype)
+        self.vocab_size = weight.shape[0]
+        self.shape = (*hidden.shape[:-1], self.vocab_size)
+
+    def per_position(self) -> tuple[torch.Tensor, ...]:
+        return (self.hidden,)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _linear(hidden.to(self.dtype), self._w, self._b)
+
+    def rows(self, rows) -> "HiddenReference":
+        return HiddenReference(self.hidden[rows], self.weight, self.bias)
+
+
+class TopKReference:
+    """The `topk` form (approximate unless K = V): top-K reference logits [B, T, K], their ids
+    [B, T, K] and the log-sum-exp over the whole vocabulary [B, T]. The dense row rebuilt per
+    chunk spreads the mass outside the top K uniformly (module docstring, "The `topk` tail")."""
+
+    def __init__(self, topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor,
+                 vocab_size: int):
+        if topk_logits.shape != topk_ids.shape or topk_logits.shape[:2] != lse.shape:
+            raise ValueError(f"TopKReference: logits and ids must be [B, T, K] and lse [B, T]; got "
+                             f"{tuple(topk_logits.shape)}, {tuple(topk_ids.shape)}, {tuple(lse.shape)}")
+        if topk_logits.shape[-1] > vocab_size:
+            raise ValueError(f"TopKReference: K={topk_logits.shape[-1]} exceeds the vocabulary ({vocab_size})")
+        self.topk_logits, self.topk_ids, self.lse = topk_logits.detach(), topk_ids.detach(), lse.detach()
+        self.vocab_size = int(vocab_size)
+        self.shape = (*lse.shape, self.vocab_size)
+
+    def per_position(self) -> tuple[torch.Tensor, ...]:
+        return (self.topk_logits, self.topk_ids, self.lse)
+
+    def logits(self, topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return topk_dense_logits(topk_logits, topk_ids, lse, self.vocab_size)
+
+    def rows(self, rows) -> "TopKReference":
+        return TopKReference(self.topk_logits[rows], self.topk_ids[rows], self.lse[rows], self.vocab_size)
+
+
+Reference = LogitsReference | HiddenReference | TopKReference
+
+
+def topk_dense_logits(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor,
+                      vocab_size: int) -> torch.Tensor:
+    """[C, V] reference logits from [C, K] top-K logits, ids and [C] log-sum-exp: the stored ids
+    get their logits, every other id `lse + log((1 − Σ_topk softmax) / (V − K))`."""
+    dtype = compute_dtype(topk_logits)
+    top, lse = topk_logits.to(dtype), lse.to(dtype)
+    K = top.shape[1]
+    if K == vocab_size:
+        tail = torch.full_like(lse, float("-inf"))  # every id is stored; nothing is left over
+    else:
+        left_over = (1.0 - torch.exp(top - lse[:, None]).sum(dim=1)).clamp_min(torch.finfo(dtype).tiny)
+        tail = lse + torch.log(left_over / (vocab_size - K))
+    out = tail[:, None].expand(len(tail), vocab_size).clone()
+    return out.scatter_(1, topk_ids.long(), top)
+
+
+def topk_statistics(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-K logits, their ids, log-sum-exp) of logits [..., V]: what the `topk` cache stores.
+    Logits and log-sum-exp are computed in float32 at least."""
+    z = logits.to(compute_dtype(logits))
+    top = z.topk(k, dim=-1)
+    return top.values, top.indices, torch.logsumexp(z, dim=-1)
+
+
+def as_reference(ref) -> Reference:
+    """A reference argument of the losses as a `Reference`: tensors are full logits."""
+    if isinstance(ref, (LogitsReference, HiddenReference, TopKReference)):
+        return ref
+    if isinstance(ref, torch.Tensor):
+        return LogitsReference(ref)
+    raise TypeError(f"reference must be logits [B, T, V] or a HiddenReference/TopKReference, got {type(ref).__name__}")
+
+
+def _check_reference(ref: Reference, logits: torch.Tensor) -> None:
+    if tuple(ref.shape) != tuple(logits.shape):
+        raise ValueError(f"reference is {tuple(ref.shape)} but the policy logits are {tuple(logits.shape)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,9 +308,11 @@ def ga_loss(logits, targets, *, chunk_size=None) -> torch.Tensor:
 
 
 def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=None):
-    """NPO on log-probs: −(2/β)·mean log σ(−β·Σ_t m_t[log π_θ − log π_ref]). Returns (loss, log-ratio[B])."""
-    with torch.no_grad():
-        ref_lp = sequence_logprob(ref_logits, targets, chunk_size=chunk_size)
+    """NPO on log-probs: −(2/β)·mean log σ(−β·Σ_t m_t[log π_θ − log π_ref]). Returns (loss, log-ratio[B]).
+    `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
+    ref = as_reference(ref_logits)
+    _check_reference(ref, logits)
+    ref_lp = _reference_values(_target_logprob, ref, targets, chunk_size).to(compute_dtype(logits))
     log_ratio = sequence_logprob(logits, targets, chunk_size=chunk_size) - ref_lp
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean(), log_ratio
 
@@ -160,10 +320,13 @@ def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=None):
 def dipo_margin(logits, ref_logits, targets, *, alpha, select: Select = "topk", k=1, p=0.9,
                 reduction: Literal["sum", "mean"] = "sum", source="reference",
                 chunk_size=None) -> torch.Tensor:
-    """margin(y) = Σ_t m_t ⟨π⁺_t − π⁻_t, z_t − z_ref_t⟩ per row ([B]); divided by Σ m_t for `mean`."""
-    fn = lambda z, y, z_ref: _dipo_position_margin(z, y, z_ref, alpha=alpha, select=select, k=k,  # noqa: E731
-                                                   p=p, source=source)
-    margin = _per_row(fn, logits, targets, ref_logits, chunk_size=chunk_size)
+    """margin(y) = Σ_t m_t ⟨π⁺_t − π⁻_t, z_t − z_ref_t⟩ per row ([B]); divided by Σ m_t for `mean`.
+    `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
+    ref = as_reference(ref_logits)
+    _check_reference(ref, logits)
+    fn = lambda z, y, *r: _dipo_position_margin(z, y, ref.logits(*r), alpha=alpha, select=select,  # noqa: E731
+                                                k=k, p=p, source=source)
+    margin = _per_row(fn, logits, targets, *ref.per_position(), chunk_size=chunk_size)
     return margin / token_counts(targets) if reduction == "mean" else margin
 
 
@@ -177,8 +340,12 @@ def dipo_loss(logits, ref_logits, targets, *, alpha, beta, select: Select = "top
 
 
 def kl_retain_loss(logits, ref_logits, targets, *, chunk_size=None) -> torch.Tensor:
-    """Token-mean KL(π_ref‖π_θ) per row, averaged over rows (the `kl` retain term)."""
-    kl = _per_row(_kl_ref_policy, logits, targets, ref_logits, chunk_size=chunk_size)
+    """Token-mean KL(π_ref‖π_θ) per row, averaged over rows (the `kl` retain term).
+    `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
+    ref = as_reference(ref_logits)
+    _check_reference(ref, logits)
+    fn = lambda z, y, *r: _kl_ref_policy(z, y, ref.logits(*r))  # noqa: E731
+    kl = _per_row(fn, logits, targets, *ref.per_position(), chunk_size=chunk_size)
     return (kl / token_counts(targets)).mean()
 
 

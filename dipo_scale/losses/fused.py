@@ -75,8 +75,11 @@ from torch.autograd.function import once_differentiable
 
 from dipo_scale.losses import (
     IGNORE_INDEX,
+    HiddenReference,
+    LogitsReference,
     Select,
     _dipo_position_margin,
+    _linear,
     CHUNK_ELEMENTS,
     _target_logprob,
     auto_chunk_size,
@@ -86,9 +89,6 @@ from dipo_scale.losses import (
 
 __all__ = ["fused_dipo_loss", "fused_nll_loss", "fused_sequence_logprob", "auto_chunk_size",
            "CHUNK_ELEMENTS"]
-
-def _linear(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    return h @ w.T if b is None else torch.addmm(b, h, w.T)
 
 
 class _FusedHeadPositionwise(torch.autograd.Function):
@@ -155,23 +155,21 @@ class _FusedHeadPositionwise(torch.autograd.Function):
 
 
 class _RefSource:
-    """Reference logits of a chunk of positions, from full logits or from the hidden cache form."""
+    """Reference logits of a chunk of positions, from full logits or from the hidden cache form
+    (the `Reference` classes of `dipo_scale.losses`, on [B*T, ...] flattened tensors)."""
 
     def __init__(self, ref_logits, ref_hidden, ref_weight, ref_bias, dtype):
         self.dtype = dtype
-        self.ref_logits = ref_logits
-        self.ref_hidden = ref_hidden
-        if ref_hidden is not None:
-            self.w = ref_weight.detach().to(dtype)
-            self.b = None if ref_bias is None else ref_bias.detach().to(dtype)
+        self.ref = (LogitsReference(ref_logits) if ref_logits is not None
+                    else HiddenReference(ref_hidden, ref_weight, ref_bias) if ref_hidden is not None
+                    else None)
+        self.aux = () if self.ref is None else self.ref.per_position()
 
     def chunk(self, idx: torch.Tensor) -> tuple:
+        if self.ref is None:
+            return ()
         with torch.no_grad():
-            if self.ref_logits is not None:
-                return (self.ref_logits[idx].to(self.dtype),)
-            if self.ref_hidden is not None:
-                return (_linear(self.ref_hidden[idx].to(self.dtype), self.w, self.b),)
-        return ()
+            return (self.ref.logits(*(a[idx] for a in self.aux)).to(self.dtype),)
 
 
 def _check(hidden, weight, bias, targets):
