@@ -3,7 +3,10 @@
     dipo-scale generate --out DIR [--num-docs N] [--seed S]
     dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa] [--layout L]
     dipo-scale unlearn  [--config YAML] [--set key=value ...]
+    dipo-scale reference [--config YAML] [--set key=value ...]   (reference.form=hidden|topk)
     dipo-scale evaluate --model PATH --data DIR --out OUT
+    dipo-scale sweep    [--config YAML] [--set key=value ...]
+    dipo-scale sequential | scalability [--config YAML] [--set key=value ...]
     dipo-scale demo     --out DIR [--data DIR [--forget S --retain S --retain-limit N]] [--set key=value ...]
 
 Bad input prints one line `error: ...` and exits with status 2.
@@ -48,6 +51,19 @@ def _cmd_unlearn(args) -> None:
     print(run_unlearning(cfg))
 
 
+def _cmd_reference(args) -> None:
+    from dipo_scale.config import load_unlearn_config
+    from dipo_scale.reference import precompute_reference
+
+    cfg = load_unlearn_config(args.config, args.set)
+    m = precompute_reference(cfg)
+    p = m["precompute"]
+    rate = f", {p['tokens_per_second']:.0f} tokens/s" if p["tokens_per_second"] else ""
+    print(f"{cfg.reference.cache_dir}: form {m['form']}{' k=' + str(m['k']) if m['k'] else ''}, "
+          f"{m['bytes_per_token']} bytes/token, {m['total_bytes']} bytes; "
+          f"{p['shards_computed']} shards computed, {p['shards_reused']} reused{rate}")
+
+
 def _cmd_evaluate(args) -> None:
     from dipo_scale.evaluate import run_evaluation
 
@@ -61,6 +77,25 @@ def _cmd_evaluate(args) -> None:
     for key, value in metrics.items():
         print(f"{key}: {value:.4g}")
     print(f"report: {Path(args.out) / 'report.md'}")
+
+
+def _cmd_sweep(args) -> None:
+    from dipo_scale.config import SweepConfig, load_config
+    from dipo_scale.sweep import run_sweep
+
+    best = run_sweep(load_config(args.config, args.set, SweepConfig))
+    print(f"best trial: {best['trial_id']} (feasible: {best['feasible']}) {best.get('params', {})}")
+    print(f"model: {best.get('model') or '-'}")
+
+
+def _cmd_series(args) -> None:
+    from dipo_scale.config import SeriesConfig, load_config
+    from dipo_scale.sequential import run_series
+
+    cfg = load_config(args.config, args.set, SeriesConfig)
+    for entry in run_series(cfg, kind=args.command)["requests"]:
+        metrics = " ".join(f"{k}={v:.1f}" for k, v in entry["metrics"].items())
+        print(f"request {entry['request']}: {entry['forget_docs']} docs -> {entry['output_model']}  {metrics}")
 
 
 def _cmd_demo(args) -> None:
@@ -97,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted override, e.g. --set dipo.alpha=2.0 (repeatable)")
     p.set_defaults(func=_cmd_unlearn)
 
+    p = sub.add_parser("reference", help="precompute the reference statistics of an unlearning config "
+                       "(reference.form=hidden|topk) into reference.cache_dir; resumable")
+    p.add_argument("--config", help="YAML unlearning config (see configs/unlearn.yaml, section reference)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set reference.form=topk --set reference.k=32 (repeatable)")
+    p.set_defaults(func=_cmd_reference)
+
     p = sub.add_parser("evaluate", help="MUSE (VerbMem, KnowMem, PrivLeak) or TOFU (forget quality, "
                        "model utility) metrics of a model; writes OUT/metrics.json and OUT/report.md")
     p.add_argument("--model", required=True, help="model directory or hub name")
@@ -117,6 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated tokens (defaults: VerbMem 128, KnowMem 32, TOFU 128)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="Ray Tune over α, β, lr (...): one unlearning run per trial; "
+                       "writes sweep.csv, best.json, pareto.png")
+    p.add_argument("--config", help="YAML sweep config (see configs/sweep.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set unlearn.train.steps=40 (repeatable)")
+    p.set_defaults(func=_cmd_sweep)
+
+    for name, text in (("sequential", "a chain of unlearning requests, each from the previous model "
+                                      "(sustainability); resumable; writes lineage.json and report.md"),
+                       ("scalability", "unlearning runs over nested forget sets of growing size from "
+                                       "the same model; writes lineage.json and report.md")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="YAML series config (see configs/sequential.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="dotted override, e.g. --set folds=3 (repeatable)")
+        p.set_defaults(func=_cmd_series)
 
     p = sub.add_parser("demo", help="the whole chain on the embedded corpus (or --data) with tiny models")
     p.add_argument("--out", required=True)

@@ -96,6 +96,23 @@ class EvalConfig(_Strict):
     forget_target: Optional[float] = None      # `knowmem_r`: best knowmem_r with knowmem_f <= this
 
 
+class ReferenceConfig(_Strict):
+    """Where the reference statistics come from (docs/DIPO.md, "Reference statistics").
+
+    `online`: a frozen reference engine runs a forward every step. `hidden` / `topk`: read from a
+    cache written once by `dipo-scale reference` into `cache_dir` (dipo_scale/reference.py)."""
+    form: Literal["online", "hidden", "topk"] = "online"
+    k: int = Field(32, ge=1)                 # topk: logits kept per position
+    cache_dir: Optional[str] = None          # hidden/topk: the cache (`dipo-scale reference` writes it)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # stored hidden states / top-K logits
+    # Precompute (`dipo-scale reference`) only:
+    quantize: Literal["none", "8bit", "4bit"] = "none"  # load the reference with bitsandbytes
+    mode: Literal["actors", "zero3"] = "actors"  # Ray Data actor pool, or ZeRO-3 workers (Ray Train)
+    num_workers: int = Field(1, ge=1)        # actors, or ZeRO-3 workers
+    batch_size: int = Field(8, ge=1)         # blocks per reference forward
+    rows_per_shard: int = Field(256, ge=1)   # blocks per cache shard (the unit of resumption)
+
+
 class UnlearnConfig(_Strict):
     method: Literal["dipo", "npo", "ga"] = "dipo"
     out_dir: str = "runs/unlearn"
@@ -107,6 +124,7 @@ class UnlearnConfig(_Strict):
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
     eval: EvalConfig = EvalConfig()
+    reference: ReferenceConfig = ReferenceConfig()
 
     @property
     def run_name(self) -> str:
@@ -129,6 +147,12 @@ class UnlearnConfig(_Strict):
             raise ValueError("eval.select=knowmem_r needs eval.forget_target (the knowmem_f to reach)")
         if e.select != "none" and not e.every:
             raise ValueError(f"eval.select={e.select} needs eval.every > 0")
+        if self.reference.form != "online" and not self.reference.cache_dir:
+            raise ValueError(f"reference.form={self.reference.form} needs reference.cache_dir "
+                             "(written by `dipo-scale reference`)")
+        if self.reference.quantize != "none" and self.reference.mode == "zero3":
+            raise ValueError("reference.quantize needs reference.mode=actors (bitsandbytes models "
+                             "are not partitioned by ZeRO-3)")
         return self
 
     def needs_reference(self) -> bool:
@@ -159,7 +183,7 @@ def format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "config"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
 
@@ -239,3 +263,120 @@ def load_unlearn_config(path: str | Path | None, overrides: list[str] | None = N
                         base: dict | None = None) -> UnlearnConfig:
     """`load_config` for unlearning runs, with the model-dependent check (k ≤ vocab)."""
     return load_config(path, overrides, UnlearnConfig, base, raw_checks=_vocab_checks)
+
+
+# ------------------------------------------------------------------------------------------
+# Sweeps (`dipo-scale sweep`) and series of runs (`dipo-scale sequential` / `scalability`)
+# ------------------------------------------------------------------------------------------
+class SearchSpace(_Strict):
+    """The values one hyperparameter takes in a sweep: exactly one of these."""
+    grid: Optional[list[Any]] = None                   # every value (grid search)
+    choice: Optional[list[Any]] = None                 # sampled uniformly
+    uniform: Optional[tuple[float, float]] = None      # [low, high]
+    loguniform: Optional[tuple[float, float]] = None   # [low, high], low > 0
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of grid, choice, uniform, loguniform")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"{given[0]}: low must be below high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform: low must be > 0")
+        if (self.grid or self.choice) == []:
+            raise ValueError(f"{given[0]}: empty list")
+        return self
+
+
+class ObjectiveConfig(_Strict):
+    """What the sweep minimises: `metric` (e.g. knowmem_f), among trials whose `constraint`
+    metric keeps at least `min_fraction` of the target model's value (MUSE: utility kept)."""
+    metric: str = "knowmem_f"
+    mode: Literal["min", "max"] = "min"
+    constraint: Optional[str] = "knowmem_r"
+    min_fraction: float = Field(0.9, ge=0)
+    target_value: Optional[float] = None   # the target model's `constraint` value (None: evaluated first)
+
+
+class AshaConfig(_Strict):
+    grace_period: Optional[int] = Field(None, ge=1)  # steps a trial runs before it can be stopped (None: eval.every)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(_Strict):
+    out_dir: str = "runs/sweep"
+    unlearn: UnlearnConfig = UnlearnConfig()           # every trial's config, before the sampled values
+    space: dict[str, SearchSpace] = {}                 # dotted key of `unlearn` -> its values
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1)                  # samples (random/optuna), or repeats of the grid
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    asha: AshaConfig = AshaConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.0, ge=0)               # CPUs of each trial's driver (its workers ask for their own)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_space(cls, data):
+        """`space` may nest ({dipo: {alpha: {grid: ...}}}, as `--set space.dipo.alpha.grid=[1,5]`
+        writes it) or use dotted keys ({dipo.alpha: {grid: ...}}); both become dotted keys."""
+        def flat(tree, prefix=""):
+            out = {}
+            for key, value in tree.items():
+                name = f"{prefix}{key}"
+                is_leaf = not isinstance(value, dict) or set(value) & set(SearchSpace.model_fields)
+                out.update({name: value} if is_leaf else flat(value, name + "."))
+            return out
+        if isinstance(data, dict) and isinstance(data.get("space"), dict):
+            data = {**data, "space": flat(data["space"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.space:
+            raise ValueError("space: empty (name at least one hyperparameter, e.g. dipo.alpha)")
+        for key, values in self.space.items():
+            sample = (values.grid or values.choice or [None])[0]
+            if sample is None:
+                sample = (values.uniform or values.loguniform)[0]
+            tree = self.unlearn.model_dump(by_alias=True)
+            try:
+                _set_dotted(tree, key, sample)
+                UnlearnConfig.model_validate(tree)
+            except (UserInputError, ValidationError) as e:
+                msg = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
+                raise ValueError(f"space.{key}: not a setting of the unlearning config ({msg})") from None
+            if self.search == "grid" and values.grid is None:
+                raise ValueError(f"space.{key}: search=grid needs a grid list (or use search=random/optuna)")
+        e = self.unlearn.eval
+        if not e.every or not e.data_dir:
+            raise ValueError("unlearn.eval.every and unlearn.eval.data_dir: a sweep ranks trials by the "
+                             "evaluations made during unlearning; set both")
+        return self
+
+
+class SeriesConfig(_Strict):
+    """A series of unlearning requests. `sequential`: request k unlearns forget set k starting from
+    request k-1's model (MUSE sust/forget_1..N, or disjoint folds of the forget documents).
+    `scalability`: each request unlearns a nested forget set of growing size from the same model
+    (MUSE scal/forget_1..N, or growing prefixes of the forget documents)."""
+    out_dir: str = "runs/sequential"
+    data_dir: str = ""                                 # MUSE-layout directory (evaluation + forget sets)
+    unlearn: UnlearnConfig = UnlearnConfig()           # each request's config (model.path: the first model)
+    folds: int = Field(4, ge=1)                        # requests when data_dir has no sust/ (scal/) sets
+    epochs: Optional[float] = Field(None, gt=0)        # steps per request = epochs × forget blocks / global
+                                                       # batch (None: unlearn.train.steps for every request)
+    layout: Literal["concat", "per_sequence"] = "concat"  # packing of each request's blocks
+    with_qa: bool = False                              # add the split's QA pairs to the forget blocks
+    eval_workers: int = Field(1, ge=1)                 # Ray actors of the evaluation after each request
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.data_dir:
+            raise ValueError("data_dir: not set (a MUSE-layout directory)")
+        if not self.unlearn.model.path:
+            raise ValueError("unlearn.model.path: not set (the model of the first request)")
+        return self

@@ -45,3 +45,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def claim_run_dir(run_dir: str | Path, config: dict) -> None:
+    """Record `config` in run_dir/config.json; refuse a run_dir that holds a different one (a rerun
+    with the same config resumes there)."""
+    from dipo_scale.errors import UserInputError
+
+    saved = Path(run_dir) / "config.json"
+    config = json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
+    if saved.is_file() and json.loads(saved.read_text()) != config:
+        raise UserInputError(f"{run_dir}: holds a run with a different config (re-run with the same "
+                             "config to resume it, or choose another out_dir)")
+    atomic_write_json(saved, config)

@@ -73,7 +73,7 @@ def markdown_table(metrics_by_model: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """fig as PNG at `path`: written to a temp name in the same directory, then renamed."""
     import matplotlib.pyplot as plt
 
@@ -128,7 +128,7 @@ def _plot_criteria(metrics_by_model: dict[str, dict], path: Path) -> bool:
         ax.set_title("PrivLeak per model")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -164,7 +164,7 @@ def _plot_tradeoff(metrics_by_model: dict[str, dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -185,7 +185,7 @@ def _plot_series(name: str, x_key: str, records: list[dict], path: Path) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def series_section(out_dir: str | Path, name: str, x_key: str, records: list[dict]) -> list[str]:

@@ -5,7 +5,9 @@ Driver side (`run_unlearning`) builds a `TorchTrainer` with N workers. Each work
 
 1. a DeepSpeed ZeRO-3 engine for the policy (parameters partitioned across the workers) and,
    when the method needs one, the frozen reference as a second ZeRO-3 engine without optimizer
-   (the "online" reference form);
+   (the "online" reference form). With `reference.form=hidden|topk` no reference engine is
+   built: each micro step reads the reference statistics of its own block ids from the cache
+   (`dipo_scale.reference.ReferenceCache`; verified against the run by `validate_run`);
 2. a deterministic data schedule: global batch s is a fixed set of forget block ids (and as many
    retain block ids) that does not depend on the number of workers; worker r takes its slice,
    so 1 worker and 2 workers with the same global batch see the same data;
@@ -29,7 +31,7 @@ import torch
 
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_dir, atomic_write_json
+from dipo_scale.files import atomic_dir, atomic_write_json, claim_run_dir
 from dipo_scale.losses import (dipo_loss, ga_loss, kl_retain_loss, nll_loss, npo_loss,
                                shift_targets)
 
@@ -101,7 +103,7 @@ def _init_engines(cfg: UnlearnConfig, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=ds_config)
     ref_engine = None
-    if cfg.needs_reference():
+    if cfg.needs_reference() and cfg.reference.form == "online":
         ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
         hf_ref = HfDeepSpeedConfig(ref_config)  # noqa: F841
         ref_model = AutoModelForCausalLM.from_pretrained(cfg.model.reference_path or cfg.model.path, **load)
@@ -160,8 +162,11 @@ def _start_wandb(cfg: UnlearnConfig, run_dir: Path):
                       mode=mode, config=safe_config, reinit="finish_previous")
 
 
-def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: int) -> dict[str, float]:
-    """Forward over [forget; retain] rows, loss, backward, step. Returns the logged values."""
+def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: int,
+                cached_ref: dict | None = None) -> dict[str, float]:
+    """Forward over [forget; retain] rows, loss, backward, step. Returns the logged values.
+    The reference is the online `ref_engine`'s logits, or `cached_ref` {"forget": ..., "retain":
+    ...} (cached forms, `ReferenceCache.references`) for the batch's forget and retain rows."""
     targets = shift_targets(batch["labels"])
     f, r = slice(0, n_forget), slice(n_forget, None)
     logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -169,13 +174,16 @@ def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: i
     if ref_engine is not None:
         with torch.no_grad():
             ref_logits = ref_engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ref = (lambda rows: None) if ref_logits is None else (lambda rows: ref_logits[rows])
-    forget_loss, stat = _forget_loss(cfg, logits[f], ref(f), targets[f])
+    if cached_ref is not None:
+        ref_f, ref_r = cached_ref.get("forget"), cached_ref.get("retain")
+    else:
+        ref_f, ref_r = (None, None) if ref_logits is None else (ref_logits[f], ref_logits[r])
+    forget_loss, stat = _forget_loss(cfg, logits[f], ref_f, targets[f])
     loss = cfg.loss.gamma * forget_loss
     record = {"forget_loss": forget_loss.item()}
     has_retain = len(batch["input_ids"]) > n_forget
     if has_retain:
-        retain_loss = _retain_loss(cfg, logits[r], ref(r), targets[r])
+        retain_loss = _retain_loss(cfg, logits[r], ref_r, targets[r])
         loss = loss + cfg.loss.lam * retain_loss
         record["retain_loss"] = retain_loss.item()
     engine.backward(loss)
@@ -320,6 +328,11 @@ def train_worker(config: dict) -> None:
 
     forget = read_blocks(cfg.data.prepared_dir, "forget")
     retain = read_blocks(cfg.data.prepared_dir, "retain") if cfg.loss.retain != "none" else None
+    cache = None
+    if cfg.needs_reference() and cfg.reference.form != "online":
+        from dipo_scale.reference import ReferenceCache
+
+        cache = ReferenceCache(cfg.reference.cache_dir)
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     mine = slice(rank * (G // world), (rank + 1) * (G // world))  # this worker's rows of a global batch
 
@@ -345,7 +358,10 @@ def train_worker(config: dict) -> None:
                 rows.append((retain, retain_ids[mine][m:m + micro]))
             batch = {k: torch.as_tensor(np.concatenate([split[k][ids] for split, ids in rows])).to(engine.device)
                      for k in ("input_ids", "labels", "attention_mask")}
-            record = _micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]))
+            cached_ref = None if cache is None else cache.references(  # only this worker's rows
+                engine.device, forget=rows[0][1] if cfg.method != "ga" else None,
+                retain=rows[1][1] if cfg.loss.retain == "kl" else None)
+            record = _micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]), cached_ref=cached_ref)
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v * micro / (G // world)
         metrics = _mean_over_ranks(sums)
@@ -407,6 +423,10 @@ def validate_run(cfg: UnlearnConfig) -> None:
     if manifest["splits"]["forget"]["tokens"] == 0:
         raise UserInputError(f"{cfg.data.prepared_dir}: forget set is empty")
     load_ds_config(cfg, cfg.train.num_workers)
+    if cfg.needs_reference() and cfg.reference.form != "online":
+        from dipo_scale.reference import check_cache
+
+        check_cache(cfg)  # fingerprints of the cache against this run
 
 
 def _absolute(cfg: UnlearnConfig) -> UnlearnConfig:
@@ -417,6 +437,7 @@ def _absolute(cfg: UnlearnConfig) -> UnlearnConfig:
         "model": cfg.model.model_copy(update={"path": local(cfg.model.path),
                                               "reference_path": local(cfg.model.reference_path)}),
         "data": cfg.data.model_copy(update={"prepared_dir": local(cfg.data.prepared_dir)}),
+        "reference": cfg.reference.model_copy(update={"cache_dir": local(cfg.reference.cache_dir)}),
     })
 
 
@@ -435,13 +456,8 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     validate_run(cfg)
     cfg = _absolute(cfg)
     run_dir = Path(cfg.out_dir)
-    saved = run_dir / "config.json"
     config = cfg.model_dump(by_alias=True)
-    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(config)):
-        raise UserInputError(f"{run_dir}: holds a run with a different config (re-run with the same "
-                             "config to resume it, or choose another out_dir)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved, config)
+    claim_run_dir(run_dir, config)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
     trainer = TorchTrainer(

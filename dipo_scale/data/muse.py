@@ -12,6 +12,8 @@ Layout (paths relative to the directory):
                                  retain2_qa_icl.json)
     verbmem/forget.json          {"prompt", "gt"} items (required, non-empty)
     privleak/forget.json, privleak/holdout.json   texts for the privacy-leak test (optional)
+    sust/forget_1.*, forget_2.*, ...   disjoint forget sets of sequential requests (optional)
+    scal/forget_1.*, forget_2.*, ...   nested forget sets of growing size (optional)
 
 Raw files may be .txt (documents separated by blank lines), .jsonl (one {"text": ...} or string a
 line), .json (an array of strings or {"text": ...}) or .parquet (a `text` column). QA and other
@@ -356,6 +358,34 @@ def load_muse(source: str | Path) -> MuseData:
     if not path.exists() and is_hub_name(str(source)):
         return load_muse_hub(str(source))
     return load_muse_dir(path)
+
+
+def load_forget_requests(source: str | Path, subset: str) -> list[tuple[str, list[str]]]:
+    """MUSE's forget sets of a series of requests: `subset` "sust" (disjoint sets, unlearned one
+    after another) or "scal" (nested sets of growing size). Locally <dir>/<subset>/forget_1.*,
+    forget_2.*, ... in order (any raw-file type); from the hub the <subset> config's splits
+    forget_1, forget_2, .... Each is (where it came from, its documents); [] when there are none."""
+    path = Path(source)
+    requests = []
+    for k in range(1, 1000):
+        if not path.exists() and is_hub_name(str(source)):
+            rows = _hub_records(str(source), subset, f"forget_{k}", required=False)
+            if not rows:
+                break
+            where = f"{source}[{subset}/forget_{k}]"
+            docs = [d.strip() for d in (_text_of(w, r, ("text", "input")) for w, r in rows) if d.strip()]
+        else:
+            files = sorted(p for p in (path / subset).glob(f"forget_{k}.*")
+                           if p.is_file() and p.suffix.lower() in RAW_EXTENSIONS)
+            if not files:
+                break
+            if len(files) > 1:
+                raise UserInputError(f"{path / subset}: several forget_{k} files ({', '.join(p.name for p in files)}); keep one")
+            where, docs = str(files[0]), read_documents(files[0])
+        if not docs:
+            raise UserInputError(f"{where}: forget set is empty")
+        requests.append((where, docs))
+    return requests
 
 
 def is_hub_name(name: str) -> bool:

@@ -1,0 +1,252 @@
+"""Sweep: Ray Tune over DiPO's amplification strength α, β, the learning rate (and k, select, ...).
+
+    dipo-scale sweep --config configs/sweep.yaml [--set unlearn.train.steps=40 ...]
+
+Each trial is one unlearning run. Tune runs `_trial` (a light driver: `trial_cpus`, 0 by default)
+which turns the sampled values into an `UnlearnConfig` and calls `run_unlearning`: a TorchTrainer
+with its own Ray Train workers, each a DeepSpeed ZeRO-3 engine (the Train V2 way of tuning). The
+workers evaluate during unlearning (`unlearn.eval.every`); `_EvalToTune`, a Ray Train callback,
+forwards each evaluation to Tune with the trial's `objective`, on which ASHA stops weak trials early
+and Optuna proposes the next values.
+
+Objective (`objective:` in the config; default MUSE's reading of a good unlearning run: the lowest
+knowmem_f among runs that keep knowmem_r >= 90% of the target model's):
+
+    objective = ±metric                       (+ for mode=min, - for mode=max)   if the constraint holds
+              = ±metric + 1000 + shortfall    otherwise (shortfall = floor - constraint metric)
+
+so every trial that keeps the constraint ranks above every trial that does not, and among those
+that do not, the one closer to the floor ranks higher. The target model's constraint value is
+`objective.target_value`, or is measured first on `unlearn.eval.data_dir` with the same settings.
+
+Outputs in `out_dir`:
+    sweep.csv         one row per trial: its values, status (completed / stopped / error), the last
+                      evaluation's metrics, objective, feasible, model path
+    best.json         the best trial: values, metrics, model path, and its whole unlearning config
+    pareto.png        forget (metric) against utility (constraint) for every trial, Pareto front marked
+    target_metrics.json, config.json, trials/<trial_id>/ (each trial's run dir), tune/ (Tune's state)
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from dipo_scale.config import ObjectiveConfig, SweepConfig, UnlearnConfig, _set_dotted
+from dipo_scale.errors import UserInputError
+from dipo_scale.files import atomic_write_json, atomic_write_text
+
+INFEASIBLE_PENALTY = 1000.0  # above any MUSE/TOFU metric range, so feasible trials always rank first
+METRICS = ("verbmem_f", "knowmem_f", "knowmem_r")
+
+
+def objective_value(metrics: dict, objective: ObjectiveConfig, target_value: float | None) -> tuple[float, bool]:
+    """(objective, feasible) of one evaluation; lower objective is better (see the module docstring)."""
+    value = metrics[objective.metric] * (1.0 if objective.mode == "min" else -1.0)
+    if objective.constraint is None:
+        return value, True
+    shortfall = objective.min_fraction * target_value - metrics[objective.constraint]
+    if shortfall <= 0:
+        return value, True
+    return value + INFEASIBLE_PENALTY + shortfall, False
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates, for (x lower is better, y higher is better),
+    in increasing x."""
+    front = [i for i, (x, y) in enumerate(points)
+             if not any(x2 <= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points)]
+    return sorted(front, key=lambda i: points[i])
+
+
+def _make_callback(objective: ObjectiveConfig, target_value: float | None):
+    """A Ray Train callback that forwards rank 0's evaluation reports to Ray Tune, with the objective.
+    (Checkpoint reports carry no evaluation and are not forwarded.)"""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _EvalToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            record = metrics[0]
+            if not record.get("eval"):
+                return
+            value, feasible = objective_value(record, objective, target_value)
+            super().after_report(run_context, [{**record, "objective": value, "feasible": feasible}], None)
+
+    return _EvalToTune()
+
+
+def _trial(params: dict, *, base: dict, out_dir: str, objective: dict, target_value: float | None) -> None:
+    """One Tune trial: the base unlearning config with this trial's values, run to the end."""
+    from ray import tune
+
+    from dipo_scale.unlearn import run_unlearning
+
+    tree = copy.deepcopy(base)
+    for key, value in params.items():
+        _set_dotted(tree, key, value)
+    tree["out_dir"] = str(Path(out_dir) / "trials" / tune.get_context().get_trial_id())
+    cfg = UnlearnConfig.model_validate(tree)
+    run_unlearning(cfg, callbacks=[_make_callback(ObjectiveConfig(**objective), target_value)])
+
+
+def _param_space(cfg: SweepConfig) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, s in cfg.space.items():
+        if s.grid is not None:  # Optuna samples; a grid becomes a categorical choice there
+            space[key] = tune.choice(s.grid) if cfg.search == "optuna" else tune.grid_search(s.grid)
+        elif s.choice is not None:
+            space[key] = tune.choice(s.choice)
+        elif s.uniform is not None:
+            space[key] = tune.uniform(*s.uniform)
+        else:
+            space[key] = tune.loguniform(*s.loguniform)
+    return space
+
+
+def _target_value(cfg: SweepConfig, out: Path) -> float | None:
+    """The target model's constraint metric: given, or measured on the evaluation data."""
+    o = cfg.objective
+    if o.constraint is None or o.target_value is not None:
+        return o.target_value
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.evaluate import evaluate_muse, load_model_and_tokenizer
+
+    u = cfg.unlearn
+    model, tokenizer = load_model_and_tokenizer(u.model.path, trust_remote_code=u.model.trust_remote_code)
+    metrics = evaluate_muse(model, tokenizer, load_muse_dir(u.eval.data_dir), limit=u.eval.limit,
+                            batch_size=u.eval.batch_size, verbmem_max_new_tokens=u.eval.verbmem_max_new_tokens,
+                            knowmem_max_new_tokens=u.eval.knowmem_max_new_tokens)
+    if o.constraint not in metrics:
+        raise UserInputError(f"objective.constraint: {o.constraint!r} is not an evaluation metric "
+                             f"({', '.join(metrics)})")
+    atomic_write_json(out / "target_metrics.json", {"model": u.model.path, **metrics})
+    return metrics[o.constraint]
+
+
+def _rows(results, cfg: SweepConfig, out: Path) -> list[dict]:
+    """One row per trial from Tune's results (the last evaluation each trial reported)."""
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        trial_id = m.get("trial_id") or Path(result.path).name
+        run_dir = out / "trials" / trial_id
+        status = "error" if result.error else ("completed" if (run_dir / "model").is_dir() else "stopped")
+        row = {"trial_id": trial_id, "status": status}
+        row.update({key: (m.get("config") or {}).get(key) for key in cfg.space})
+        row.update({"step": m.get("step"), **{k: m.get(k) for k in METRICS},
+                    "objective": m.get("objective"), "feasible": m.get("feasible"),
+                    "model": str(run_dir / "model") if status == "completed" else "",
+                    "error": str(result.error).splitlines()[0] if result.error else ""})
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["objective"] is None, r["objective"] or 0.0))
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _plot_pareto(rows: list[dict], cfg: SweepConfig, target_value: float | None, best: dict | None,
+                 path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dipo_scale.report import save_figure
+
+    o = cfg.objective
+    x_key, y_key = o.metric, o.constraint or "knowmem_r"
+    done = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+    sign = 1.0 if o.mode == "min" else -1.0
+    points = [(sign * r[x_key], r[y_key]) for r in done]
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([r[x_key] for r in done], [r[y_key] for r in done], c="tab:blue", label="trials")
+    ax.plot([done[i][x_key] for i in front], [done[i][y_key] for i in front], "o-", c="tab:orange",
+            label="Pareto front")
+    if best is not None and best.get(x_key) is not None:
+        ax.scatter([best[x_key]], [best[y_key]], marker="*", s=250, c="tab:red", zorder=3, label="best")
+    if o.constraint is not None and target_value is not None:
+        ax.axhline(o.min_fraction * target_value, ls="--", c="gray",
+                   label=f"{o.min_fraction:g} × target {o.constraint}")
+    ax.set_xlabel(f"{x_key} ({'lower' if o.mode == 'min' else 'higher'} is better)")
+    ax.set_ylabel(f"{y_key} (higher is better)")
+    ax.set_title(f"Sweep: {len(done)} trials")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Run the sweep; returns best.json's content."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from dipo_scale.unlearn import _absolute, validate_run
+
+    out = Path(cfg.out_dir).resolve()
+    if (out / "sweep.csv").exists() or (out / "tune").exists():
+        raise UserInputError(f"{out}: holds a sweep already (choose another out_dir)")
+    validate_run(cfg.unlearn)
+    base = _absolute(cfg.unlearn)
+    base = base.model_copy(update={"eval": base.eval.model_copy(
+        update={"data_dir": str(Path(base.eval.data_dir).resolve())})})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", cfg.model_dump(by_alias=True))
+    target_value = _target_value(cfg, out)
+
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search_alg = OptunaSearch(seed=cfg.seed)
+    else:
+        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+    if cfg.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps,
+                                  grace_period=cfg.asha.grace_period or base.eval.every,
+                                  reduction_factor=cfg.asha.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
+                                     objective=cfg.objective.model_dump(), target_value=target_value)
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": cfg.trial_cpus}),
+        param_space=_param_space(cfg),
+        tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent_trials),
+        run_config=tune.RunConfig(name="sweep", storage_path=str(out / "tune")),
+    )
+    rows = _rows(tuner.fit(), cfg, out)
+    _write_csv(rows, out / "sweep.csv")
+    ranked = [r for r in rows if r["objective"] is not None and not math.isnan(r["objective"])]
+    best_row = ranked[0] if ranked else None
+    best = {"trial_id": None, "feasible": False, "target_value": target_value,
+            "note": "no trial reported an evaluation"}
+    if best_row is not None:
+        trial_config = json.loads((out / "trials" / best_row["trial_id"] / "config.json").read_text())
+        best = {"trial_id": best_row["trial_id"], "status": best_row["status"],
+                "params": {k: best_row[k] for k in cfg.space},
+                "metrics": {k: best_row[k] for k in METRICS}, "objective": best_row["objective"],
+                "feasible": best_row["feasible"], "target_value": target_value, "model": best_row["model"],
+                "config": trial_config}
+        if not best_row["feasible"]:
+            best["note"] = (f"no trial kept {cfg.objective.constraint} >= {cfg.objective.min_fraction:g} × "
+                            "the target's; this is the closest")
+    atomic_write_json(out / "best.json", best)
+    _plot_pareto(rows, cfg, target_value, best_row, out / "pareto.png")
+    return best

@@ -1,0 +1,123 @@
+"""Sequential (sustainability) and scalability series: real unlearning runs per request, a lineage
+manifest, and a series killed during request 2 that resumes there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dipo_scale.config import SeriesConfig, load_config
+from dipo_scale.data.muse import load_forget_requests, load_muse_dir
+from dipo_scale.errors import UserInputError
+from dipo_scale.sequential import forget_sets
+
+REQUESTS = 3
+
+
+def _sets(tiny_assets, out_dir, *extra):
+    return [f"data_dir={tiny_assets['corpus']}", f"unlearn.model.path={tiny_assets['target']}",
+            f"out_dir={out_dir}", f"folds={REQUESTS}", "unlearn.train.num_workers=1",
+            "unlearn.train.steps=2", "unlearn.train.global_batch_size=2", "unlearn.train.micro_batch_size=2",
+            "unlearn.train.lr=2e-3", "unlearn.train.checkpoint_every=1", "unlearn.logging.wandb=disabled",
+            f"unlearn.data.block_size=64", "unlearn.eval.limit=2", "unlearn.eval.verbmem_max_new_tokens=8",
+            "unlearn.eval.knowmem_max_new_tokens=8", *extra]
+
+
+def _cli(kind, sets):
+    return [sys.executable, "-m", "dipo_scale.cli", kind, *(a for s in sets for a in ("--set", s))]
+
+
+def _lineage(out_dir: Path) -> dict:
+    return json.loads((out_dir / "lineage.json").read_text())
+
+
+def test_folds_and_muse_request_layouts(tiny_assets, tmp_path):
+    data = load_muse_dir(tiny_assets["corpus"])
+    cfg = load_config(None, [f"data_dir={tiny_assets['corpus']}", "unlearn.model.path=m", "folds=3"], SeriesConfig)
+    seq = forget_sets(cfg, data, "sequential")
+    assert [d for _, docs in seq for d in docs] == data.forget_docs  # disjoint folds covering the set
+    scal = forget_sets(cfg, data, "scalability")
+    assert [len(docs) for _, docs in scal] == sorted(len(docs) for _, docs in scal)
+    assert all(docs == data.forget_docs[:len(docs)] for _, docs in scal) and scal[-1][1] == data.forget_docs
+
+    root = tmp_path / "muse"
+    (root / "sust").mkdir(parents=True)
+    (root / "sust" / "forget_1.txt").write_text("first doc\n\nsecond doc\n")
+    (root / "sust" / "forget_2.jsonl").write_text(json.dumps({"text": "third doc"}) + "\n")
+    (root / "sust" / "forget_4.txt").write_text("not reached: forget_3 is missing\n")
+    requests = load_forget_requests(root, "sust")
+    assert [docs for _, docs in requests] == [["first doc", "second doc"], ["third doc"]]
+    assert load_forget_requests(root, "scal") == []
+    (root / "sust" / "forget_2.txt").write_text("x\n")
+    with pytest.raises(UserInputError, match="several forget_2 files"):
+        load_forget_requests(root, "sust")
+    with pytest.raises(UserInputError, match="folds: 9 is more than the 4 forget documents"):
+        forget_sets(cfg.model_copy(update={"folds": 9}), data, "sequential")
+
+
+def _wait_for(predicate, proc, what, timeout=420):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"series ended before {what}"
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def test_killed_sequential_series_resumes_at_its_unfinished_request(tiny_assets, tmp_path):
+    whole = tmp_path / "uninterrupted"
+    proc = subprocess.run(_cli("sequential", _sets(tiny_assets, whole)), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = _lineage(whole)
+    assert [e["request"] for e in reference["requests"]] == [1, 2, 3]
+    for prev, entry in zip(reference["requests"], reference["requests"][1:]):  # each from the previous
+        assert entry["input_model"] == prev["output_model"]
+        assert entry["input_fingerprint"] == prev["output_fingerprint"]
+    assert reference["requests"][0]["input_fingerprint"] == reference["initial"]["fingerprint"]
+    assert len({e["output_fingerprint"] for e in reference["requests"]}) == REQUESTS
+    assert (whole / "report.md").is_file() and (whole / "sustainability.png").is_file()
+    assert "## Sustainability" in (whole / "report.md").read_text()
+
+    out = tmp_path / "killed"
+    args = _cli("sequential", _sets(tiny_assets, out))
+    proc = subprocess.Popen(args, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    step_log = out / "requests" / "2" / "run" / "log.jsonl"
+    _wait_for(lambda: step_log.is_file() and step_log.read_text().strip(), proc, "request 2 started")
+    os.killpg(proc.pid, signal.SIGKILL)  # the series and everything it started (its local Ray)
+    proc.wait()
+    assert len(_lineage(out)["requests"]) == 1
+    finished_1 = _lineage(out)["requests"][0]
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "request 1: finished before, skipped" in second.stdout
+    resumed = _lineage(out)
+    assert resumed["requests"][0] == finished_1  # not redone
+    keys = ("request", "forget_source", "forget_docs", "forget_tokens", "steps", "input_fingerprint",
+            "output_fingerprint")
+    assert [{k: e[k] for k in keys} for e in resumed["requests"]] == \
+        [{k: e[k] for k in keys} for e in reference["requests"]]
+    for a, b in zip(resumed["requests"], reference["requests"]):
+        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-9)
+
+
+def test_scalability_runs_nested_forget_sets_from_the_same_model(tiny_assets, tmp_path):
+    out = tmp_path / "scal"
+    proc = subprocess.run(_cli("scalability", _sets(tiny_assets, out, "folds=2", "epochs=0.25")),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lineage = _lineage(out)
+    first, second = lineage["requests"]
+    assert first["input_model"] == second["input_model"] == str(tiny_assets["target"])
+    assert first["forget_tokens"] < second["forget_tokens"] and first["steps"] <= second["steps"]
+    assert (out / "scalability.png").is_file() and "## Scalability" in (out / "report.md").read_text()
