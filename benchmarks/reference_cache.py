@@ -1,0 +1,294 @@
+"""Reference-cache benchmark: size, error and speed of the cached reference forms, on CPU.
+
+    .venv/bin/python benchmarks/reference_cache.py --json /tmp/reference_cache.json
+    .venv/bin/python benchmarks/reference_cache.py --json /tmp/rc.json --no-quantize --reps 3
+
+On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/models/target` and
+`<demo-dir>/prepared`; this script builds them there first when they are missing, ~2.5 min on
+2 cores, and reuses them otherwise). Steps:
+
+1. precompute (`dipo_scale.reference.precompute_reference`, Ray Data actor pool, `--actors`
+   actors) the forget + retain statistics in the `hidden` form and in the `topk` form for each K
+   of `--ks`: `bytes_per_token_*` (bytes stored per position, from the cache manifest) and the
+   precompute throughput (`precompute_tokens_per_second*`: real tokens over the job's wall time,
+   Ray start-up included for the first form; `*_per_worker`: over the time inside the actors'
+   shard loops);
+2. the loss error of each form against the online reference (full float32 logits of the same
+   model), on every forget block: the DiPO loss (demo settings: α = 5, β = 0.1, select topk,
+   k = 1, reduction sum) summed over batches of 8 blocks, `loss_rel_error_<form>` =
+   |L_cached − L_online| / |L_online|; likewise the gradient w.r.t. the policy logits
+   (`grad_rel_error_*`, ‖g_cached − g_online‖ / ‖g_online‖) and the KL retain term on the retain
+   blocks (`kl_retain_rel_error_*`). The policy is the demo's *retrain* model (never trained on
+   the forget set: where unlearning heads; its margins do not saturate log σ);
+3. `step_time_ratio_cached_over_online`: one process, the two kinds of step side by side and
+   interleaved (online, hidden cache, online, ...), each the real `unlearn._micro_step` (policy
+   forward, reference logits from a frozen reference forward or from the cache rows of the
+   batch's block ids, DiPO + KL retain loss, backward, AdamW step) on `--micro` forget + as many
+   retain blocks, plain PyTorch on one process (no DeepSpeed), 2 threads; the ratio of medians
+   over `--reps` pairs after one warm-up pair. Also `step_time_ratio_topk32_over_online`;
+4. `--quantize` (default on): the hidden cache precomputed from the reference loaded with
+   bitsandbytes 8-bit and 4-bit (nf4) and its error against full precision: the loss error as in
+   2 against the float32 online reference, and the mean KL(π_fp32 ‖ π_quantised) per position.
+   When bitsandbytes cannot run here its error message is recorded instead of numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+DIPO = dict(alpha=5.0, beta=0.1, select="topk", k=1, reduction="sum")
+
+
+def demo_assets(demo_dir: Path) -> dict:
+    """The demo corpus, models and prepared blocks (built when missing, as `dipo-scale demo` does)."""
+    from transformers import AutoTokenizer
+
+    from dipo_scale.data.corpus import generate_corpus
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.demo import DEFAULT_NUM_DOCS, MODEL_SETTINGS
+    from dipo_scale.models import build_models
+    from dipo_scale.prepare import prepare
+
+    corpus = demo_dir / "corpus"
+    if not (corpus / "world.json").is_file():
+        generate_corpus(corpus, num_docs=DEFAULT_NUM_DOCS, seed=0)
+    data = load_muse_dir(corpus)
+    paths = build_models(data, demo_dir / "models", MODEL_SETTINGS)
+    if not (demo_dir / "prepared" / "manifest.json").is_file():
+        prepare(data, AutoTokenizer.from_pretrained(paths["tokenizer"]), demo_dir / "prepared",
+                block_size=MODEL_SETTINGS.block_size, with_qa=True, layout="per_sequence")
+    return {**paths, "prepared": demo_dir / "prepared"}
+
+
+def config(assets: dict, *overrides: str):
+    from dipo_scale.config import load_unlearn_config
+
+    return load_unlearn_config(None, [
+        f"model.path={assets['target']}", f"data.prepared_dir={assets['prepared']}", "method=dipo",
+        "loss.retain=kl", *[f"dipo.{k}={v}" for k, v in DIPO.items()], *overrides])
+
+
+class PlainEngine:
+    """What `unlearn._micro_step` needs of a DeepSpeed engine, on one process."""
+
+    def __init__(self, model, lr=None):
+        self.model = model
+        self.device = torch.device("cpu")
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr) if lr else None
+
+    def __call__(self, **kw):
+        return self.model(**kw)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def load_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def loss_errors(assets, caches: dict, batch: int = 8) -> dict:
+    """Loss / gradient errors of each cache against online float32 reference logits."""
+    from dipo_scale.losses import dipo_loss, kl_retain_loss, shift_targets
+    from dipo_scale.prepare import read_blocks
+    from dipo_scale.reference import ReferenceCache
+
+    policy, reference = load_model(assets["retrain"]), load_model(assets["target"])
+    readers = {name: ReferenceCache(path) for name, path in caches.items()}
+    out = {}
+    for split in ("forget", "retain"):
+        blocks = read_blocks(assets["prepared"], split)
+        n = len(blocks["input_ids"])
+        totals = {name: 0.0 for name in ["online", *readers]}
+        grads = {name: [] for name in ["online", *readers]}
+        for s in range(0, n, batch):
+            ids = list(range(s, min(n, s + batch)))
+            x = {k: torch.as_tensor(blocks[k][ids]) for k in ("input_ids", "attention_mask")}
+            targets = shift_targets(torch.as_tensor(blocks["labels"][ids]))
+            with torch.no_grad():
+                z = policy(**x).logits
+                z_ref = reference(**x).logits
+            refs = {"online": z_ref, **{name: r.reference(split, ids) for name, r in readers.items()}}
+            for name, ref in refs.items():
+                logits = z.clone().requires_grad_(True)
+                if split == "forget":
+                    loss = dipo_loss(logits, ref, targets, **DIPO)[0]
+                else:
+                    loss = kl_retain_loss(logits, ref, targets)
+                (g,) = torch.autograd.grad(loss, logits)
+                totals[name] += loss.item() * len(ids)
+                grads[name].append(g.flatten())
+        g_online = torch.cat(grads["online"])
+        for name in readers:
+            rel = abs(totals[name] - totals["online"]) / abs(totals["online"])
+            grel = (torch.cat(grads[name]) - g_online).norm().item() / g_online.norm().item()
+            if split == "forget":
+                out[f"loss_rel_error_{name}"] = rel
+                out[f"grad_rel_error_{name}"] = grel
+            else:
+                out[f"kl_retain_rel_error_{name}"] = rel
+        key = "dipo_loss_online" if split == "forget" else "kl_retain_loss_online"
+        out[key] = totals["online"] / n
+    return out
+
+
+def quantised_kl(assets, cache_fp: Path, cache_q: Path) -> float:
+    """Mean KL(π_fp32 ‖ π_quantised) per real position of the forget blocks (from the two caches)."""
+    from dipo_scale.prepare import read_blocks
+    from dipo_scale.reference import ReferenceCache
+
+    fp, q = ReferenceCache(cache_fp), ReferenceCache(cache_q)
+    blocks = read_blocks(assets["prepared"], "forget")
+    total, count = 0.0, 0
+    for s in range(0, len(blocks["input_ids"]), 8):
+        ids = list(range(s, min(len(blocks["input_ids"]), s + 8)))
+        mask = torch.as_tensor(blocks["attention_mask"][ids]).bool()
+        a, b = fp.reference("forget", ids), q.reference("forget", ids)
+        la = torch.log_softmax(a.logits(a.hidden[mask]), -1)
+        lb = torch.log_softmax(b.logits(b.hidden[mask]), -1)
+        total += (la.exp() * (la - lb)).sum().item()
+        count += int(mask.sum())
+    return total / count
+
+
+def step_times(assets, caches: dict, reps: int, micro: int) -> dict:
+    from dipo_scale.prepare import read_blocks
+    from dipo_scale.reference import ReferenceCache
+    from dipo_scale.unlearn import _micro_step
+
+    torch.set_num_threads(2)
+    engine = PlainEngine(load_model(assets["target"]).train(), lr=1e-4)
+    ref_engine = PlainEngine(load_model(assets["target"]).requires_grad_(False))
+    forget, retain = (read_blocks(assets["prepared"], s) for s in ("forget", "retain"))
+    readers = {name: ReferenceCache(path) for name, path in caches.items()}
+    cfgs = {"online": config(assets, f"train.micro_batch_size={micro}"),
+            **{name: config(assets, f"reference.form={'hidden' if name == 'hidden' else 'topk'}",
+                            f"reference.cache_dir={path}",
+                            *([f"reference.k={name.split('_')[1]}"] if name != "hidden" else []))
+               for name, path in caches.items()}}
+    times = {name: [] for name in cfgs}
+    for rep in range(reps + 1):
+        f_ids = [(rep * micro + i) % len(forget["input_ids"]) for i in range(micro)]
+        r_ids = [(rep * micro + i) % len(retain["input_ids"]) for i in range(micro)]
+        batch = {k: torch.as_tensor(__import__("numpy").concatenate([forget[k][f_ids], retain[k][r_ids]]))
+                 for k in ("input_ids", "labels", "attention_mask")}
+        for name, cfg in cfgs.items():
+            t0 = time.perf_counter()
+            if name == "online":
+                _micro_step(cfg, engine, ref_engine, batch, n_forget=micro)
+            else:
+                cached = readers[name].references(None, forget=f_ids, retain=r_ids)
+                _micro_step(cfg, engine, None, batch, n_forget=micro, cached_ref=cached)
+            if rep:  # the first pair warms up
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--demo-dir", default=str(ROOT / "demo_out"))
+    parser.add_argument("--work", default=None, help="cache directories (default: <demo-dir>/reference_bench)")
+    parser.add_argument("--ks", default="8,32,128")
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=6, help="timed step pairs (after one warm-up pair)")
+    parser.add_argument("--micro", type=int, default=4, help="forget (and retain) blocks per timed step")
+    parser.add_argument("--no-quantize", dest="quantize", action="store_false")
+    args = parser.parse_args(argv)
+
+    import shutil
+
+    import ray
+
+    from dipo_scale.errors import UserInputError
+    from dipo_scale.reference import precompute_reference
+
+    t_start = time.time()
+    assets = demo_assets(Path(args.demo_dir).resolve())
+    work = Path(args.work or Path(args.demo_dir) / "reference_bench").resolve()
+    shutil.rmtree(work, ignore_errors=True)  # measure a precompute from nothing
+    ray.init(num_cpus=max(2, args.actors), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    ks = [int(k) for k in args.ks.split(",")]
+    forms = {"hidden": ["reference.form=hidden"],
+             **{f"topk_{k}": ["reference.form=topk", f"reference.k={k}"] for k in ks}}
+    result: dict = {"settings": {"dipo": DIPO, "actors": args.actors, "reps": args.reps, "micro": args.micro,
+                                 "demo_dir": str(Path(args.demo_dir).resolve())}}
+    caches = {}
+    for name, overrides in forms.items():
+        caches[name] = work / name
+        m = precompute_reference(config(assets, *overrides, f"reference.cache_dir={caches[name]}",
+                                        f"reference.num_workers={args.actors}", "reference.batch_size=8",
+                                        "reference.rows_per_shard=16"))
+        p = m["precompute"]
+        result[f"bytes_per_token_{name}"] = m["bytes_per_token"]
+        result[f"total_bytes_{name}"] = m["total_bytes"]
+        result[f"precompute_tokens_per_second_{name}"] = p["tokens_per_second"]
+        result[f"precompute_tokens_per_second_per_worker_{name}"] = p["tokens_per_second_per_worker"]
+        result[f"precompute_seconds_{name}"] = p["seconds"]
+        result["bytes_per_token_full_logits"] = m["full_logits_bytes_per_token"]
+        result["vocab_size"], result["hidden_size"] = m["vocab_size"], m["hidden_size"]
+        result["precompute_tokens"] = p["tokens_computed"]
+        print(f"{name}: {m['bytes_per_token']} bytes/token, {p['tokens_per_second']} tokens/s", flush=True)
+    result["precompute_tokens_per_second"] = result["precompute_tokens_per_second_hidden"]
+    if "hidden" in caches:
+        result["lm_head_bytes"] = json.loads((caches["hidden"] / "manifest.json").read_text())["lm_head"]["bytes"]
+
+    if args.quantize:
+        for q in ("8bit", "4bit"):
+            path = work / f"hidden_{q}"
+            try:
+                m = precompute_reference(config(assets, "reference.form=hidden", f"reference.cache_dir={path}",
+                                                f"reference.quantize={q}", "reference.num_workers=1",
+                                                "reference.batch_size=8", "reference.rows_per_shard=16"))
+            except (UserInputError, Exception) as e:  # noqa: BLE001  (recorded, not hidden)
+                result[f"quantized_{q}_error"] = str(e).splitlines()[0][:300]
+                print(f"quantized {q}: {result[f'quantized_{q}_error']}", flush=True)
+                continue
+            caches[f"hidden_{q}"] = path
+            result[f"precompute_tokens_per_second_hidden_{q}"] = m["precompute"]["tokens_per_second"]
+            result[f"kl_fp32_to_{q}_per_position"] = quantised_kl(assets, caches["hidden"], path)
+    ray.shutdown()
+
+    result.update(loss_errors(assets, caches))
+    print({k: v for k, v in result.items() if "error" in k}, flush=True)
+    timed = {k: v for k, v in caches.items() if k in ("hidden", "topk_32")}
+    medians = step_times(assets, timed, args.reps, args.micro)
+    result["step_seconds_median"] = medians
+    result["step_time_ratio_cached_over_online"] = medians["hidden"] / medians["online"]
+    if "topk_32" in medians:
+        result["step_time_ratio_topk32_over_online"] = medians["topk_32"] / medians["online"]
+    result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
+                         "torch": torch.__version__, "cpus": os.cpu_count(),
+                         "load_average": os.getloadavg()}
+    result["date_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    result["wall_seconds"] = round(time.time() - t_start, 1)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

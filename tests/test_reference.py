@@ -1,0 +1,185 @@
+"""Reference-statistics cache: precompute (Ray Data actor pool, ZeRO-3 workers), resume after a
+kill, fingerprint refusal, shard verification, and a ZeRO-3 training run that reads the cache."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dipo_scale.cli import main
+from dipo_scale.config import load_unlearn_config
+from dipo_scale.errors import UserInputError
+from dipo_scale.losses import HiddenReference, TopKReference
+from dipo_scale.reference import SLOW_ENV, ReferenceCache, _completed, precompute_reference
+from dipo_scale.unlearn import validate_run
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS_PER_SHARD = 6
+
+
+def _settings(tiny_assets, cache_dir, *extra):
+    return [f"model.path={tiny_assets['target']}", f"data.prepared_dir={tiny_assets['prepared']}",
+            "method=dipo", "loss.retain=kl", "reference.form=hidden", f"reference.cache_dir={cache_dir}",
+            f"reference.rows_per_shard={ROWS_PER_SHARD}", "reference.batch_size=4", *extra]
+
+
+def _cfg(tiny_assets, cache_dir, *extra):
+    return load_unlearn_config(None, _settings(tiny_assets, cache_dir, *extra))
+
+
+def _model_logits(tiny_assets, split, block_ids):
+    from transformers import AutoModelForCausalLM
+
+    from dipo_scale.prepare import read_blocks
+
+    blocks = read_blocks(tiny_assets["prepared"], split)
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["target"]).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(blocks["input_ids"][block_ids]),
+                     attention_mask=torch.as_tensor(blocks["attention_mask"][block_ids])).logits
+
+
+@pytest.fixture(scope="module")
+def hidden_cache(tiny_assets, ray_cluster, tmp_path_factory):
+    """A hidden-form cache of forget + retain, written by the Ray Data actor pool (2 actors)."""
+    cache = tmp_path_factory.mktemp("ref") / "hidden"
+    manifest = precompute_reference(_cfg(tiny_assets, cache, "reference.num_workers=2"))
+    return cache, manifest
+
+
+def test_actor_pool_precompute_writes_shards_aligned_with_the_blocks(tiny_assets, hidden_cache):
+    from safetensors import safe_open
+
+    cache, manifest = hidden_cache
+    prepared = json.loads((tiny_assets["prepared"] / "manifest.json").read_text())
+    assert manifest["form"] == "hidden" and manifest["bytes_per_token"] == 64 * 4  # H = 64, float32
+    assert set(manifest["fingerprints"]) == {"reference_weights", "tokenizer", "packed_data", "settings"}
+    for split in ("forget", "retain"):
+        info = manifest["splits"][split]
+        assert info["blocks"] == prepared["splits"][split]["blocks"]
+        assert len(info["shards"]) == math.ceil(info["blocks"] / ROWS_PER_SHARD)
+        for i, shard in enumerate(info["shards"]):
+            with safe_open(cache / shard["file"], framework="pt") as f:
+                ids = f.get_tensor("block_id").tolist()
+            assert ids == list(range(i * ROWS_PER_SHARD, i * ROWS_PER_SHARD + shard["rows"]))
+    assert manifest["precompute"]["shards_computed"] == sum(len(manifest["splits"][s]["shards"])
+                                                            for s in ("forget", "retain"))
+    # the rebuilt logits are the model's logits, for blocks in any order and across shards
+    reader = ReferenceCache(cache)
+    ids = [7, 0, ROWS_PER_SHARD + 1]
+    ref = reader.reference("forget", ids)
+    rebuilt = ref.logits(ref.hidden.reshape(-1, ref.hidden.shape[-1])).reshape(ref.shape)
+    assert torch.allclose(rebuilt, _model_logits(tiny_assets, "forget", ids), rtol=1e-5, atol=1e-5)
+
+
+def test_zero3_precompute_topk_with_k_vocab_is_exact(tiny_assets, ray_cluster, tmp_path):
+    cfg = _cfg(tiny_assets, tmp_path / "topk", "reference.form=topk", "reference.k=320",
+               "reference.mode=zero3", "reference.num_workers=2", "loss.retain=none")
+    manifest = precompute_reference(cfg)
+    assert manifest["form"] == "topk" and manifest["k"] == 320 and manifest["bytes_per_token"] == 320 * 8 + 4
+    assert list(manifest["splits"]) == ["forget"]  # retain statistics only for loss.retain=kl
+    ids = list(range(manifest["splits"]["forget"]["blocks"]))[-3:]
+    ref = ReferenceCache(tmp_path / "topk").reference("forget", ids)
+    assert isinstance(ref, TopKReference)
+    flat = [t.reshape(-1, *t.shape[2:]) for t in ref.per_position()]
+    dense = ref.logits(*flat).reshape(ref.shape)
+    expected = torch.log_softmax(_model_logits(tiny_assets, "forget", ids), -1)
+    assert torch.allclose(torch.log_softmax(dense, -1), expected, atol=1e-5)
+
+
+def test_killed_precompute_resumes_and_equals_an_uninterrupted_one(tiny_assets, hidden_cache, tmp_path):
+    import ray
+
+    cache_a, manifest_a = hidden_cache
+    cache_b = tmp_path / "resumed"
+    env = {**os.environ, SLOW_ENV: "1.0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "dipo_scale.cli", "reference", *[a for s in _settings(tiny_assets, cache_b)
+                                                                   for a in ("--set", s)]]
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list(cache_b.glob("*/part-*.json")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a real kill, midway
+        proc.wait()
+    assert not (cache_b / "manifest.json").exists(), "the precompute finished before it was killed"
+    done_at_kill = len(list(cache_b.glob("*/part-*.json")))
+    assert done_at_kill >= 1
+    time.sleep(3)  # Ray ends the dead driver's actors
+
+    manifest_b = precompute_reference(_cfg(tiny_assets, cache_b, "reference.num_workers=2"))
+    assert manifest_b["precompute"]["shards_reused"] >= done_at_kill  # finished shards not recomputed
+    assert manifest_b["precompute"]["shards_computed"] >= 1
+    assert not list(cache_b.glob("**/.*.tmp"))
+    for split in ("forget", "retain"):
+        assert manifest_b["splits"][split] == manifest_a["splits"][split]  # same bytes (sha256), same layout
+    assert manifest_b["lm_head"]["sha256"] == manifest_a["lm_head"]["sha256"]
+
+    # a corrupt shard is not counted as finished by a rerun: it would be recomputed
+    item = {**json.loads((cache_b / "forget" / "part-00001.json").read_text())}
+    assert _completed(cache_b, item) is not None
+    shard = cache_b / "forget" / "part-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert _completed(cache_b, item) is None
+
+
+def test_truncated_or_corrupt_shard_is_refused_on_read(tiny_assets, hidden_cache, tmp_path):
+    cache = tmp_path / "copy"
+    shutil.copytree(hidden_cache[0], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    second = cache / manifest["splits"]["forget"]["shards"][1]["file"]
+    second.write_bytes(second.read_bytes()[:-100])  # truncated
+    reader = ReferenceCache(cache)
+    assert reader.read("forget", [0, 2])["hidden"].shape[0] == 2  # shard 0 only: still readable
+    with pytest.raises(UserInputError, match="part-00001.safetensors: checksum does not match"):
+        reader.read("forget", [0, ROWS_PER_SHARD])
+    (cache / "manifest.json").unlink()
+    with pytest.raises(UserInputError, match="unfinished"):
+        ReferenceCache(cache)
+
+
+def test_fingerprint_mismatch_is_refused_in_one_line(tiny_assets, hidden_cache, capsys):
+    cache, _ = hidden_cache
+    validate_run(_cfg(tiny_assets, cache))  # the matching run is accepted
+    with pytest.raises(UserInputError, match=r"differs in reference weights \(") as e:
+        validate_run(_cfg(tiny_assets, cache, f"model.reference_path={tiny_assets['retrain']}"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserInputError, match=r"differs in settings \(form: hidden vs topk, k: None vs 32\)"):
+        validate_run(_cfg(tiny_assets, cache, "reference.form=topk"))
+    # through the CLI: exit 2, one line, before any worker starts
+    code = main(["unlearn", *[a for s in _settings(tiny_assets, cache, "model.dtype=bfloat16") for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "settings (reference_dtype: float32 vs bfloat16)" in err[0]
+
+
+def test_two_worker_zero3_training_reads_the_hidden_cache(tiny_assets, hidden_cache, tmp_path):
+    from dipo_scale.unlearn import run_unlearning
+
+    cache, _ = hidden_cache
+    cfg = _cfg(tiny_assets, cache, f"out_dir={tmp_path / 'run'}", "train.num_workers=2", "train.steps=2",
+               "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=2e-3", "dipo.alpha=3.0",
+               "logging.wandb=disabled")
+    run_unlearning(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # step 1 is at θ = ref: if the cached statistics belong to the right blocks, the DiPO margin is 0,
+    # the loss is (2/β)·log 2 and the KL to the reference on retain is 0
+    beta = cfg.dipo.beta
+    assert log[0]["forget_loss"] == pytest.approx(2 / beta * math.log(2), rel=1e-5)
+    assert abs(log[0]["dipo_margin"]) < 1e-3
+    assert abs(log[0]["retain_loss"]) < 1e-5
+    assert log[1]["dipo_margin"] > 1e-3  # and it unlearns from there
