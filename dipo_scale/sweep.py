@@ -2,7 +2,8 @@
 
     dipo-scale sweep --config configs/sweep.yaml [--set unlearn.train.steps=40 ...]
 
-Each trial is one unlearning run. Tune runs `_trial` (a light driver: `trial_cpus`, 0 by default)
+Each trial is one unlearning run. Tune runs `_trial` (a light driver: `trial_cpus`, 0 by default,
+and 256 MiB)
 which turns the sampled values into an `UnlearnConfig` and calls `run_unlearning`: a TorchTrainer
 with its own Ray Train workers, each a DeepSpeed ZeRO-3 engine (the Train V2 way of tuning). The
 workers evaluate during unlearning (`unlearn.eval.every`); `_EvalToTune`, a Ray Train callback,
@@ -42,6 +43,9 @@ from dipo_scale.files import atomic_write_json, atomic_write_text
 
 INFEASIBLE_PENALTY = 1000.0  # above any MUSE/TOFU metric range, so feasible trials always rank first
 METRICS = ("verbmem_f", "knowmem_f", "knowmem_r")
+# What a trial's driver reserves besides `trial_cpus` (Tune needs a non-empty request; the driver
+# only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs).
+TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 
 def objective_value(metrics: dict, objective: ObjectiveConfig, target_value: float | None) -> tuple[float, bool]:
@@ -212,11 +216,13 @@ def run_sweep(cfg: SweepConfig) -> dict:
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=cfg.seed)
     else:
-        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+        # (Tune ignores max_concurrent_trials for a generator passed in: it is set here.)
+        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
     if cfg.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps,
                                   grace_period=cfg.asha.grace_period or base.eval.every,
-                                  reduction_factor=cfg.asha.reduction_factor)
+                                  reduction_factor=cfg.asha.reduction_factor,
+                                  stop_last_trials=False)  # a trial at max_t finishes (export) by itself
     else:
         scheduler = FIFOScheduler()
     trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
@@ -224,7 +230,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cfg.trial_cpus}),
+        tune.with_resources(trainable, {"cpu": cfg.trial_cpus, "memory": TRIAL_DRIVER_MEMORY}),
         param_space=_param_space(cfg),
         tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg,
                                     scheduler=scheduler, num_samples=cfg.num_samples,

@@ -46,7 +46,24 @@ def test_sweep_config_is_checked_in_one_line(tiny_assets):
     assert set(cfg.space) == {"dipo.alpha", "dipo.select"}
 
 
-def test_two_trial_sweep_names_the_best_trial(tiny_assets, ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def ray_with_state_api():
+    """A local Ray with its dashboard: when ASHA stops a trial, Ray Train's placement-group cleaner
+    asks the state API whether the trial's controller died before it frees the workers' CPUs."""
+    import os
+    from pathlib import Path
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, _temp_dir=str(Path("/tmp") / f"dipo_tune_{os.getpid()}"),
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
+    yield
+    ray.shutdown()
+
+
+def test_two_trial_sweep_names_the_best_trial(tiny_assets, ray_with_state_api, tmp_path):
     out = tmp_path / "sweep"
     cfg = load_config(None, [
         f"out_dir={out}", f"unlearn.model.path={tiny_assets['target']}",
