@@ -102,7 +102,7 @@ def _cmd_demo(args) -> None:
     from dipo_scale.demo import run_demo
 
     run_demo(args.out, data_dir=args.data, overrides=args.set, num_docs=args.num_docs, forget=args.forget,
-             retain=args.retain, retain_limit=args.retain_limit)
+             retain=args.retain, retain_limit=args.retain_limit, methods=tuple(args.methods.split(",")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", default=None, help="TOFU: the forget split to unlearn (default forget10)")
     p.add_argument("--retain", default=None,
                    help="TOFU: the retain split (default the complement of --forget: forget01 -> retain99)")
+    p.add_argument("--methods", default="dipo,npo,ga", help="unlearning methods to run, comma-separated (dipo among them)")
     p.add_argument("--retain-limit", type=int, default=None, metavar="N",
                    help="TOFU: keep only N retain QA pairs (those of retain_perturbed first), for a small run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -68,6 +68,7 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(4, ge=1)   # per worker per forward
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes 8-bit optimizer states
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     seed: int = 0

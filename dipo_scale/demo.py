@@ -65,11 +65,11 @@ def _notes(about_data: list[str], about_eval: list[str], timings: dict, runs: di
     c = cfgs["dipo"]
     notes = [
         *about_data,
-        f"DiPO, NPO, GA: {c.train.steps} steps each, global batch {c.train.global_batch_size} forget "
+        f"{', '.join(m.upper() if m != 'dipo' else 'DiPO' for m in cfgs)}: {c.train.steps} steps each, global batch {c.train.global_batch_size} forget "
         f"blocks (+ as many retain blocks, retain term `{c.loss.retain}`), lr {c.train.lr:g}, "
         f"{c.train.num_workers} Ray Train workers, DeepSpeed ZeRO-3 (`{c.train.ds_config}`).",
         f"DiPO: α={c.dipo.alpha:g}, β={c.dipo.beta:g}, select={c.dipo.select}, k={c.dipo.k}; "
-        f"NPO: β={cfgs['npo'].npo.beta:g}.",
+        *([f"NPO: β={cfgs['npo'].npo.beta:g}."] if "npo" in cfgs else []),
         *about_eval,
     ]
     for method, last in runs.items():
@@ -177,7 +177,7 @@ def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str,
         about_eval.append("PrivLeak is relative to the retrain model's MIA AUC (Min-40% Prob of the "
                           f"answer tokens, {forget} vs holdout).")
     if "forget_quality" in t and "model_utility" in t:
-        for method in METHODS:
+        for method in (m for m in METHODS if m in metrics):
             m = metrics[method]
             about_eval.append(
                 f"{method}: forget quality {m['forget_quality']:.3g} (target {t['forget_quality']:.3g}), "
@@ -251,12 +251,14 @@ def _add_privleak(metrics: dict) -> list[str]:
 
 def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[str] | None = None,
              num_docs: int | None = None, forget: str | None = None, retain: str | None = None,
-             retain_limit: int | None = None, model_settings: TinyModelSettings | None = None) -> dict:
+             retain_limit: int | None = None, model_settings: TinyModelSettings | None = None,
+             methods: tuple[str, ...] = METHODS) -> dict:
     """The demo (module docstring) into `out`; returns {model name: metrics}.
 
     TOFU-layout `data_dir`: `forget` (default forget10) is unlearned, `retain` (default the
     complement, e.g. retain90) is kept, cut to `retain_limit` pairs. `model_settings` replaces
-    MODEL_SETTINGS (the tiny models' size and training)."""
+    MODEL_SETTINGS (the tiny models' size and training). `methods`: the unlearning methods to run
+    (dipo always among them)."""
     import ray
 
     from dipo_scale.data.corpus import generate_corpus
@@ -270,6 +272,9 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     if not tofu_source and (forget is not None or retain is not None or retain_limit is not None):
         raise UserInputError("--forget, --retain and --retain-limit are for TOFU-layout data "
                              "(--data DIR holding forget01.json, forget01_perturbed.json, retain99.json, ...)")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "dipo" not in methods:
+        raise UserInputError(f"--methods {','.join(methods)}: choose among {','.join(METHODS)}, dipo included")
     if retain_limit is not None and retain_limit < 1:
         raise UserInputError(f"--retain-limit {retain_limit}: must be >= 1")
     out = Path(out).resolve()
@@ -278,7 +283,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     # Validate every method's config before any work starts (and, for TOFU, every data file).
     cfgs = {m: load_unlearn_config(None, overrides, base={**DEMO_UNLEARN, "method": m,
                                                           "out_dir": str(out / "runs" / m)})
-            for m in METHODS}
+            for m in METHODS if m in methods}
 
     t = time.time()
     tofu = None
@@ -336,7 +341,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     eval_notes = _add_privleak(metrics)
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
-    timings["evaluate 5 models"] = time.time() - t
+    timings[f"evaluate {len(models)} models"] = time.time() - t
 
     atomic_write_json(out / "metrics.json", {"models": metrics})
     if tofu:

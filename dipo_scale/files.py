@@ -1,8 +1,10 @@
-"""Writing files so that nothing half-written is ever left behind (temp path, then rename)."""
+"""Writing files so that nothing half-written is ever left behind (temp path, then rename), and
+the hashes that verify files before they are trusted."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -58,3 +60,32 @@ def claim_run_dir(run_dir: str | Path, config: dict) -> None:
         raise UserInputError(f"{run_dir}: holds a run with a different config (re-run with the same "
                              "config to resume it, or choose another out_dir)")
     atomic_write_json(saved, config)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over config.json and the weight files of a local model directory (16 hex digits)."""
+    from dipo_scale.errors import UserInputError
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise UserInputError(f"{model_dir}: not a local model directory (download the model first)")
+    files = sorted(p for p in root.iterdir() if p.is_file()
+                   and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise UserInputError(f"{model_dir}: no weight files (*.safetensors, *.bin)")
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()[:16]

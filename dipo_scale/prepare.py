@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_dir, atomic_write_json
+from dipo_scale.files import atomic_dir, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     from dipo_scale.data.muse import QA, MuseData
@@ -109,14 +109,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_split(blocks: dict[str, np.ndarray], out: Path) -> list[dict]:
     out.mkdir(parents=True)
     shards = []
@@ -129,7 +121,7 @@ def _write_split(blocks: dict[str, np.ndarray], out: Path) -> list[dict]:
         })
         path = out / f"part-{i:05d}.parquet"
         pq.write_table(table, path)
-        shards.append({"file": f"{out.name}/{path.name}", "rows": table.num_rows, "sha256": _sha256(path)})
+        shards.append({"file": f"{out.name}/{path.name}", "rows": table.num_rows, "sha256": sha256_file(path)})
     return shards
 
 
@@ -173,7 +165,7 @@ def read_blocks(prepared_dir: str | Path, split: str, *, verify: bool = True) ->
         path = root / shard["file"]
         if not path.is_file():
             raise UserInputError(f"{path}: shard listed in manifest.json is missing")
-        if verify and _sha256(path) != shard["sha256"]:
+        if verify and sha256_file(path) != shard["sha256"]:
             raise UserInputError(f"{path}: checksum does not match manifest.json (corrupt or modified shard)")
         tables.append(pq.read_table(path))
     table = pa.concat_tables(tables)

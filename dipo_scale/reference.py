@@ -72,10 +72,9 @@ import torch
 
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json
+from dipo_scale.files import atomic_write_json, sha256_file, weights_fingerprint
 
 CACHE_VERSION = 1
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SLOW_ENV = "DIPO_SCALE_REFERENCE_SHARD_DELAY_S"  # tests: seconds to wait after each shard
 
 
@@ -90,31 +89,6 @@ def needed_splits(cfg: UnlearnConfig) -> list[str]:
     """Splits whose reference statistics the run uses: forget for DiPO/NPO, retain for `kl`."""
     splits = ["forget"] if cfg.method in ("dipo", "npo") else []
     return splits + (["retain"] if cfg.loss.retain == "kl" else [])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over config.json and the weight files of a local model directory."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise UserInputError(f"{model_dir}: the reference cache needs a local model directory "
-                             "(download the model first)")
-    files = sorted(p for p in root.iterdir() if p.is_file()
-                   and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES))
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise UserInputError(f"{model_dir}: no weight files (*.safetensors, *.bin)")
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode())
-        h.update(_sha256(path).encode())
-    return h.hexdigest()[:16]
 
 
 def cache_settings(cfg: UnlearnConfig) -> dict:
@@ -213,7 +187,7 @@ class ReferenceCache:
         if entry["file"] not in self._verified:
             if not path.is_file():
                 raise UserInputError(f"{path}: shard listed in manifest.json is missing")
-            if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
                 raise UserInputError(f"{path}: checksum does not match manifest.json (truncated or corrupt "
                                      "shard); rerun `dipo-scale reference` to recompute it")
             self._verified.add(entry["file"])
@@ -283,7 +257,7 @@ def read_block_range(prepared_dir: str | Path, split: str, first: int, rows: int
     hold them (each shard's sha256 is checked once per `verified` set)."""
     import pyarrow.parquet as pq
 
-    from dipo_scale.prepare import _sha256 as _prepared_sha256, read_manifest
+    from dipo_scale.prepare import read_manifest
 
     root = Path(prepared_dir)
     manifest = read_manifest(root)
@@ -295,7 +269,7 @@ def read_block_range(prepared_dir: str | Path, split: str, first: int, rows: int
         if lo < hi:
             path = root / shard["file"]
             if shard["file"] not in verified:
-                if not path.is_file() or _prepared_sha256(path) != shard["sha256"]:
+                if not path.is_file() or sha256_file(path) != shard["sha256"]:
                     raise UserInputError(f"{path}: missing or checksum does not match manifest.json")
                 verified.add(shard["file"])
             table = pq.read_table(path, columns=["input_ids", "attention_mask"]).slice(lo - start, hi - lo)
@@ -389,7 +363,7 @@ def _finish_shard(cache: Path, item: dict, tensors: dict[str, torch.Tensor], tok
                                         "rows": item["rows"], "key": item["key"]})
     atomic_write_json(path.with_suffix(".json"), {
         "file": item["file"], "split": item["split"], "first_block": item["first_block"],
-        "rows": item["rows"], "key": item["key"], "sha256": _sha256(path),
+        "rows": item["rows"], "key": item["key"], "sha256": sha256_file(path),
         "bytes": path.stat().st_size, "tokens": tokens, "seconds": round(seconds, 4)})
     if delay:  # tests: widen the window in which a precompute can be killed midway
         time.sleep(delay)
@@ -537,16 +511,6 @@ def _run_zero3(cfg: UnlearnConfig, todo: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------
 # The precompute job (driver)
 # ------------------------------------------------------------------------------------------
-def _absolute(cfg: UnlearnConfig) -> UnlearnConfig:
-    local = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
-    return cfg.model_copy(update={
-        "model": cfg.model.model_copy(update={"path": local(cfg.model.path),
-                                              "reference_path": local(cfg.model.reference_path)}),
-        "data": cfg.data.model_copy(update={"prepared_dir": local(cfg.data.prepared_dir)}),
-        "reference": cfg.reference.model_copy(update={"cache_dir": str(Path(cfg.reference.cache_dir).resolve())}),
-    })
-
-
 def plan_shards(cfg: UnlearnConfig, prepared: dict, key: str) -> list[dict]:
     """Every file of the cache: the LM head (hidden form), then each split's shards in block order."""
     r = cfg.reference
@@ -570,7 +534,7 @@ def _completed(cache: Path, item: dict) -> dict | None:
     except json.JSONDecodeError:
         return None
     same = all(record.get(k) == item[k] for k in ("file", "first_block", "rows", "key"))
-    if not same or path.stat().st_size != record.get("bytes") or _sha256(path) != record.get("sha256"):
+    if not same or path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
         return None
     return record
 
@@ -594,6 +558,7 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     import ray
 
     from dipo_scale.prepare import read_manifest
+    from dipo_scale.unlearn import absolute_paths
 
     r = cfg.reference
     if r.form == "online":
@@ -602,7 +567,7 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
         raise UserInputError(f"method={cfg.method} with loss.retain={cfg.loss.retain} uses no reference")
     if not cfg.data.prepared_dir:
         raise UserInputError("data.prepared_dir: not set (run `dipo-scale prepare` first)")
-    cfg = _absolute(cfg)
+    cfg = absolute_paths(cfg)
     r = cfg.reference
     prepared = read_manifest(cfg.data.prepared_dir)
     vocab, hidden = _model_sizes(reference_path(cfg))

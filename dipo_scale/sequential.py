@@ -30,7 +30,6 @@ refused. `seconds` is the time of the attempt that finished the request.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -41,24 +40,15 @@ import numpy as np
 
 from dipo_scale.config import SeriesConfig, UnlearnConfig
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json, claim_run_dir
+from dipo_scale.files import atomic_write_json, claim_run_dir, weights_fingerprint
 
 SERIES = {"sequential": ("sust", "Sustainability", "request"),
           "scalability": ("scal", "Scalability", "forget_tokens")}
 
 
-def weights_fingerprint(model_dir: str | Path) -> str | None:
-    """sha256 over a local model's weight files (names and bytes); None for a hub name."""
-    files = sorted(p for p in Path(model_dir).glob("*") if p.suffix in (".safetensors", ".bin"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def _fingerprint(model: str) -> str | None:
+    """The weights fingerprint of a local model directory; None for a hub name."""
+    return weights_fingerprint(model) if Path(model).is_dir() else None
 
 
 def forget_sets(cfg: SeriesConfig, data, kind: str) -> list[tuple[str, list[str]]]:
@@ -126,7 +116,7 @@ def _now() -> str:
 
 def _verified(entry: dict) -> dict:
     """A finished request's lineage entry, after checking its output model is the one recorded."""
-    found = weights_fingerprint(entry["output_model"])
+    found = _fingerprint(entry["output_model"])
     if found != entry["output_fingerprint"]:
         raise UserInputError(f"{entry['output_model']}: weights differ from lineage.json's record of request "
                              f"{entry['request']} ({found} != {entry['output_fingerprint']}); later requests "
@@ -176,7 +166,7 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
         lineage["requests"] = [_verified(e) for e in lineage["requests"]]
     else:
         lineage = {"kind": kind, "data_dir": cfg.data_dir, "requests": [],
-                   "initial": {"model": first, "fingerprint": weights_fingerprint(first),
+                   "initial": {"model": first, "fingerprint": _fingerprint(first),
                                "metrics": _evaluate(cfg, data, first)}}
         atomic_write_json(path, lineage)
 
@@ -193,8 +183,8 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
         lineage["requests"].append({
             "request": k, "forget_source": source, "forget_docs": len(docs),
             "forget_tokens": manifest["splits"]["forget"]["tokens"], "steps": run_cfg.train.steps,
-            "input_model": input_model, "input_fingerprint": weights_fingerprint(input_model),
-            "output_model": output_model, "output_fingerprint": weights_fingerprint(output_model),
+            "input_model": input_model, "input_fingerprint": _fingerprint(input_model),
+            "output_model": output_model, "output_fingerprint": _fingerprint(output_model),
             "metrics": _evaluate(cfg, data, output_model),
             "started": started, "finished": _now(), "seconds": round(time.time() - t0, 1),
         })

@@ -199,15 +199,13 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from dipo_scale.unlearn import _absolute, validate_run
+    from dipo_scale.unlearn import absolute_paths, validate_run
 
     out = Path(cfg.out_dir).resolve()
     if (out / "sweep.csv").exists() or (out / "tune").exists():
         raise UserInputError(f"{out}: holds a sweep already (choose another out_dir)")
     validate_run(cfg.unlearn)
-    base = _absolute(cfg.unlearn)
-    base = base.model_copy(update={"eval": base.eval.model_copy(
-        update={"data_dir": str(Path(base.eval.data_dir).resolve())})})
+    base = absolute_paths(cfg.unlearn)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", cfg.model_dump(by_alias=True))
     target_value = _target_value(cfg, out)

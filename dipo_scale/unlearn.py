@@ -65,6 +65,33 @@ def load_ds_config(cfg: UnlearnConfig, world_size: int) -> dict:
     return ds
 
 
+def make_optimizer(cfg: UnlearnConfig, params):
+    """AdamW, or with `train.optimizer=adamw_8bit` bitsandbytes' AdamW8bit (its two moments in
+    8 bits with blockwise scales: ~2 bytes per parameter instead of 8). Under ZeRO-3 DeepSpeed
+    hands it each rank's fp32 partition, so the 8-bit states are partitioned too."""
+    t = cfg.train
+    if t.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def check_optimizer(cfg: UnlearnConfig) -> None:
+    """A one-line error, before any worker starts, when bitsandbytes cannot run its 8-bit
+    optimizer on this machine (one step on a small tensor)."""
+    if cfg.train.optimizer != "adamw_8bit":
+        return
+    try:
+        probe = torch.nn.Parameter(torch.zeros(4096, device="cuda" if cfg.train.use_gpu else "cpu"))
+        probe.grad = torch.ones_like(probe)
+        make_optimizer(cfg, [probe]).step()
+    except Exception as e:  # ImportError, no kernel for this device, ...
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserInputError(f"train.optimizer=adamw_8bit: bitsandbytes cannot run its 8-bit optimizer "
+                             f"here ({type(e).__name__}: {first}); use train.optimizer=adamw") from None
+
+
 def batch_schedule(num_blocks: int, global_batch: int, step: int, seed: int) -> np.ndarray:
     """Block ids of global batch `step`: an endless stream of seeded permutations, one per epoch."""
     start, stop = step * global_batch, (step + 1) * global_batch
@@ -96,8 +123,7 @@ def _init_engines(cfg: UnlearnConfig, ds_config: dict):
     load = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (keeps zero.Init on for from_pretrained)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **load)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg, model.parameters())
     warmup = cfg.train.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
@@ -423,21 +449,24 @@ def validate_run(cfg: UnlearnConfig) -> None:
     if manifest["splits"]["forget"]["tokens"] == 0:
         raise UserInputError(f"{cfg.data.prepared_dir}: forget set is empty")
     load_ds_config(cfg, cfg.train.num_workers)
+    check_optimizer(cfg)
     if cfg.needs_reference() and cfg.reference.form != "online":
         from dipo_scale.reference import check_cache
 
         check_cache(cfg)  # fingerprints of the cache against this run
 
 
-def _absolute(cfg: UnlearnConfig) -> UnlearnConfig:
+def absolute_paths(cfg: UnlearnConfig) -> UnlearnConfig:
     """Local paths made absolute: workers may run in another directory (or on another node)."""
     local = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
+    resolved = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731  (may not exist yet)
     return cfg.model_copy(update={
         "out_dir": str(run_dir_of(cfg)),
         "model": cfg.model.model_copy(update={"path": local(cfg.model.path),
                                               "reference_path": local(cfg.model.reference_path)}),
         "data": cfg.data.model_copy(update={"prepared_dir": local(cfg.data.prepared_dir)}),
-        "reference": cfg.reference.model_copy(update={"cache_dir": local(cfg.reference.cache_dir)}),
+        "reference": cfg.reference.model_copy(update={"cache_dir": resolved(cfg.reference.cache_dir)}),
+        "eval": cfg.eval.model_copy(update={"data_dir": local(cfg.eval.data_dir)}),
     })
 
 
@@ -454,7 +483,7 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     validate_run(cfg)
-    cfg = _absolute(cfg)
+    cfg = absolute_paths(cfg)
     run_dir = Path(cfg.out_dir)
     config = cfg.model_dump(by_alias=True)
     claim_run_dir(run_dir, config)

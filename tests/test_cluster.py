@@ -54,7 +54,7 @@ def test_ray_job_submit_runs_the_unlearn_job(tiny_assets, tmp_path):
             submit = subprocess.run(
                 [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                  "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"),
-                 "--", "python", "ray_jobs/unlearn.py", *_unlearn_sets(tiny_assets, out)],
+                 "--", "python", "ray_jobs/unlearn.py", *_unlearn_sets(tiny_assets, out, "train.num_workers=1")],
                 capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
             if "No available agent" not in submit.stderr:
                 break
@@ -87,7 +87,13 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def test_two_workers_on_two_nodes_match_one_node(tiny_assets, two_node_cluster, tmp_path):
+# Same global batch and seed, 1 worker vs 2 workers on two nodes: DeepSpeed averages gradients over
+# ranks and gradient accumulation makes up the rest, so the curves agree up to float32 summation order.
+ONE_VS_TWO_RTOL = 1e-4
+
+
+def test_one_worker_and_two_workers_on_two_nodes_give_the_same_loss_curve(tiny_assets, two_node_cluster,
+                                                                          tmp_path):
     import ray
 
     from dipo_scale.config import load_unlearn_config
@@ -95,13 +101,16 @@ def test_two_workers_on_two_nodes_match_one_node(tiny_assets, two_node_cluster, 
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     logs, nodes = {}, {}
-    for name, strategy in (("one_node", "STRICT_PACK"), ("two_nodes", "STRICT_SPREAD")):
+    for name, workers, strategy in (("one_worker", 1, "PACK"), ("two_nodes", 2, "STRICT_SPREAD")):
         out = tmp_path / name
-        sets = _unlearn_sets(tiny_assets, out, f"train.placement_strategy={strategy}")
+        sets = _unlearn_sets(tiny_assets, out, f"train.num_workers={workers}",
+                             f"train.placement_strategy={strategy}", "method=dipo", "loss.retain=gd")
         run_unlearning(load_unlearn_config(None, sets[1::2]))
         logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        nodes[name] = {json.loads((out / "ranks" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)}
-    assert len(nodes["one_node"]) == 1 and len(nodes["two_nodes"]) == 2
-    for a, b in zip(logs["one_node"], logs["two_nodes"]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["forget_block_ids"] == a["forget_block_ids"]
+        nodes[name] = {json.loads((out / "ranks" / f"rank{r}.json").read_text())["node_id"]
+                       for r in range(workers)}
+    assert len(nodes["two_nodes"]) == 2  # each rank on its own node
+    assert [r["forget_block_ids"] for r in logs["one_worker"]] == [r["forget_block_ids"] for r in logs["two_nodes"]]
+    for a, b in zip(logs["one_worker"], logs["two_nodes"]):
+        for key in ("loss", "forget_nll", "retain_nll", "dipo_margin"):
+            assert b[key] == pytest.approx(a[key], rel=ONE_VS_TWO_RTOL, abs=1e-6), (key, a["step"])

@@ -18,7 +18,7 @@ from dipo_scale.models import TinyModelSettings
 TOFU_TINY = {**TINY, "block_size": 96, "epochs": 30}
 FAST = ["train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
         "logging.wandb=disabled", "eval.knowmem_max_new_tokens=24"]
-MODELS = ["target", "retrain", "dipo", "npo", "ga"]
+MODELS = ["target", "retrain", "dipo"]  # the end-to-end test runs DiPO only (--methods dipo): time
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def test_tofu_demo_end_to_end(tofu_dir, tmp_path, monkeypatch, ray_cluster, caps
     # instead of starting its own.
     monkeypatch.setattr(demo, "MODEL_SETTINGS", TinyModelSettings(**TOFU_TINY))
     out = tmp_path / "demo"
-    args = _demo_args(out, tofu_dir, "--forget", "forget01", "--retain", "retain99", "--retain-limit", "8")
+    args = _demo_args(out, tofu_dir, "--forget", "forget01", "--retain", "retain99", "--retain-limit", "8",
+                      "--methods", "dipo")
     assert main(args) == 0, capsys.readouterr().err
 
     manifest = json.loads((out / "prepared" / "manifest.json").read_text())
@@ -97,6 +98,8 @@ def test_tofu_demo_bad_input(tofu_dir, tmp_path, capsys):
     assert "retain98.json: missing" in _one_line_error(capsys)
     assert main(_demo_args(out, tofu_dir, "--retain-limit", "0")) == 2
     assert "--retain-limit 0: must be >= 1" in _one_line_error(capsys)
+    assert main(_demo_args(out, tofu_dir, "--methods", "npo,ga")) == 2
+    assert "--methods npo,ga: choose among dipo,npo,ga, dipo included" in _one_line_error(capsys)
     assert main(_demo_args(out, tofu_dir, "--forget", "forget_all")) == 2
     assert "--forget forget_all: not named forgetNN" in _one_line_error(capsys)
 

@@ -24,7 +24,7 @@ REQUESTS = 3
 def _sets(tiny_assets, out_dir, *extra):
     return [f"data_dir={tiny_assets['corpus']}", f"unlearn.model.path={tiny_assets['target']}",
             f"out_dir={out_dir}", f"folds={REQUESTS}", "unlearn.train.num_workers=1",
-            "unlearn.train.steps=2", "unlearn.train.global_batch_size=2", "unlearn.train.micro_batch_size=2",
+            "unlearn.train.steps=3", "unlearn.train.global_batch_size=2", "unlearn.train.micro_batch_size=2",
             "unlearn.train.lr=2e-3", "unlearn.train.checkpoint_every=1", "unlearn.logging.wandb=disabled",
             f"unlearn.data.block_size=64", "unlearn.eval.limit=2", "unlearn.eval.verbmem_max_new_tokens=8",
             "unlearn.eval.knowmem_max_new_tokens=8", *extra]
@@ -91,8 +91,13 @@ def test_killed_sequential_series_resumes_at_its_unfinished_request(tiny_assets,
     args = _cli("sequential", _sets(tiny_assets, out))
     proc = subprocess.Popen(args, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    step_log = out / "requests" / "2" / "run" / "log.jsonl"
-    _wait_for(lambda: step_log.is_file() and step_log.read_text().strip(), proc, "request 2 started")
+    run2 = out / "requests" / "2" / "run"
+
+    def checkpoint_registered() -> bool:  # Ray Train's record of request 2's step-1 checkpoint
+        snapshots = list(run2.glob("ray/*/checkpoint_manager_snapshot.json"))
+        return bool(snapshots) and "checkpoint_" in snapshots[0].read_text()
+
+    _wait_for(checkpoint_registered, proc, "request 2 checkpointed")
     os.killpg(proc.pid, signal.SIGKILL)  # the series and everything it started (its local Ray)
     proc.wait()
     assert len(_lineage(out)["requests"]) == 1
@@ -101,6 +106,7 @@ def test_killed_sequential_series_resumes_at_its_unfinished_request(tiny_assets,
     second = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "request 1: finished before, skipped" in second.stdout
+    assert json.loads((run2 / "ranks" / "rank0.json").read_text())["resumed_from_step"] >= 1
     resumed = _lineage(out)
     assert resumed["requests"][0] == finished_1  # not redone
     keys = ("request", "forget_source", "forget_docs", "forget_tokens", "steps", "input_fingerprint",

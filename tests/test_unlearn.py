@@ -52,20 +52,7 @@ def test_two_worker_zero3_dipo_unlearns_and_exports(tiny_assets, ray_cluster, tm
     AutoModelForCausalLM.from_pretrained(tmp_path / "dipo2" / "selected_model")
 
 
-# Same global batch and seed, 1 vs 2 workers: DeepSpeed averages gradients over ranks and
-# gradient accumulation makes up the rest, so the curves agree up to float32 summation order.
-ONE_VS_TWO_RTOL = 1e-4
-
-
-def test_one_and_two_workers_give_the_same_loss_curve(tiny_assets, ray_cluster, tmp_path):
-    _, one = _run(tiny_assets, tmp_path, "w1", "method=dipo", "loss.retain=gd", "train.num_workers=1",
-                  "logging.wandb=disabled")
-    _, two = _run(tiny_assets, tmp_path, "w2", "method=dipo", "loss.retain=gd", "train.num_workers=2",
-                  "logging.wandb=disabled")
-    assert [r["forget_block_ids"] for r in one] == [r["forget_block_ids"] for r in two]
-    for a, b in zip(one, two):
-        for key in ("loss", "forget_nll", "retain_nll", "dipo_margin"):
-            assert b[key] == pytest.approx(a[key], rel=ONE_VS_TWO_RTOL, abs=1e-6), (key, a["step"])
+# 1 worker vs 2 workers give the same loss curve: tests/test_cluster.py (the 2 workers on 2 nodes).
 
 
 def test_batch_schedule_is_a_deterministic_stream_of_permutations():

@@ -1,0 +1,64 @@
+"""A small Llama, a word-level tokenizer with a real-sized vocabulary, and packed blocks of random
+text: what benchmarks/step.py and benchmarks/zero3_memory.py run on (built here, nothing
+downloaded). The blocks go through the real `prepare` stage."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def word_level_tokenizer(vocab_size: int):
+    """A fast tokenizer whose vocabulary is the 4 specials and the words w0 .. w{V-5}."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def build_bench_assets(root: str | Path, *, vocab_size: int = 32000, hidden_size: int = 256,
+                       num_layers: int = 4, block_size: int = 256, num_blocks: int = 16,
+                       seed: int = 0) -> dict[str, Path]:
+    """{"model": dir, "prepared": dir} under root (random init; reused when already built)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dipo_scale.data.muse import MuseData
+    from dipo_scale.prepare import prepare
+
+    root = Path(root)
+    model_dir, prepared = root / "model", root / "prepared"
+    if (model_dir / "model.safetensors").is_file() and (prepared / "manifest.json").is_file():
+        return {"model": model_dir, "prepared": prepared}
+    tokenizer = word_level_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
+                         num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 64),
+                         max_position_embeddings=block_size, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+    doc = lambda: " ".join(rng.choices(words, k=block_size - 2))  # noqa: E731  (one block per document)
+    data = MuseData(root=root, forget_docs=[doc() for _ in range(num_blocks)],
+                    retain_docs=[doc() for _ in range(num_blocks)], holdout_docs=[], forget_qa=[], retain_qa=[],
+                    forget_qa_icl=[], retain_qa_icl=[], verbmem=[], privleak_forget=[], privleak_holdout=[])
+    prepare(data, tokenizer, prepared, block_size=block_size, layout="per_sequence")
+    return {"model": model_dir, "prepared": prepared}
+
+
+def num_parameters(model_dir: str | Path) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with __import__("torch").device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
