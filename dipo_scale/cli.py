@@ -105,6 +105,12 @@ def _cmd_demo(args) -> None:
              retain=args.retain, retain_limit=args.retain_limit, methods=tuple(args.methods.split(",")))
 
 
+def _config_args(p: argparse.ArgumentParser, config_help: str, set_help: str) -> None:
+    """--config YAML and repeatable --set key=value: the commands driven by one config tree."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dipo-scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,16 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("unlearn", help="run one unlearning job (Ray Train + DeepSpeed ZeRO-3)")
-    p.add_argument("--config", help="YAML config (see configs/unlearn.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set dipo.alpha=2.0 (repeatable)")
+    _config_args(p, "YAML config (see configs/unlearn.yaml)",
+                 "dotted override, e.g. --set dipo.alpha=2.0 (repeatable)")
     p.set_defaults(func=_cmd_unlearn)
 
     p = sub.add_parser("reference", help="precompute the reference statistics of an unlearning config "
                        "(reference.form=hidden|topk) into reference.cache_dir; resumable")
-    p.add_argument("--config", help="YAML unlearning config (see configs/unlearn.yaml, section reference)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set reference.form=topk --set reference.k=32 (repeatable)")
+    _config_args(p, "YAML unlearning config (see configs/unlearn.yaml, section reference)",
+                 "dotted override, e.g. --set reference.form=topk --set reference.k=32 (repeatable)")
     p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser("evaluate", help="MUSE (VerbMem, KnowMem, PrivLeak) or TOFU (forget quality, "
@@ -162,9 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="Ray Tune over α, β, lr (...): one unlearning run per trial; "
                        "writes sweep.csv, best.json, pareto.png")
-    p.add_argument("--config", help="YAML sweep config (see configs/sweep.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set unlearn.train.steps=40 (repeatable)")
+    _config_args(p, "YAML sweep config (see configs/sweep.yaml)",
+                 "dotted override, e.g. --set unlearn.train.steps=40 (repeatable)")
     p.set_defaults(func=_cmd_sweep)
 
     for name, text in (("sequential", "a chain of unlearning requests, each from the previous model "
@@ -172,9 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("scalability", "unlearning runs over nested forget sets of growing size from "
                                        "the same model; writes lineage.json and report.md")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", help="YAML series config (see configs/sequential.yaml)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="dotted override, e.g. --set folds=3 (repeatable)")
+        _config_args(p, "YAML series config (see configs/sequential.yaml)",
+                     "dotted override, e.g. --set folds=3 (repeatable)")
         p.set_defaults(func=_cmd_series)
 
     p = sub.add_parser("demo", help="the whole chain on the embedded corpus (or --data) with tiny models")

@@ -8,16 +8,9 @@ import torch
 from dipo_scale.losses import IGNORE_INDEX, dipo_loss, nll_loss
 from dipo_scale.losses.fused import auto_chunk_size, fused_dipo_loss, fused_nll_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, T, H, V = 3, 7, 5, 11
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (large on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(seed=0, dtype=torch.float64, bias=False):

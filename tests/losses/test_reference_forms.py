@@ -8,15 +8,9 @@ import torch
 from dipo_scale.losses import (IGNORE_INDEX, HiddenReference, TopKReference, dipo_loss,
                                kl_retain_loss, npo_loss, topk_dense_logits, topk_statistics)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, T, H, V = 3, 6, 5, 13
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(seed=0, dtype=torch.float32):
