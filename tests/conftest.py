@@ -47,3 +47,15 @@ def ray_cluster():
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Tests on tiny tensors run single-threaded: intra-op threads would only add wake-up latency
+    (large on a busy 2-core box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
