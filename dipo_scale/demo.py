@@ -63,13 +63,14 @@ def _notes(about_data: list[str], about_eval: list[str], timings: dict, runs: di
            cfgs: dict) -> list[str]:
     """What was run (the data, the unlearning, the evaluation), the last log line and the time per stage."""
     c = cfgs["dipo"]
+    names = ", ".join("DiPO" if m == "dipo" else m.upper() for m in cfgs)
     notes = [
         *about_data,
-        f"{', '.join(m.upper() if m != 'dipo' else 'DiPO' for m in cfgs)}: {c.train.steps} steps each, global batch {c.train.global_batch_size} forget "
+        f"{names}: {c.train.steps} steps each, global batch {c.train.global_batch_size} forget "
         f"blocks (+ as many retain blocks, retain term `{c.loss.retain}`), lr {c.train.lr:g}, "
         f"{c.train.num_workers} Ray Train workers, DeepSpeed ZeRO-3 (`{c.train.ds_config}`).",
-        f"DiPO: α={c.dipo.alpha:g}, β={c.dipo.beta:g}, select={c.dipo.select}, k={c.dipo.k}; "
-        *([f"NPO: β={cfgs['npo'].npo.beta:g}."] if "npo" in cfgs else []),
+        f"DiPO: α={c.dipo.alpha:g}, β={c.dipo.beta:g}, select={c.dipo.select}, k={c.dipo.k}"
+        + (f"; NPO: β={cfgs['npo'].npo.beta:g}." if "npo" in cfgs else "."),
         *about_eval,
     ]
     for method, last in runs.items():
