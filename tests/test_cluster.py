@@ -1,5 +1,5 @@
-"""The cluster paths for real: `ray job submit` to a head started with `ray start`, and the two
-ZeRO-3 workers placed on two different Ray nodes (simulated on this machine)."""
+"""The cluster paths for real: `ray job submit` (of a scalability series) to a head started with
+`ray start`, and two ZeRO-3 workers placed on two different Ray nodes (simulated on this machine)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def _unlearn_sets(tiny_assets, out_dir, *extra):
     return [a for s in sets for a in ("--set", s)]
 
 
-def test_ray_job_submit_runs_the_unlearn_job(tiny_assets, tmp_path):
+def test_ray_job_submit_runs_a_scalability_series(tiny_assets, tmp_path):
+    """`ray job submit` of ray_jobs/scalability.py: two unlearning runs over nested forget sets of
+    growing size, each from the same model, on a head started with `ray start`."""
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"dipo_job_{os.getpid()}"
     env = _ray_env()
@@ -48,14 +50,19 @@ def test_ray_job_submit_runs_the_unlearn_job(tiny_assets, tmp_path):
                             "--temp-dir", str(temp), "--disable-usage-stats"],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
+    out = tmp_path / "scal"
+    sets = [f"data_dir={tiny_assets['corpus']}", f"unlearn.model.path={tiny_assets['target']}",
+            f"out_dir={out}", "folds=2", "epochs=0.25", "unlearn.train.num_workers=1",
+            "unlearn.train.global_batch_size=2", "unlearn.train.micro_batch_size=2", "unlearn.train.lr=2e-3",
+            "unlearn.logging.wandb=disabled", "unlearn.data.block_size=64", "unlearn.eval.limit=2",
+            "unlearn.eval.verbmem_max_new_tokens=8", "unlearn.eval.knowmem_max_new_tokens=8"]
     try:
-        out = tmp_path / "job_run"
         for _ in range(30):  # the head's job agent needs a few seconds after `ray start`
             submit = subprocess.run(
                 [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                  "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"),
-                 "--", "python", "ray_jobs/unlearn.py", *_unlearn_sets(tiny_assets, out, "train.num_workers=1")],
-                capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+                 "--", "python", "ray_jobs/scalability.py", *(a for s in sets for a in ("--set", s))],
+                capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
             if "No available agent" not in submit.stderr:
                 break
             time.sleep(2)
@@ -64,11 +71,14 @@ def test_ray_job_submit_runs_the_unlearn_job(tiny_assets, tmp_path):
         status = subprocess.run([BIN / "ray", "job", "status", "--address", f"http://127.0.0.1:{dash}", job_id],
                                 capture_output=True, text=True, env=env, timeout=120)
         assert "succeeded" in (status.stdout + status.stderr).lower()  # JobStatus.SUCCEEDED
-        assert (out / "model" / "model.safetensors").is_file()
-        assert len((out / "log.jsonl").read_text().splitlines()) == 4
     finally:
         subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+    first, second = json.loads((out / "lineage.json").read_text())["requests"]
+    assert first["input_model"] == second["input_model"] == str(tiny_assets["target"])
+    assert first["forget_tokens"] < second["forget_tokens"] and first["steps"] <= second["steps"]
+    assert (Path(second["output_model"]) / "model.safetensors").is_file()
+    assert (out / "scalability.png").is_file() and "## Scalability" in (out / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")
