@@ -96,6 +96,12 @@ class EvalConfig(_Strict):
     retrain_knowmem_f: Optional[float] = None  # `muse`: first evaluation with knowmem_f <= this
     forget_target: Optional[float] = None      # `knowmem_r`: best knowmem_r with knowmem_f <= this
 
+    def muse_settings(self) -> dict:
+        """The keyword arguments of `evaluate.evaluate_muse` these settings fix."""
+        return dict(limit=self.limit, batch_size=self.batch_size,
+                    verbmem_max_new_tokens=self.verbmem_max_new_tokens,
+                    knowmem_max_new_tokens=self.knowmem_max_new_tokens)
+
 
 class ReferenceConfig(_Strict):
     """Where the reference statistics come from (docs/DIPO.md, "Reference statistics").
@@ -158,6 +164,10 @@ class UnlearnConfig(_Strict):
 
     def needs_reference(self) -> bool:
         return self.method in ("dipo", "npo") or self.loss.retain == "kl"
+
+    def reference_cached(self) -> bool:
+        """The reference comes from a `dipo-scale reference` cache, not a reference engine."""
+        return self.needs_reference() and self.reference.form != "online"
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

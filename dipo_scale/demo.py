@@ -210,9 +210,7 @@ def _evaluate_muse(models: dict, data: MuseData, ev) -> dict:
     metrics = {}
     for name, path in models.items():
         model, tok = load_model_and_tokenizer(str(path))
-        metrics[name] = evaluate_muse(model, tok, data, verbmem_max_new_tokens=ev.verbmem_max_new_tokens,
-                                      knowmem_max_new_tokens=ev.knowmem_max_new_tokens,
-                                      batch_size=ev.batch_size, limit=ev.limit, mia=True)
+        metrics[name] = evaluate_muse(model, tok, data, **ev.muse_settings(), mia=True)
     return metrics
 
 

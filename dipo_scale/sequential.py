@@ -73,9 +73,7 @@ def _evaluate(cfg: SeriesConfig, data, model_dir: str) -> dict[str, float]:
     """MUSE metrics of one model: in this process, or across `eval_workers` Ray actors."""
     from dipo_scale.evaluate import evaluate_muse, evaluate_muse_parallel, load_model_and_tokenizer
 
-    e = cfg.unlearn.eval
-    settings = dict(limit=e.limit, batch_size=e.batch_size, verbmem_max_new_tokens=e.verbmem_max_new_tokens,
-                    knowmem_max_new_tokens=e.knowmem_max_new_tokens, mia=True)
+    settings = dict(cfg.unlearn.eval.muse_settings(), mia=True)
     if cfg.eval_workers > 1:
         return evaluate_muse_parallel(model_dir, data, cfg.eval_workers, **settings)
     model, tokenizer = load_model_and_tokenizer(model_dir, trust_remote_code=cfg.unlearn.model.trust_remote_code)

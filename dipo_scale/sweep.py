@@ -123,9 +123,7 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
 
     u = cfg.unlearn
     model, tokenizer = load_model_and_tokenizer(u.model.path, trust_remote_code=u.model.trust_remote_code)
-    metrics = evaluate_muse(model, tokenizer, load_muse_dir(u.eval.data_dir), limit=u.eval.limit,
-                            batch_size=u.eval.batch_size, verbmem_max_new_tokens=u.eval.verbmem_max_new_tokens,
-                            knowmem_max_new_tokens=u.eval.knowmem_max_new_tokens)
+    metrics = evaluate_muse(model, tokenizer, load_muse_dir(u.eval.data_dir), **u.eval.muse_settings())
     if o.constraint not in metrics:
         raise UserInputError(f"objective.constraint: {o.constraint!r} is not an evaluation metric "
                              f"({', '.join(metrics)})")

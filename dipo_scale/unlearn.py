@@ -129,7 +129,7 @@ def _init_engines(cfg: UnlearnConfig, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=ds_config)
     ref_engine = None
-    if cfg.needs_reference() and cfg.reference.form == "online":
+    if cfg.needs_reference() and not cfg.reference_cached():
         ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
         hf_ref = HfDeepSpeedConfig(ref_config)  # noqa: F841
         ref_model = AutoModelForCausalLM.from_pretrained(cfg.model.reference_path or cfg.model.path, **load)
@@ -312,9 +312,7 @@ class _Evaluator:
 
         e = self.cfg.eval
         self.model.load_state_dict(state_dict, strict=False)
-        metrics = evaluate_muse(self.model, self.tokenizer, self.data, limit=e.limit, batch_size=e.batch_size,
-                                verbmem_max_new_tokens=e.verbmem_max_new_tokens,
-                                knowmem_max_new_tokens=e.knowmem_max_new_tokens)
+        metrics = evaluate_muse(self.model, self.tokenizer, self.data, **e.muse_settings())
         record = {"step": step, **metrics}
         self.history.append(record)
         self.file.write(json.dumps(record) + "\n")
@@ -354,11 +352,11 @@ def train_worker(config: dict) -> None:
 
     forget = read_blocks(cfg.data.prepared_dir, "forget")
     retain = read_blocks(cfg.data.prepared_dir, "retain") if cfg.loss.retain != "none" else None
-    cache = None
-    if cfg.needs_reference() and cfg.reference.form != "online":
-        from dipo_scale.reference import ReferenceCache
+    cache, cached_splits = None, []
+    if cfg.reference_cached():
+        from dipo_scale.reference import ReferenceCache, needed_splits
 
-        cache = ReferenceCache(cfg.reference.cache_dir)
+        cache, cached_splits = ReferenceCache(cfg.reference.cache_dir), needed_splits(cfg)
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     mine = slice(rank * (G // world), (rank + 1) * (G // world))  # this worker's rows of a global batch
 
@@ -385,8 +383,8 @@ def train_worker(config: dict) -> None:
             batch = {k: torch.as_tensor(np.concatenate([split[k][ids] for split, ids in rows])).to(engine.device)
                      for k in ("input_ids", "labels", "attention_mask")}
             cached_ref = None if cache is None else cache.references(  # only this worker's rows
-                engine.device, forget=rows[0][1] if cfg.method != "ga" else None,
-                retain=rows[1][1] if cfg.loss.retain == "kl" else None)
+                engine.device, forget=rows[0][1] if "forget" in cached_splits else None,
+                retain=rows[1][1] if "retain" in cached_splits else None)
             record = _micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]), cached_ref=cached_ref)
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v * micro / (G // world)
@@ -450,7 +448,7 @@ def validate_run(cfg: UnlearnConfig) -> None:
         raise UserInputError(f"{cfg.data.prepared_dir}: forget set is empty")
     load_ds_config(cfg, cfg.train.num_workers)
     check_optimizer(cfg)
-    if cfg.needs_reference() and cfg.reference.form != "online":
+    if cfg.reference_cached():
         from dipo_scale.reference import check_cache
 
         check_cache(cfg)  # fingerprints of the cache against this run
