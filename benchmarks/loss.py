@@ -31,7 +31,7 @@ Cases (float32 everywhere; targets uniform random, no padding):
   naive       dipo_loss_naive (unchunked, full [T, V] float32 intermediates)
   ce_hidden   cross_entropy(hidden @ weight.T) from hidden [T, H] and weight [V, H], both
               requiring grad (the unfused fine-tuning LM head + loss)
-  fused_dipo  dipo_scale.losses.fused.fused_dipo_loss from the same hidden/weight, reference in
+  fused_dipo  dipo_scale.losses.dipo_loss(LMHead(hidden, weight), ...) from the same hidden/weight, reference in
               the hidden cache form (ref_hidden [T, H] + ref_weight [V, H]), default chunk
 
 Memory ratios use the policy side only (the delta over the inputs; the reference logits /
@@ -87,8 +87,7 @@ def _make(case: str, T: int, V: int, H: int, seed: int = 0, fused_chunk=None):
     import torch
     import torch.nn.functional as F
 
-    from dipo_scale.losses import dipo_loss, dipo_loss_naive
-    from dipo_scale.losses.fused import auto_chunk_size, fused_dipo_loss
+    from dipo_scale.losses import HiddenReference, LMHead, auto_chunk_size, dipo_loss, dipo_loss_naive
 
     g = torch.Generator().manual_seed(seed)
     targets = torch.randint(0, V, (1, T), generator=g)
@@ -128,8 +127,8 @@ def _make(case: str, T: int, V: int, H: int, seed: int = 0, fused_chunk=None):
             extra["chunk_size"] = fused_chunk or auto_chunk_size(V)
 
             def step():
-                fused_dipo_loss(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                chunk_size=fused_chunk, **DIPO_KW)[0].backward()
+                dipo_loss(LMHead(hidden, weight), HiddenReference(ref_hidden, ref_weight), targets,
+                          chunk_size=fused_chunk, **DIPO_KW)[0].backward()
         params = [hidden, weight]
 
     def run():

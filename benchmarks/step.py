@@ -14,13 +14,21 @@ training. Each timing is bracketed by barriers; the figure is the median over `-
 after `--warmup` rounds.
 
 Variants: `sft` (plain fine-tuning: cross-entropy on the forget and retain rows), `ga`,
-`npo_online`, `npo_cached`, `dipo_online`, `dipo_cached` (hidden form), `dipo_topk` (K=32).
+`npo_online`, `npo_cached`, `dipo_online`, `dipo_cached` (hidden form), `dipo_topk` (K=32), and
+with `loss.fused=true` (a second training engine wrapped in `unlearn.FusedHeadModel`: the LM head
+and the loss chunk by chunk, no [rows, T, V] logits) `sft_fused`, `dipo_cached_fused`,
+`dipo_online_fused`. Both training engines start from the same weights.
 The plain fine-tuning step is computed by method `ga`: `ga_loss` is the negated NLL, so its forward,
 backward and optimizer step are those of fine-tuning on the same tokens (only the sign of the forget
 term differs). `sft` and `ga` are timed separately; their ratio shows the noise of the measurement.
 
+Memory: each worker's peak RSS during the step over its RSS just before it (the high-water mark
+is reset with /proc/self/clear_refs; glibc's mmap threshold is pinned to 1 MiB from process start
+so freed tensors leave RSS), max over the two workers, median over the rounds.
+
 Keys: `dipo_over_sft_step_time` (target <= 1.10), `online_over_cached_step_time`,
-`step_time_s` and `tokens_per_s` per variant.
+`fused_over_logits_dipo_step_peak_memory`, `fused_over_logits_dipo_step_time`,
+`fused_dipo_over_fused_sft_step_time`, `step_time_s`, `step_peak_mb` and `tokens_per_s` per variant.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -38,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_assets import build_bench_assets, num_parameters  # noqa: E402
+from loss import _reset_peak, _rss_bytes  # noqa: E402
 
 # variant -> (overrides of the run config, reference source)
 VARIANTS = {
@@ -48,6 +58,9 @@ VARIANTS = {
     "dipo_online": (["method=dipo"], "online"),
     "dipo_cached": (["method=dipo", "reference.form=hidden"], "hidden"),
     "dipo_topk": (["method=dipo", "reference.form=topk", "reference.k=32"], "topk"),
+    "sft_fused": (["method=ga", "loss.fused=true"], None),
+    "dipo_cached_fused": (["method=dipo", "reference.form=hidden", "loss.fused=true"], "hidden"),
+    "dipo_online_fused": (["method=dipo", "loss.fused=true"], "online"),
 }
 
 
@@ -64,10 +77,13 @@ def step_worker(config: dict) -> None:
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     cfgs = {name: UnlearnConfig.model_validate(c) for name, c in config["cfgs"].items()}
-    base = cfgs["dipo_online"]  # builds the training engine and the online reference engine
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    engine, ref_engine = _init_engines(base, load_ds_config(base, world))
+    engines = {}  # fused or not -> (engine, online reference engine, fused reference head)
+    for fused, name in ((False, "dipo_online"), (True, "dipo_online_fused")):
+        torch.manual_seed(0)  # builds the training engine and the online reference engine
+        engines[fused] = _init_engines(cfgs[name], load_ds_config(cfgs[name], world))
+    base = cfgs["dipo_online"]
     caches = {form: ReferenceCache(d) for form, d in config["caches"].items()}
     forget, retain = read_blocks(base.data.prepared_dir, "forget"), read_blocks(base.data.prepared_dir, "retain")
     micro = base.train.micro_batch_size
@@ -75,24 +91,31 @@ def step_worker(config: dict) -> None:
     batch = {k: torch.as_tensor(np.concatenate([forget[k][ids], retain[k][ids]])) for k in
              ("input_ids", "labels", "attention_mask")}
 
-    def one_step(name: str) -> float:
+    def one_step(name: str) -> tuple[float, float]:
         cfg, source = cfgs[name], VARIANTS[name][1]
+        engine, ref_engine, ref_head = engines[cfg.loss.fused]
         dist.barrier()
+        rss, _ = _rss_bytes(), _reset_peak()
         t0 = time.perf_counter()
         cached = caches[source].references(forget=ids) if source in caches else None
         _micro_step(cfg, engine, ref_engine if source == "online" else None, batch, n_forget=micro,
-                    cached_ref=cached)
+                    cached_ref=cached, ref_head=ref_head)
         dist.barrier()
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss, dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return seconds, peak.item() / 2 ** 20
 
     times = {name: [] for name in cfgs}
+    peaks = {name: [] for name in cfgs}
     for r in range(config["warmup"] + config["reps"]):
         for name in cfgs:
-            t = one_step(name)
+            t, mb = one_step(name)
             if r >= config["warmup"]:
                 times[name].append(t)
+                peaks[name].append(mb)
     if rank == 0:
-        Path(config["out"]).write_text(json.dumps(times))
+        Path(config["out"]).write_text(json.dumps({"times": times, "peaks": peaks}))
 
 
 def main() -> None:
@@ -129,8 +152,8 @@ def main() -> None:
     for name, (overrides, source) in VARIANTS.items():
         extra = [f"reference.cache_dir={caches[source]}"] if source in caches else []
         cfgs[name] = load_unlearn_config(None, common + overrides + extra)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,  # mmap threshold: see the docstring
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}})
     precompute = {}
     for name in ("dipo_cached", "dipo_topk"):
         t0 = time.perf_counter()
@@ -145,8 +168,10 @@ def main() -> None:
                  run_config=RunConfig(name="step_bench", storage_path=str(work / "ray"))).fit()
     ray.shutdown()
 
-    times = json.loads(out.read_text())
+    measured = json.loads(out.read_text())
+    times = measured["times"]
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    peak_mb = {name: statistics.median(ps) for name, ps in measured["peaks"].items()}
     tokens = 2 * workers * args.micro_batch * args.block_size  # forget + retain rows of one global step
     result = {
         "model": {"parameters": num_parameters(assets["model"]), "vocab": args.vocab, "hidden": args.hidden,
@@ -157,6 +182,7 @@ def main() -> None:
         "reps": args.reps, "warmup": args.warmup,
         "step_time_s": median,
         "step_time_s_all": times,
+        "step_peak_mb": peak_mb,
         "tokens_per_s": {name: tokens / t for name, t in median.items()},
         "dipo_over_sft_step_time": median["dipo_cached"] / median["sft"],
         "dipo_online_over_sft_step_time": median["dipo_online"] / median["sft"],
@@ -164,6 +190,11 @@ def main() -> None:
         "npo_cached_over_sft_step_time": median["npo_cached"] / median["sft"],
         "online_over_cached_step_time": median["dipo_online"] / median["dipo_cached"],
         "ga_over_sft_step_time": median["ga"] / median["sft"],  # same computation: the noise floor
+        "fused_over_logits_dipo_step_peak_memory": peak_mb["dipo_cached_fused"] / peak_mb["dipo_cached"],
+        "fused_over_logits_sft_step_peak_memory": peak_mb["sft_fused"] / peak_mb["sft"],
+        "fused_over_logits_dipo_step_time": median["dipo_cached_fused"] / median["dipo_cached"],
+        "fused_dipo_over_fused_sft_step_time": median["dipo_cached_fused"] / median["sft_fused"],
+        "fused_dipo_over_sft_step_time": median["dipo_cached_fused"] / median["sft"],
         "precompute": precompute,
     }
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

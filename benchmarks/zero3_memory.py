@@ -56,7 +56,7 @@ def memory_worker(config: dict) -> None:
     cfg = UnlearnConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    engine, _ = _init_engines(cfg, load_ds_config(cfg, world))
+    engine, *_ = _init_engines(cfg, load_ds_config(cfg, world))
     blocks = read_blocks(cfg.data.prepared_dir, "forget")
     rows = np.arange(rank * cfg.train.micro_batch_size, (rank + 1) * cfg.train.micro_batch_size)
     batch = {k: torch.as_tensor(blocks[k][rows]) for k in ("input_ids", "labels", "attention_mask")}

@@ -55,6 +55,7 @@ class LossConfig(_Strict):
     gamma: float = Field(1.0, ge=0)        # weight of the forget term
     lam: float = Field(1.0, ge=0, alias="lambda")  # weight of the retain term
     chunk_size: Optional[int] = Field(None, ge=1)  # positions per chunk in the losses (None: by vocab size)
+    fused: bool = False  # LM head + loss chunk by chunk: the [B, T, V] logits never exist (unlearn.FusedHeadModel)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -12,7 +12,10 @@ Driver side (`run_unlearning`) builds a `TorchTrainer` with N workers. Each work
    retain block ids) that does not depend on the number of workers; worker r takes its slice,
    so 1 worker and 2 workers with the same global batch see the same data;
 3. per step: one forward over [forget; retain] blocks, the loss from `dipo_scale.losses`,
-   `engine.backward`, `engine.step`; rank 0 logs to `log.jsonl` and wandb (offline by default);
+   `engine.backward`, `engine.step`; rank 0 logs to `log.jsonl` and wandb (offline by default).
+   With `loss.fused` the engine wraps the model in `FusedHeadModel`, whose forward runs the decoder
+   trunk and the loss from the final hidden states and the LM head, chunk by chunk: the
+   [B, T, V] logits (and their gradient) never exist;
 4. at the end: a DeepSpeed checkpoint reported through `ray.train.report`, and an HF-format
    export (safetensors) gathered from the ZeRO-3 shards into `<out_dir>/model`.
 """
@@ -32,8 +35,8 @@ import torch
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_dir, atomic_write_json, claim_run_dir
-from dipo_scale.losses import (dipo_loss, ga_loss, kl_retain_loss, nll_loss, npo_loss,
-                               shift_targets)
+from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
+                               npo_loss, shift_targets)
 
 
 # ------------------------------------------------------------------------------------------
@@ -92,6 +95,21 @@ def check_optimizer(cfg: UnlearnConfig) -> None:
                              f"here ({type(e).__name__}: {first}); use train.optimizer=adamw") from None
 
 
+def check_fused_head(cfg: UnlearnConfig) -> None:
+    """`loss.fused` computes logits as `hidden @ lm_head.weight.T (+ bias)`: refuse, in one line,
+    models whose config rescales or softcaps their logits (the fused path would be silently wrong)."""
+    from transformers import AutoConfig
+
+    paths = {cfg.model.path, cfg.model.reference_path or cfg.model.path}
+    for path in sorted(paths):
+        text = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).get_text_config()
+        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+            value = getattr(text, attr, None)
+            if value not in (None, 1, 1.0):
+                raise UserInputError(f"loss.fused: {path} transforms its logits ({attr}={value}); the fused "
+                                     "LM head supports plain linear heads only; set loss.fused=false")
+
+
 def batch_schedule(num_blocks: int, global_batch: int, step: int, seed: int) -> np.ndarray:
     """Block ids of global batch `step`: an endless stream of seeded permutations, one per epoch."""
     start, stop = step * global_batch, (step + 1) * global_batch
@@ -112,7 +130,51 @@ def run_dir_of(cfg: UnlearnConfig) -> Path:
 # ------------------------------------------------------------------------------------------
 # Worker side
 # ------------------------------------------------------------------------------------------
+class FusedHeadModel(torch.nn.Module):
+    """`loss.fused`: wraps an HF causal LM so that one engine forward runs its decoder trunk and
+    then `loss_fn(LMHead(final hidden states, LM-head weight, bias))`, the loss computed from the
+    hidden states chunk by chunk (`dipo_scale.losses`), so the [B, T, V] logits never exist.
+    Without `loss_fn` the forward returns the final hidden states (the fused online reference).
+
+    Why inside the forward: under ZeRO-3 the head weight is an empty placeholder outside the
+    forward of a module that uses it. Registered as an external parameter of this module, it is
+    gathered around this forward, gathered again for the backward (DeepSpeed's hook fires when the
+    returned loss receives its gradient) and its gradient is reduce-scattered like any other.
+    (`deepspeed.zero.GatheredParameters` is for reads only: it re-partitions the weight on exit,
+    before `engine.backward`.) Tied embeddings are the same parameter, and its gradient sums both
+    uses. Heads are plain linear maps of `get_decoder()(...)[0]` (Llama, Mistral, Qwen, ...);
+    `validate_run` refuses models that rescale or softcap their logits.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, loss_fn=None):
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        if loss_fn is None:
+            return hidden
+        head = self.model.get_output_embeddings()
+        return loss_fn(LMHead(hidden, head.weight, getattr(head, "bias", None)))
+
+
+def hf_model(engine):
+    """The HF model an engine trains (unwrapped from `FusedHeadModel`)."""
+    return engine.module.model if isinstance(engine.module, FusedHeadModel) else engine.module
+
+
+def hf_state_dict(engine) -> dict | None:
+    """The consolidated weights under the HF model's parameter names (a collective: every rank
+    calls it; rank 0 gets the dict)."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict()
+    if state_dict and isinstance(engine.module, FusedHeadModel):
+        state_dict = type(state_dict)((k.removeprefix("model."), v) for k, v in state_dict.items())
+    return state_dict
+
+
 def _init_engines(cfg: UnlearnConfig, ds_config: dict):
+    """The policy engine, and for the online reference its frozen engine and (fused) the gathered
+    reference head (weight, bias): frozen, so one read-only copy per worker, like the hidden cache's."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -121,22 +183,35 @@ def _init_engines(cfg: UnlearnConfig, ds_config: dict):
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     load = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    fused = cfg.loss.fused
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (keeps zero.Init on for from_pretrained)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **load)
     optimizer = make_optimizer(cfg, model.parameters())
+    if fused:
+        model = FusedHeadModel(model)
+        head = model.model.get_output_embeddings()
+        for param in (head.weight, getattr(head, "bias", None)):
+            if param is not None:
+                deepspeed.zero.register_external_parameter(model, param)
     warmup = cfg.train.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=ds_config)
-    ref_engine = None
+    ref_engine, ref_head = None, None
     if cfg.needs_reference() and not cfg.reference_cached():
         ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
         hf_ref = HfDeepSpeedConfig(ref_config)  # noqa: F841
         ref_model = AutoModelForCausalLM.from_pretrained(cfg.model.reference_path or cfg.model.path, **load)
         ref_model.requires_grad_(False)
+        if fused:
+            head = ref_model.get_output_embeddings()
+            params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+            with deepspeed.zero.GatheredParameters(params):  # collective, read-only
+                ref_head = tuple(p.detach().clone() for p in params)
+            ref_model = FusedHeadModel(ref_model)
         ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
         ref_engine.eval()
-    return engine, ref_engine
+    return engine, ref_engine, ref_head
 
 
 def _partition_sizes(engine) -> dict:
@@ -189,40 +264,46 @@ def _start_wandb(cfg: UnlearnConfig, run_dir: Path):
 
 
 def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: int,
-                cached_ref: dict | None = None) -> dict[str, float]:
+                cached_ref: dict | None = None, ref_head: tuple | None = None) -> dict[str, float]:
     """Forward over [forget; retain] rows, loss, backward, step. Returns the logged values.
-    The reference is the online `ref_engine`'s logits, or `cached_ref` {"forget": ..., "retain":
-    ...} (cached forms, `ReferenceCache.references`) for the batch's forget and retain rows."""
+    The reference is the online `ref_engine`'s logits (fused: its final hidden states with the
+    gathered `ref_head`), or `cached_ref` {"forget": ..., "retain": ...} (cached forms,
+    `ReferenceCache.references`) for the batch's forget and retain rows."""
     targets = shift_targets(batch["labels"])
     f, r = slice(0, n_forget), slice(n_forget, None)
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ref_logits = None
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    fused = cfg.loss.fused
+    ref_f, ref_r = (cached_ref.get("forget"), cached_ref.get("retain")) if cached_ref else (None, None)
     if ref_engine is not None:
         with torch.no_grad():
-            ref_logits = ref_engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if cached_ref is not None:
-        ref_f, ref_r = cached_ref.get("forget"), cached_ref.get("retain")
-    else:
-        ref_f, ref_r = (None, None) if ref_logits is None else (ref_logits[f], ref_logits[r])
-    forget_loss, stat = _forget_loss(cfg, logits[f], ref_f, targets[f])
-    loss = cfg.loss.gamma * forget_loss
-    record = {"forget_loss": forget_loss.item()}
+            ref_out = ref_engine(**inputs) if fused else ref_engine(**inputs, use_cache=False).logits
+        ref_f, ref_r = ((HiddenReference(ref_out[rows], *ref_head) if fused else ref_out[rows]) for rows in (f, r))
     has_retain = len(batch["input_ids"]) > n_forget
-    if has_retain:
-        retain_loss = _retain_loss(cfg, logits[r], ref_r, targets[r])
-        loss = loss + cfg.loss.lam * retain_loss
-        record["retain_loss"] = retain_loss.item()
+
+    def losses(policy):  # logits [B, T, V], or an LMHead (fused: inside the engine's forward)
+        forget_loss, stat = _forget_loss(cfg, policy[f], ref_f, targets[f])
+        loss = cfg.loss.gamma * forget_loss
+        record = {"forget_loss": forget_loss.item()}
+        if has_retain:
+            retain_loss = _retain_loss(cfg, policy[r], ref_r, targets[r])
+            loss = loss + cfg.loss.lam * retain_loss
+            record["retain_loss"] = retain_loss.item()
+        with torch.no_grad():
+            record["loss"] = loss.item()
+            record["forget_nll"] = nll_loss(policy[f], targets[f], chunk_size=cfg.loss.chunk_size).item()
+            if has_retain:
+                record["retain_nll"] = (record["retain_loss"] if cfg.loss.retain == "gd" else
+                                        nll_loss(policy[r], targets[r], chunk_size=cfg.loss.chunk_size).item())
+        if cfg.method in ("dipo", "npo"):
+            record["dipo_margin" if cfg.method == "dipo" else "npo_log_ratio"] = stat.mean().item()
+        return loss, record
+
+    if fused:
+        loss, record = engine(**inputs, loss_fn=losses)
+    else:
+        loss, record = losses(engine(**inputs, use_cache=False).logits)
     engine.backward(loss)
     engine.step()
-    with torch.no_grad():
-        record["loss"] = loss.item()
-        record["forget_nll"] = nll_loss(logits[f].detach(), targets[f]).item()
-        if has_retain:
-            record["retain_nll"] = nll_loss(logits[r].detach(), targets[r]).item()
-        if cfg.method == "dipo":
-            record["dipo_margin"] = stat.mean().item()
-        elif cfg.method == "npo":
-            record["npo_log_ratio"] = stat.mean().item()
     return record
 
 
@@ -346,7 +427,7 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = run_dir_of(cfg)
     torch.manual_seed(cfg.train.seed)
-    engine, ref_engine = _init_engines(cfg, load_ds_config(cfg, world))
+    engine, ref_engine, ref_head = _init_engines(cfg, load_ds_config(cfg, world))
     checkpoint = ray.train.get_checkpoint()
     start = _restore(engine, checkpoint) if checkpoint else 0
 
@@ -385,7 +466,8 @@ def train_worker(config: dict) -> None:
             cached_ref = None if cache is None else cache.references(  # only this worker's rows
                 engine.device, forget=rows[0][1] if "forget" in cached_splits else None,
                 retain=rows[1][1] if "retain" in cached_splits else None)
-            record = _micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]), cached_ref=cached_ref)
+            record = _micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]), cached_ref=cached_ref,
+                                 ref_head=ref_head)
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v * micro / (G // world)
         metrics = _mean_over_ranks(sums)
@@ -396,7 +478,7 @@ def train_worker(config: dict) -> None:
             if wandb_run is not None:
                 wandb_run.log(metrics, step=step + 1)
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
-            state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective
+            state_dict = hf_state_dict(engine)  # collective
             if evaluator is not None:
                 evaluator.run(step + 1, state_dict, wandb_run)
             # Every rank reports (a Ray Train report is collective); rank 0's carries the metrics,
@@ -420,10 +502,10 @@ def _export_hf(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> None:
     """Consolidate the ZeRO-3 shards (a collective) and write an HF-format model from rank 0."""
     from transformers import AutoTokenizer
 
-    state_dict = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
+    state_dict = hf_state_dict(engine)  # every rank must call it
     if rank == 0:
         with atomic_dir(run_dir / "model") as tmp:
-            engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            hf_model(engine).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
                                           ).save_pretrained(tmp)
             atomic_write_json(tmp / "dipo_scale.json", {
@@ -448,6 +530,8 @@ def validate_run(cfg: UnlearnConfig) -> None:
         raise UserInputError(f"{cfg.data.prepared_dir}: forget set is empty")
     load_ds_config(cfg, cfg.train.num_workers)
     check_optimizer(cfg)
+    if cfg.loss.fused:
+        check_fused_head(cfg)
     if cfg.reference_cached():
         from dipo_scale.reference import check_cache
 

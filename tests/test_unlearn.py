@@ -20,15 +20,25 @@ def _run(tiny_assets, tmp_path, name, *overrides):
     return model_dir, log
 
 
-def test_two_worker_zero3_dipo_unlearns_and_exports(tiny_assets, ray_cluster, tmp_path):
-    from transformers import AutoModelForCausalLM
+# DiPO with the online reference (a second ZeRO-3 engine), forget term only.
+TWO_WORKER_DIPO = ("method=dipo", "loss.retain=none", "train.num_workers=2", "dipo.alpha=3.0")
 
-    model_dir, log = _run(tiny_assets, tmp_path, "dipo2", "method=dipo", "loss.retain=none",
-                          "train.num_workers=2", "dipo.alpha=3.0",
-                          # evaluation during unlearning, with MUSE's checkpoint-selection rule
+
+@pytest.fixture(scope="module")
+def two_worker_run(tiny_assets, ray_cluster, tmp_path_factory):
+    """A 2-worker ZeRO-3 DiPO run with evaluation during unlearning and MUSE's checkpoint selection."""
+    tmp_path = tmp_path_factory.mktemp("unlearn")
+    model_dir, log = _run(tiny_assets, tmp_path, "dipo2", *TWO_WORKER_DIPO,
                           "eval.every=3", f"eval.data_dir={tiny_assets['corpus']}", "eval.limit=2",
                           "eval.verbmem_max_new_tokens=8", "eval.knowmem_max_new_tokens=8",
                           "eval.select=muse", "eval.retrain_knowmem_f=100")
+    return tmp_path, model_dir, log
+
+
+def test_two_worker_zero3_dipo_unlearns_and_exports(two_worker_run):
+    from transformers import AutoModelForCausalLM
+
+    tmp_path, model_dir, log = two_worker_run
     ranks = [json.loads((tmp_path / "dipo2" / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:  # ZeRO-3: each rank holds only its partition of the parameters
         assert r["world_size"] == 2
@@ -53,6 +63,46 @@ def test_two_worker_zero3_dipo_unlearns_and_exports(tiny_assets, ray_cluster, tm
 
 
 # 1 worker vs 2 workers give the same loss curve: tests/test_cluster.py (the 2 workers on 2 nodes).
+
+
+def test_fused_lm_head_trains_like_the_logits_path_under_zero3(tiny_assets, two_worker_run, tmp_path):
+    """`loss.fused` (the loss from hidden states + the ZeRO-3-gathered LM head, inside the engine's
+    forward; the reference from its hidden states + its gathered head) against the same run on the
+    logits: same losses step by step, same trained weights. (Evaluation during the logits run does
+    not touch training.) The retain terms on an LMHead: tests/losses/test_fused.py."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, plain_dir, plain_log = two_worker_run
+    fused_dir, fused_log = _run(tiny_assets, tmp_path, "fused", *TWO_WORKER_DIPO, "loss.fused=true",
+                                "loss.chunk_size=16", "logging.wandb=disabled")
+    plain, fused = load_file(plain_dir / "model.safetensors"), load_file(fused_dir / "model.safetensors")
+    assert len(fused_log) == len(plain_log)
+    for a, b in zip(plain_log, fused_log):
+        for key in ("loss", "forget_loss", "forget_nll", "dipo_margin"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    assert plain.keys() == fused.keys()
+    start = load_file(tiny_assets["target"] / "model.safetensors")
+    largest_update = max((w - start[n]).abs().max().item() for n, w in plain.items())
+    assert largest_update > 1e-4  # it trained
+    for name, weight in plain.items():  # updates agree to 1% of the largest (Adam amplifies rounding a bit)
+        assert torch.allclose(fused[name], weight, rtol=0, atol=1e-2 * largest_update), name
+
+
+def test_fused_refuses_models_that_transform_their_logits(tiny_assets, tmp_path):
+    import shutil
+
+    from dipo_scale.errors import UserInputError
+    from dipo_scale.unlearn import validate_run
+
+    model = tmp_path / "softcapped"
+    shutil.copytree(tiny_assets["target"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
+    cfg = load_unlearn_config(None, [f"model.path={model}", f"data.prepared_dir={tiny_assets['prepared']}",
+                                     "loss.fused=true"])
+    with pytest.raises(UserInputError, match="loss.fused: .*final_logit_softcapping=30.0"):
+        validate_run(cfg)
 
 
 def test_batch_schedule_is_a_deterministic_stream_of_permutations():

@@ -7,8 +7,17 @@ See ../shared/docs/DIPO.md (copied into docs/DIPO.md) for the derivation. Conven
 * Every loss works chunk by chunk over the valid positions: no [B, T, V] float32 intermediate is
   ever held beyond the logits themselves (and their gradient). The backward pass recomputes each
   chunk, so the autograd graph stores only the inputs (see `_PositionwiseChunked`).
-* Per-row quantities are sums over that row's valid positions, so a row's loss does not depend
-  on the other rows of the batch or on how much padding it carries.
+* The policy is its logits [B, T, V], or an `LMHead` (final hidden states [B, T, H] + the LM-head
+  weight [V, H], + bias): the fused path, where the logits are computed chunk by chunk inside the
+  loss, forward and backward, so neither they nor their gradient ever exist whole
+  (`_FusedHeadPositionwise`). `loss(LMHead(h, W, b), ...)` equals `loss(h @ W.T + b, ...)` in
+  value and gradient (tests/losses/test_fused.py). Under DeepSpeed ZeRO-3 the head weight must be
+  the gathered one: `dipo_scale.unlearn.FusedHeadModel` computes the loss inside the engine's
+  forward for that reason.
+* Chunk size (`chunk_size`, positions). A chunk holds a handful of [chunk, V] float32 temporaries,
+  so its memory grows with V; `None` picks `auto_chunk_size(V)`, ~16 MiB per temporary whatever
+  the vocabulary (131 positions at V = 32000, 32 at V = 128256). On a GPU a larger chunk may run
+  the fused [chunk, H] x [H, V] matmul nearer peak; smaller chunks re-read the weight more often.
 * The reference (`ref_logits` of `dipo_loss`, `npo_loss`, `kl_retain_loss`) is full logits
   [B, T, V] (the `online` form), or one of the cached forms of docs/DIPO.md, "Reference
   statistics": `HiddenReference` (exact: the reference's final hidden states + its LM-head
@@ -35,6 +44,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 2 ** 22  # one [chunk, V] float32 temporary holds ~this many values (16 MiB)
@@ -84,21 +94,87 @@ class _PositionwiseChunked(torch.autograd.Function):
         return (None, None, None, grad) + (None,) * len(aux)
 
 
+class _FusedHeadPositionwise(torch.autograd.Function):
+    """values[n] = fn(hidden[n] @ weight.T + bias, targets[n], *aux[n]) for each selected position n.
+
+    Forward holds one chunk of [chunk, V] tensors at a time; backward recomputes each chunk,
+    writes that chunk's rows of grad_hidden and adds grad_z.T @ hidden_chunk into one [V, H]
+    accumulator (in the compute dtype, cast to the weight's dtype at the end). Saved: the inputs
+    only. Gradients are computed only for the inputs that require them (a frozen head costs no
+    [V, H] accumulator). A bf16 weight is upcast once per pass (a transient float32 [V, H] copy).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, chunk, positions, hidden, weight, bias, targets, *aux):
+        dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(weight))
+        ctx.fn, ctx.chunk, ctx.dtype = fn, chunk, dtype
+        ctx.save_for_backward(positions, hidden, weight, bias, targets, *aux)
+        out = hidden.new_empty(positions.numel(), dtype=dtype)
+        with torch.no_grad():
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for s in range(0, positions.numel(), chunk):
+                idx = positions[s : s + chunk]
+                z = _linear(hidden[idx].to(dtype), w, b)
+                out[s : s + chunk] = fn(z, targets[idx], *(a[idx] for a in aux))
+                del z
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        positions, hidden, weight, bias, targets, *aux = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[3:6]
+        dtype = ctx.dtype
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
+        if need_h or need_w or need_b:
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for s in range(0, positions.numel(), ctx.chunk):
+                idx = positions[s : s + ctx.chunk]
+                h = hidden[idx].to(dtype)
+                z = _linear(h, w, b)  # backward runs without grad mode: a fresh leaf
+                with torch.enable_grad():
+                    z.requires_grad_(True)
+                    values = ctx.fn(z, targets[idx], *(a[idx] for a in aux))
+                    (g,) = torch.autograd.grad(values, z, grad_out[s : s + ctx.chunk].to(dtype))
+                del z, values
+                if need_h:
+                    grad_h[idx] = (g @ w).to(grad_h.dtype)
+                if need_w:
+                    grad_w.addmm_(g.T, h)
+                if need_b:
+                    grad_b += g.sum(dim=0)
+                del g, h
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return (None, None, None, grad_h, grad_w, grad_b) + (None,) * (1 + len(aux))
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """Losses compute in float32 at least (bf16/fp16 logits are upcast chunk by chunk)."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _per_row(fn: Callable, logits: torch.Tensor, targets: torch.Tensor, *aux: torch.Tensor,
+def _per_row(fn: Callable, policy, targets: torch.Tensor, *aux: torch.Tensor,
              chunk_size: int | None = None) -> torch.Tensor:
-    """Sum of fn over each row's valid positions -> [B] (differentiable in `logits`)."""
-    B, T, V = logits.shape
+    """Sum of fn(z, y, *aux) over each row's valid positions -> [B], differentiable in the policy:
+    logits [B, T, V], or an `LMHead` (its logits are computed chunk by chunk, never whole)."""
+    B, T, V = policy.shape
+    if tuple(targets.shape) != (B, T):
+        raise ValueError(f"targets must be [B, T]={(B, T)}, got {tuple(targets.shape)}")
     chunk_size = chunk_size or auto_chunk_size(V)
     flat_targets = targets.reshape(-1)
     positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     flat_aux = [a.reshape(B * T, *a.shape[2:]) for a in aux]
-    values = _PositionwiseChunked.apply(fn, chunk_size, positions, logits.reshape(B * T, V),
-                                        flat_targets.clamp_min(0), *flat_aux)
+    if isinstance(policy, LMHead):
+        values = _FusedHeadPositionwise.apply(fn, chunk_size, positions, policy.hidden.reshape(B * T, -1),
+                                              policy.weight, policy.bias, flat_targets.clamp_min(0), *flat_aux)
+    else:
+        values = _PositionwiseChunked.apply(fn, chunk_size, positions, policy.reshape(B * T, V),
+                                            flat_targets.clamp_min(0), *flat_aux)
     rows = torch.div(positions, T, rounding_mode="floor")
     return values.new_zeros(B).index_add(0, rows, values)
 
@@ -131,6 +207,32 @@ def token_counts(targets: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return h @ w.T if b is None else torch.addmm(b, h, w.T)
+
+
+class LMHead:
+    """The policy as its final hidden states [B, T, H] (the input of its LM head) and that head's
+    `weight` [V, H] (+ `bias` [V]), in place of logits: the fused path. Every loss takes it
+    wherever it takes policy logits and computes `hidden @ weight.T + bias` chunk by chunk, in the
+    forward and again in the backward pass, so neither the [B, T, V] logits nor their gradient
+    ever exist. Gradients reach `hidden`, `weight` and `bias` (those that require them).
+    `head[rows]` selects rows of the batch, like `logits[rows]`."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if hidden.dim() != 3:
+            raise ValueError(f"LMHead: hidden must be [B, T, H], got {tuple(hidden.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+            raise ValueError(f"LMHead: weight must be [V, H={hidden.shape[2]}], got {tuple(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"LMHead: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.shape = (*hidden.shape[:2], weight.shape[0])
+
+    def __getitem__(self, rows) -> "LMHead":
+        return LMHead(self.hidden[rows], self.weight, self.bias)
+
+    def detach(self) -> "LMHead":
+        return LMHead(self.hidden.detach(), self.weight.detach(),
+                      None if self.bias is None else self.bias.detach())
 
 
 class LogitsReference:
@@ -312,8 +414,8 @@ def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=None):
     `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
     ref = as_reference(ref_logits)
     _check_reference(ref, logits)
-    ref_lp = _reference_values(_target_logprob, ref, targets, chunk_size).to(compute_dtype(logits))
-    log_ratio = sequence_logprob(logits, targets, chunk_size=chunk_size) - ref_lp
+    logprob = sequence_logprob(logits, targets, chunk_size=chunk_size)
+    log_ratio = logprob - _reference_values(_target_logprob, ref, targets, chunk_size).to(logprob.dtype)
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean(), log_ratio
 
 

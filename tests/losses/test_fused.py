@@ -1,12 +1,13 @@
-"""Fused LM head + loss (dipo_scale.losses.fused) against the logits-based losses."""
+"""The fused path (`LMHead`: hidden states + LM-head weight in place of logits) against the same
+losses on the logits, in value and gradient."""
 
 import math
 
 import pytest
 import torch
 
-from dipo_scale.losses import IGNORE_INDEX, dipo_loss, nll_loss
-from dipo_scale.losses.fused import auto_chunk_size, fused_dipo_loss, fused_nll_loss
+from dipo_scale.losses import (IGNORE_INDEX, HiddenReference, LMHead, TopKReference, auto_chunk_size,
+                               dipo_loss, ga_loss, kl_retain_loss, nll_loss, npo_loss, topk_statistics)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,10 +45,9 @@ SETTINGS = [
 def test_fused_dipo_matches_dipo_loss_on_logits(kw, chunk_size, ref_form):
     hidden, weight, _, ref_hidden, ref_weight, targets = _inputs()
     ref_logits = ref_hidden @ ref_weight.T
-    ref = dict(ref_logits=ref_logits) if ref_form == "logits" else dict(ref_hidden=ref_hidden,
-                                                                           ref_weight=ref_weight)
-    loss, margin = fused_dipo_loss(hidden, weight, targets, alpha=1.5, beta=0.7,
-                                   chunk_size=chunk_size, **ref, **kw)
+    ref = ref_logits if ref_form == "logits" else HiddenReference(ref_hidden, ref_weight)
+    loss, margin = dipo_loss(LMHead(hidden, weight), ref, targets, alpha=1.5, beta=0.7,
+                             chunk_size=chunk_size, **kw)
     expected, expected_margin = dipo_loss(hidden @ weight.T, ref_logits, targets, alpha=1.5,
                                           beta=0.7, **kw)
     assert torch.allclose(loss, expected, atol=1e-12, rtol=1e-10)
@@ -59,9 +59,8 @@ def test_fused_dipo_matches_dipo_loss_on_logits(kw, chunk_size, ref_form):
 def test_fused_dipo_with_bias_and_masked_positions_have_zero_grad():
     hidden, weight, bias, ref_hidden, ref_weight, targets = _inputs(seed=1, bias=True)
     ref_bias = torch.randn(V, dtype=torch.float64)
-    loss, _ = fused_dipo_loss(hidden, weight, targets, bias=bias, ref_hidden=ref_hidden,
-                              ref_weight=ref_weight, ref_bias=ref_bias, alpha=2.0, beta=1.0,
-                              chunk_size=2)
+    loss, _ = dipo_loss(LMHead(hidden, weight, bias), HiddenReference(ref_hidden, ref_weight, ref_bias),
+                        targets, alpha=2.0, beta=1.0, chunk_size=2)
     expected, _ = dipo_loss(hidden @ weight.T + bias, ref_hidden @ ref_weight.T + ref_bias,
                             targets, alpha=2.0, beta=1.0)
     got, want = _grads(loss, hidden, weight, bias), _grads(expected, hidden, weight, bias)
@@ -73,8 +72,8 @@ def test_fused_dipo_with_bias_and_masked_positions_have_zero_grad():
 
 def test_fused_dipo_at_reference_is_2_over_beta_log2():
     _, _, _, ref_hidden, ref_weight, targets = _inputs()
-    loss, margin = fused_dipo_loss(ref_hidden.clone(), ref_weight.clone(), targets,
-                                   ref_hidden=ref_hidden, ref_weight=ref_weight, alpha=1.0, beta=2.0)
+    loss, margin = dipo_loss(LMHead(ref_hidden.clone(), ref_weight.clone()),
+                             HiddenReference(ref_hidden, ref_weight), targets, alpha=1.0, beta=2.0)
     assert torch.allclose(margin, torch.zeros_like(margin), atol=1e-12)
     assert loss.item() == pytest.approx(math.log(2), rel=1e-12)
 
@@ -82,7 +81,7 @@ def test_fused_dipo_at_reference_is_2_over_beta_log2():
 @pytest.mark.parametrize("chunk_size", [1, 3, 1024])
 def test_fused_nll_matches_nll_loss(chunk_size):
     hidden, weight, bias, _, _, targets = _inputs(seed=2, bias=True)
-    loss = fused_nll_loss(hidden, weight, targets, bias=bias, chunk_size=chunk_size)
+    loss = nll_loss(LMHead(hidden, weight, bias), targets, chunk_size=chunk_size)
     expected = nll_loss(hidden @ weight.T + bias, targets)
     assert torch.allclose(loss, expected, atol=1e-12)
     for a, b in zip(_grads(loss, hidden, weight, bias), _grads(expected, hidden, weight, bias)):
@@ -92,7 +91,7 @@ def test_fused_nll_matches_nll_loss(chunk_size):
 def test_only_requested_gradients_frozen_head():
     hidden, weight, _, ref_hidden, ref_weight, targets = _inputs()
     frozen = weight.detach()
-    loss = fused_nll_loss(hidden, frozen, targets, chunk_size=2)
+    loss = nll_loss(LMHead(hidden, frozen), targets, chunk_size=2)
     (g,) = torch.autograd.grad(loss, hidden)
     (want,) = torch.autograd.grad(nll_loss(hidden @ frozen.T, targets), hidden)
     assert torch.allclose(g, want, atol=1e-12)
@@ -100,8 +99,8 @@ def test_only_requested_gradients_frozen_head():
 
 def test_bf16_inputs_run_and_give_finite_grads():
     hidden, weight, _, ref_hidden, ref_weight, targets = _inputs(dtype=torch.bfloat16)
-    loss, margin = fused_dipo_loss(hidden, weight, targets, ref_hidden=ref_hidden,
-                                   ref_weight=ref_weight, alpha=1.0, beta=0.5, chunk_size=4)
+    loss, margin = dipo_loss(LMHead(hidden, weight), HiddenReference(ref_hidden, ref_weight), targets,
+                             alpha=1.0, beta=0.5, chunk_size=4)
     assert loss.dtype == torch.float32 and margin.dtype == torch.float32
     gh, gw = torch.autograd.grad(loss, [hidden, weight])
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
@@ -111,15 +110,15 @@ def test_bf16_inputs_run_and_give_finite_grads():
     ref32, _ = dipo_loss(h32 @ w32.T, ref_hidden.float() @ ref_weight.float().T, targets,
                          alpha=1.0, beta=0.5)
     assert loss.item() == pytest.approx(ref32.item(), rel=1e-4, abs=1e-5)
-    nll = fused_nll_loss(hidden, weight, targets)
+    nll = nll_loss(LMHead(hidden, weight), targets)
     assert all(torch.isfinite(g.float()).all() for g in torch.autograd.grad(nll, [hidden, weight]))
 
 
 def test_all_positions_masked_gives_zero_margin_and_zero_grads():
     hidden, weight, _, ref_hidden, ref_weight, _ = _inputs()
     targets = torch.full((B, T), IGNORE_INDEX)
-    loss, margin = fused_dipo_loss(hidden, weight, targets, ref_hidden=ref_hidden,
-                                   ref_weight=ref_weight, alpha=1.0, beta=1.0)
+    loss, margin = dipo_loss(LMHead(hidden, weight), HiddenReference(ref_hidden, ref_weight), targets,
+                             alpha=1.0, beta=1.0)
     assert (margin == 0).all()
     gh, gw = torch.autograd.grad(loss, [hidden, weight])
     assert (gh == 0).all() and (gw == 0).all()
@@ -127,12 +126,40 @@ def test_all_positions_masked_gives_zero_margin_and_zero_grads():
 
 def test_argument_errors():
     hidden, weight, _, ref_hidden, ref_weight, targets = _inputs()
-    with pytest.raises(ValueError, match="exactly one reference"):
-        fused_dipo_loss(hidden, weight, targets, alpha=1.0, beta=1.0)
-    with pytest.raises(ValueError, match="ref_weight"):
-        fused_dipo_loss(hidden, weight, targets, ref_hidden=ref_hidden, alpha=1.0, beta=1.0)
     with pytest.raises(ValueError, match="weight must be"):
-        fused_nll_loss(hidden, weight[:, :2], targets)
+        LMHead(hidden, weight[:, :2])
+    with pytest.raises(ValueError, match="hidden must be"):
+        LMHead(hidden[0], weight)
+    with pytest.raises(ValueError, match="targets must be"):
+        nll_loss(LMHead(hidden, weight), targets[:, :-1])
+    with pytest.raises(ValueError, match="reference is"):
+        dipo_loss(LMHead(hidden, weight), HiddenReference(ref_hidden[:2], ref_weight), targets,
+                  alpha=1.0, beta=1.0)
+
+
+@pytest.mark.parametrize("method", ["npo", "ga", "kl", "dipo_topk_ref"])
+def test_other_losses_and_references_match_on_lm_head(method):
+    """NPO, GA, the KL retain term and a top-K reference take an LMHead like logits, and the
+    head's row selection (`head[rows]`) is the logits' one."""
+    hidden, weight, bias, ref_hidden, ref_weight, targets = _inputs(seed=3, bias=True)
+    ref_logits = ref_hidden @ ref_weight.T
+    rows = slice(1, None)
+
+    def run(policy):
+        if method == "npo":
+            return npo_loss(policy[rows], ref_logits[rows], targets[rows], beta=0.3, chunk_size=2)[0]
+        if method == "ga":
+            return ga_loss(policy[rows], targets[rows], chunk_size=2)
+        if method == "kl":
+            return kl_retain_loss(policy[rows], HiddenReference(ref_hidden[rows], ref_weight), targets[rows],
+                                  chunk_size=2)
+        ref = TopKReference(*topk_statistics(ref_logits[rows], 4), vocab_size=V)
+        return dipo_loss(policy[rows], ref, targets[rows], alpha=1.0, beta=0.5, chunk_size=2)[0]
+
+    loss, expected = run(LMHead(hidden, weight, bias)), run(hidden @ weight.T + bias)
+    assert torch.allclose(loss, expected, atol=1e-12)
+    for a, b in zip(_grads(loss, hidden, weight, bias), _grads(expected, hidden, weight, bias)):
+        assert torch.allclose(a, b, atol=1e-12)
 
 
 def test_auto_chunk_size_scales_with_vocab():
