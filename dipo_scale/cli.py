@@ -28,14 +28,15 @@ def _cmd_generate(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    from transformers import AutoTokenizer
-
     from dipo_scale.data.muse import load_muse_dir
-    from dipo_scale.prepare import prepare
 
-    data = load_muse_dir(args.data)
+    data = load_muse_dir(args.data)  # bad data is reported before the heavy imports
     if not Path(args.tokenizer).exists() and "/" not in args.tokenizer:
         raise UserInputError(f"--tokenizer {args.tokenizer}: no such directory or hub name")
+    from transformers import AutoTokenizer
+
+    from dipo_scale.prepare import prepare
+
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     manifest = prepare(data, tokenizer, args.out, block_size=args.block_size, with_qa=args.with_qa,
                        layout=args.layout)
@@ -45,9 +46,10 @@ def _cmd_prepare(args) -> None:
 
 def _cmd_unlearn(args) -> None:
     from dipo_scale.config import load_unlearn_config
+
+    cfg = load_unlearn_config(args.config, args.set)  # config errors before the heavy imports
     from dipo_scale.unlearn import run_unlearning
 
-    cfg = load_unlearn_config(args.config, args.set)
     print(run_unlearning(cfg))
 
 

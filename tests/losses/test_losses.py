@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dipo_scale.losses import (
     IGNORE_INDEX, dipo_loss, dipo_loss_naive, dipo_margin, ga_loss, high_confidence_mask,
-    kl_retain_loss, nll_loss, npo_loss, preference_distributions,
+    kl_retain_loss, nll_loss, npo_loss, preference_distributions, preference_weight,
 )
 
 torch.manual_seed(0)
@@ -183,3 +183,21 @@ def test_kl_retain_zero_at_reference_positive_elsewhere_and_matches_torch():
                        reduction="none").sum(-1)
     expected = ((per_tok * m).sum(-1) / m.sum(-1)).mean()
     assert kl.item() > 0 and kl.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("select", ["topk", "label", "topp"])
+@pytest.mark.parametrize("alpha", [0.3, 5.0, 200.0])
+def test_preference_weight_is_the_difference_of_the_two_softmaxes(select, alpha):
+    """The one-exp closed form of π⁺ − π⁻ (topk, label) against the two softmaxes of the
+    definition, in float64, including rows where the mask holds nearly all the mass and a large α
+    (exp(α) would overflow in float32); and in float32 it stays finite."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 50, generator=g, dtype=torch.float64) * 3
+    z[0, 7] = 40.0                                 # a peaked row: top-1 mass 1 − 1e-15
+    y = torch.randint(0, 50, (6,), generator=g)
+    y[0] = 7
+    kw = dict(alpha=alpha, select=select, k=3, p=0.8)
+    pi_plus, pi_minus = preference_distributions(z, y, **kw)
+    weight = preference_weight(z, y, **kw)
+    assert torch.allclose(weight, pi_plus - pi_minus, atol=1e-14, rtol=1e-10)
+    assert torch.isfinite(preference_weight(z.float(), y, **kw)).all()
