@@ -10,6 +10,10 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s by default; at the test runs' size (a few
+# seconds of training) that polling is a large share of each run. Every Ray cluster the tests
+# start (in process, `ray start`, CLI subprocesses) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
             block_size=64, batch_size=8, lr=3e-3, epochs=15, seed=0)
