@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # seconds of training) that polling is a large share of each run. Every Ray cluster the tests
 # start (in process, `ray start`, CLI subprocesses) inherits this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The venv's bin first on PATH for every process the tests start (the `ray` CLI and the `python`
+# of `ray job submit` entrypoints need it). It also keeps one `ninja` for DeepSpeed's JIT build of
+# its CPU shared-memory op: the venv's ninja (1.13) and a system one (1.11 here) read each other's
+# build log as stale, so alternating between them recompiled the op (~70 s) at every switch.
+_venv_bin = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _venv_bin:
+    os.environ["PATH"] = _venv_bin + os.pathsep + os.environ.get("PATH", "")
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
             block_size=64, batch_size=8, lr=3e-3, epochs=15, seed=0)
