@@ -276,8 +276,9 @@ def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: i
     ref_f, ref_r = (cached_ref.get("forget"), cached_ref.get("retain")) if cached_ref else (None, None)
     if ref_engine is not None:
         with torch.no_grad():
-            ref_out = ref_engine(**inputs) if fused else ref_engine(**inputs, use_cache=False).logits
-        ref_f, ref_r = ((HiddenReference(ref_out[rows], *ref_head) if fused else ref_out[rows]) for rows in (f, r))
+            ref = (HiddenReference(ref_engine(**inputs), *ref_head) if fused
+                   else ref_engine(**inputs, use_cache=False).logits)
+        ref_f, ref_r = ref[f], ref[r]
     has_retain = len(batch["input_ids"]) > n_forget
 
     def losses(policy):  # logits [B, T, V], or an LMHead (fused: inside the engine's forward)

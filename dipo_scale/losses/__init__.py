@@ -23,7 +23,8 @@ See ../shared/docs/DIPO.md (copied into docs/DIPO.md) for the derivation. Conven
   statistics": `HiddenReference` (exact: the reference's final hidden states + its LM-head
   weight) or `TopKReference` (approximate: top-K logits, their ids and the log-sum-exp). A cached
   form is turned into reference logits chunk by chunk, inside the loss (`Reference.logits`), so
-  the reference's [B, T, V] logits never exist whole.
+  the reference's [B, T, V] logits never exist whole. References and `LMHead` select rows of the
+  batch like logits do: `ref[rows]`.
 
 The `topk` tail. A top-K row stores the K largest reference logits `l_1..l_K`, their ids and
 `lse = logsumexp(z_ref)` over the whole vocabulary. The dense row rebuilt from it gives the K
@@ -230,10 +231,6 @@ class LMHead:
     def __getitem__(self, rows) -> "LMHead":
         return LMHead(self.hidden[rows], self.weight, self.bias)
 
-    def detach(self) -> "LMHead":
-        return LMHead(self.hidden.detach(), self.weight.detach(),
-                      None if self.bias is None else self.bias.detach())
-
 
 class LogitsReference:
     """The `online` form: reference logits [B, T, V] as they are."""
@@ -249,7 +246,7 @@ class LogitsReference:
     def logits(self, z_ref: torch.Tensor) -> torch.Tensor:
         return z_ref
 
-    def rows(self, rows) -> "LogitsReference":
+    def __getitem__(self, rows) -> "LogitsReference":
         return LogitsReference(self.tensor[rows])
 
 
@@ -277,7 +274,7 @@ class HiddenReference:
         with torch.no_grad():
             return _linear(hidden.to(self.dtype), self._w, self._b)
 
-    def rows(self, rows) -> "HiddenReference":
+    def __getitem__(self, rows) -> "HiddenReference":
         return HiddenReference(self.hidden[rows], self.weight, self.bias)
 
 
@@ -304,7 +301,7 @@ class TopKReference:
         with torch.no_grad():
             return topk_dense_logits(topk_logits, topk_ids, lse, self.vocab_size)
 
-    def rows(self, rows) -> "TopKReference":
+    def __getitem__(self, rows) -> "TopKReference":
         return TopKReference(self.topk_logits[rows], self.topk_ids[rows], self.lse[rows], self.vocab_size)
 
 
