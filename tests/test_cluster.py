@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def _ray_env() -> dict:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # job `python` = this venv
+    env = dict(os.environ)  # PATH starts with this venv's bin (conftest): the job's `python` is this venv
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"  # the CLI client must authenticate like the cluster
     return env

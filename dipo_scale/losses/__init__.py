@@ -7,6 +7,8 @@ See ../shared/docs/DIPO.md (copied into docs/DIPO.md) for the derivation. Conven
 * Every loss works chunk by chunk over the valid positions: no [B, T, V] float32 intermediate is
   ever held beyond the logits themselves (and their gradient). The backward pass recomputes each
   chunk, so the autograd graph stores only the inputs (see `_PositionwiseChunked`).
+* Per-row quantities are sums over that row's valid positions, so a row's loss does not depend
+  on the other rows of the batch or on how much padding it carries.
 * The policy is its logits [B, T, V], or an `LMHead` (final hidden states [B, T, H] + the LM-head
   weight [V, H], + bias): the fused path, where the logits are computed chunk by chunk inside the
   loss, forward and backward, so neither they nor their gradient ever exist whole
@@ -358,14 +360,17 @@ def _kl_ref_policy(z, y, z_ref):
     return (log_ref.exp() * (log_ref - torch.log_softmax(z, dim=1))).sum(dim=1)
 
 
+def _sparse_mask_ids(z_src: torch.Tensor, y: torch.Tensor, *, select: Select, k: int) -> torch.Tensor:
+    """[C, k] ids of S for the sparse selections: the top-k of z_src, or the label ([C, 1])."""
+    return z_src.topk(k, dim=1).indices if select == "topk" else y[:, None]
+
+
 def high_confidence_mask(z_src: torch.Tensor, y: torch.Tensor, *, select: Select, k: int = 1,
                          p: float = 0.9) -> torch.Tensor:
     """1[S_t] as a [C, V] float mask: top-k of z_src, the label, or the top-p nucleus of z_src."""
     mask = torch.zeros_like(z_src, dtype=compute_dtype(z_src))
-    if select == "topk":
-        return mask.scatter_(1, z_src.topk(k, dim=1).indices, 1.0)
-    if select == "label":
-        return mask.scatter_(1, y[:, None], 1.0)
+    if select in ("topk", "label"):
+        return mask.scatter_(1, _sparse_mask_ids(z_src, y, select=select, k=k), 1.0)
     if select == "topp":
         probs, order = torch.softmax(z_src.to(compute_dtype(z_src)), dim=1).sort(dim=1, descending=True)
         keep = (probs.cumsum(dim=1) - probs) < p  # smallest prefix whose mass reaches p
@@ -396,13 +401,10 @@ def preference_weight(z_src, y, *, alpha, select, k=1, p=0.9) -> torch.Tensor:
     if select == "topp":
         pi_plus, pi_minus = preference_distributions(z_src, y, alpha=alpha, select=select, k=k, p=p)
         return pi_plus.sub_(pi_minus)
-    z_src = z_src.to(compute_dtype(z_src))
-    if select == "topk":
-        idx = z_src.topk(k, dim=1).indices
-    elif select == "label":
-        idx = y[:, None]
-    else:
+    if select not in ("topk", "label"):
         raise ValueError(f"unknown dipo select {select!r}")
+    z_src = z_src.to(compute_dtype(z_src))
+    idx = _sparse_mask_ids(z_src, y, select=select, k=k)
     e = (z_src - z_src.amax(dim=1, keepdim=True)).exp_()
     e_s = e.gather(1, idx)
     e.scatter_(1, idx, 0.0)
