@@ -21,7 +21,8 @@ RUN useradd --create-home --uid 1000 dipo \
 USER 1000:1000
 WORKDIR /home/dipo/app
 
-# Pinned: the versions this project is tested with (see pyproject.toml for the ranges).
+# Pinned: the versions this project is tested with, one for every dependency of pyproject.toml
+# (its ranges; tests/test_dockerfile.py checks the two lists agree).
 RUN pip install --upgrade pip==26.3 \
     && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 \
     && pip install \
@@ -29,7 +30,7 @@ RUN pip install --upgrade pip==26.3 \
         accelerate==1.15.0 datasets==5.2.0 wandb==0.31.0 bitsandbytes==0.50.2 \
         rouge-score==0.1.2 scipy==1.17.1 scikit-learn==1.9.1 matplotlib==3.11.2 \
         pydantic==2.14.4 PyYAML==6.0.4 tqdm==4.70.1 pyarrow==26.0.1 safetensors==0.8.0 \
-        tokenizers==0.23.3
+        tokenizers==0.23.3 optuna==5.0.0
 
 COPY --chown=dipo:dipo pyproject.toml README.md ./
 COPY --chown=dipo:dipo dipo_scale ./dipo_scale
