@@ -20,13 +20,15 @@ line), .json (an array of strings or {"text": ...}) or .parquet (a `text` column
 record files may hold one JSON array or JSON lines, whatever their extension (.json or .jsonl).
 
 Every problem raises `UserInputError` with a one-line message naming the file, and the line number
-(JSON lines, malformed JSON) or the 0-based entry index (JSON arrays).
+(JSON lines, malformed JSON) or the 0-based entry index (JSON arrays). From the hub, an optional
+split that cannot be loaded is left out with one `note: ...` line on stderr naming it and why.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,11 @@ class MuseData:
 # --- reading single files -----------------------------------------------------------------------
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def note(message: str) -> None:
+    """One `note: ...` line on stderr: something optional is left out, and why."""
+    print(f"note: {_one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _read_text(path: Path) -> str:
@@ -245,22 +252,24 @@ def _texts_file(root: Path, name: str) -> list[str]:
     return [_text_of(where, item, ("text", "input")) for where, item in _load_items(path)]
 
 
-def load_muse_dir(path: str | Path) -> MuseData:
-    """Load a MUSE-layout directory (see the module docstring); raise UserInputError if it is not one."""
+def load_muse_dir(path: str | Path, *, need_raw: bool = True) -> MuseData:
+    """Load a MUSE-layout directory (see the module docstring); raise UserInputError if it is not one.
+    `need_raw=False` (evaluation, which reads no raw text when privleak/ holds the MIA texts):
+    raw/forget.* and raw/retain*.* are read when present, not required."""
     root = Path(path)
     if not root.is_dir():
         raise UserInputError(f"{root}: MUSE data directory does not exist" if not root.exists()
                              else f"{root}: not a directory")
 
     forget_file = _single_raw_file(root, "forget")
-    if forget_file is None:
+    if forget_file is None and need_raw:
         raise _missing(root, "raw/forget.*")
-    forget_docs = read_documents(forget_file)
-    if not forget_docs:
+    forget_docs = read_documents(forget_file) if forget_file else []
+    if forget_file and not forget_docs:
         raise UserInputError(f"{forget_file}: forget set is empty")
 
     retain_files = _raw_files(root, "retain*")
-    if not retain_files:
+    if not retain_files and need_raw:
         raise _missing(root, "raw/retain*.*")
     retain_docs = [doc for p in retain_files for doc in read_documents(p)]
     holdout_file = _single_raw_file(root, "holdout")
@@ -301,26 +310,41 @@ HUB_SPLITS = {
 }
 
 
-def _hub_records(name: str, config: str, split: str, *, required: bool = True) -> list[tuple[str, Any]]:
-    """The rows of one split of a hub dataset as (location, dict) pairs."""
+def _hub_dataset(name: str, config: str, split: str | None = None, *, required: bool = True):
+    """`datasets.load_dataset(name, config, split=split)` (all splits when `split` is None). If it
+    fails: a UserInputError, or (not `required`) a note on stderr and None."""
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # no network, unknown dataset/config/split, ...
+        what, reason = config + (f"/{split}" if split else ""), f"{type(e).__name__}: {_one_line(e)[:200]}"
         if not required:
-            return []
-        raise UserInputError(f"{name}: not a local directory and cannot load {config}/{split} from the hub "
-                             f"({type(e).__name__}: {_one_line(e)[:200]})") from None
-    return [(f"{name}[{config}/{split}]: entry {i}", dict(row)) for i, row in enumerate(ds)]
+            note(f"{name}[{what}]: optional, cannot be loaded from the hub ({reason}); continuing without it")
+            return None
+        raise UserInputError(f"{name}: not a local directory and cannot load {what} from the hub ({reason})") from None
+
+
+def _rows(where: str, ds) -> list[tuple[str, Any]]:
+    return [(f"{where}: entry {i}", dict(row)) for i, row in enumerate(ds)]
+
+
+def _hub_records(name: str, config: str, split: str, *, required: bool = True) -> list[tuple[str, Any]]:
+    """The rows of one split of a hub dataset as (location, dict) pairs ([] when optional and not
+    loaded)."""
+    ds = _hub_dataset(name, config, split, required=required)
+    return [] if ds is None else _rows(f"{name}[{config}/{split}]", ds)
+
+
+def _documents(rows: list[tuple[str, Any]]) -> list[str]:
+    """The non-empty, stripped documents of hub rows ({"text": ...} or {"input": ...})."""
+    return [d.strip() for d in (_text_of(where, row, ("text", "input")) for where, row in rows) if d.strip()]
 
 
 def load_muse_hub(name: str) -> MuseData:
     """A MUSE dataset from the hub (`datasets.load_dataset(name, config, split=...)`)."""
     def texts(config: str, split: str, required: bool = True) -> list[str]:
-        docs = [_text_of(where, row, ("text", "input")) for where, row in
-                _hub_records(name, config, split, required=required)]
-        return [d.strip() for d in docs if d.strip()]
+        return _documents(_hub_records(name, config, split, required=required))
 
     def qa(split: str, required: bool) -> list[QA]:
         rows = _hub_records(name, "knowmem", split, required=required)
@@ -351,29 +375,34 @@ def load_muse_hub(name: str) -> MuseData:
     )
 
 
-def load_muse(source: str | Path) -> MuseData:
+def load_muse(source: str | Path, *, need_raw: bool = True) -> MuseData:
     """A local MUSE-layout directory, or (a name that is no local path, like "muse-bench/MUSE-News")
     the hub dataset of that name."""
     path = Path(source)
     if not path.exists() and is_hub_name(str(source)):
         return load_muse_hub(str(source))
-    return load_muse_dir(path)
+    return load_muse_dir(path, need_raw=need_raw)
 
 
 def load_forget_requests(source: str | Path, subset: str) -> list[tuple[str, list[str]]]:
     """MUSE's forget sets of a series of requests: `subset` "sust" (disjoint sets, unlearned one
     after another) or "scal" (nested sets of growing size). Locally <dir>/<subset>/forget_1.*,
     forget_2.*, ... in order (any raw-file type); from the hub the <subset> config's splits
-    forget_1, forget_2, .... Each is (where it came from, its documents); [] when there are none."""
+    forget_1, forget_2, .... Each is (where it came from, its documents); [] when there are none
+    (from the hub also when the config cannot be loaded, with a note on stderr)."""
     path = Path(source)
+    hub = None
+    if not path.exists() and is_hub_name(str(source)):
+        hub = _hub_dataset(str(source), subset, required=False)
+        if hub is None:
+            return []
     requests = []
     for k in range(1, 1000):
-        if not path.exists() and is_hub_name(str(source)):
-            rows = _hub_records(str(source), subset, f"forget_{k}", required=False)
-            if not rows:
+        if hub is not None:
+            if f"forget_{k}" not in hub:
                 break
             where = f"{source}[{subset}/forget_{k}]"
-            docs = [d.strip() for d in (_text_of(w, r, ("text", "input")) for w, r in rows) if d.strip()]
+            docs = _documents(_rows(where, hub[f"forget_{k}"]))
         else:
             files = sorted(p for p in (path / subset).glob(f"forget_{k}.*")
                            if p.is_file() and p.suffix.lower() in RAW_EXTENSIONS)
@@ -389,5 +418,7 @@ def load_forget_requests(source: str | Path, subset: str) -> list[tuple[str, lis
 
 
 def is_hub_name(name: str) -> bool:
-    """Whether `name` has the form owner/name of a hub dataset (a local path rarely has)."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+    """Whether `name` has the form owner/name of a hub dataset or model, and is not a mistyped
+    local path (its first part an existing local directory, like runs/ in runs/modle)."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+            and not Path(name.split("/")[0]).is_dir())

@@ -17,6 +17,8 @@ strings or a single string. A name that is not a local directory (e.g. "locuslab
 with `datasets.load_dataset(name, config)["train"]`.
 
 Every problem raises `UserInputError` with a one-line message naming the file, the entry and the key.
+What is left out or replaced (an optional split absent or, from the hub, not loadable; a retain split
+without perturbed answers) is in `TofuData.notes` and on stderr, one `note: ...` line each.
 
 `generate_tofu(out_dir, num_authors=..., seed=...)` writes a small seeded TOFU-layout directory of
 fictitious author profiles (tests, the demo).
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dipo_scale.data.muse import RECORD_EXTENSIONS, _load_items, _one_line, is_hub_name, string_field
+from dipo_scale.data.muse import RECORD_EXTENSIONS, _load_items, _one_line, is_hub_name, note, string_field
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_dir
 
@@ -220,13 +222,16 @@ def load_tofu(source: str | Path, *, forget: str = "forget10", retain: str | Non
     if holdout_name is not None:
         try:
             holdout = load_split(src, holdout_name, required=False)
-        except UserInputError:
+        except UserInputError as e:
             if src.local:
                 raise
-            notes.append(f"{holdout_name}: could not be loaded from the hub; no membership attack")
+            notes.append(f"{src.describe(holdout_name)}: optional, cannot be loaded from the hub ({e}); "
+                         "no membership attack")
     for name, items in (("retain", retain_items), ("real_authors", real), ("world_facts", world)):
         if items is None:
             notes.append(f"no {name} split: model utility is not computed")
+    for line in notes:
+        note(line)
     return TofuData(source=src.source, forget_name=forget, forget=forget_items, retain=retain_items,
                     real_authors=real, world_facts=world, holdout=holdout, notes=notes)
 
