@@ -374,11 +374,14 @@ class SeriesConfig(_Strict):
     """A series of unlearning requests. `sequential`: request k unlearns forget set k starting from
     request k-1's model (MUSE sust/forget_1..N, or disjoint folds of the forget documents).
     `scalability`: each request unlearns a nested forget set of growing size from the same model
-    (MUSE scal/forget_1..N, or growing prefixes of the forget documents)."""
+    (MUSE scal/forget_1..N, or growing prefixes of the forget documents). `forget_sets` chooses
+    between the two sources; nothing switches by itself."""
     out_dir: str = "runs/sequential"
     data_dir: str = ""                                 # MUSE-layout directory (evaluation + forget sets)
     unlearn: UnlearnConfig = UnlearnConfig()           # each request's config (model.path: the first model)
-    folds: int = Field(4, ge=1)                        # requests when data_dir has no sust/ (scal/) sets
+    forget_sets: Literal["data", "folds"] = "data"     # data: data_dir's sust/ (scal/) sets (an error if
+                                                       # absent); folds: its forget documents cut in `folds`
+    folds: int = Field(4, ge=1)                        # requests of forget_sets=folds
     epochs: Optional[float] = Field(None, gt=0)        # steps per request = epochs × forget blocks / global
                                                        # batch (None: unlearn.train.steps for every request)
     layout: Literal["concat", "per_sequence"] = "concat"  # packing of each request's blocks

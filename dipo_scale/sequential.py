@@ -5,8 +5,10 @@
 
 Before the first request the starting model (`unlearn.model.path`) is evaluated once (request 0).
 Then request k, in order:
-  1. its forget set: `sust/forget_k.*` (sequential) or `scal/forget_k.*` (scalability) in data_dir
-     (or the hub's sust/scal config); without them, the forget documents cut into `folds` parts:
+  1. its forget set, from the source `forget_sets` names (never switching by itself):
+     `data` (the default): MUSE's `sust/forget_k.*` (sequential) or `scal/forget_k.*` (scalability)
+     in data_dir (or the hub's sust/scal config); a data_dir without them is an error;
+     `folds`: data_dir's forget documents cut into `folds` parts, even where sust/ (scal/) exists:
      disjoint folds one after another (sequential), or growing prefixes, k/folds of the documents
      (scalability);
   2. packed blocks of that forget set and the retain documents (`requests/<k>/prepared`);
@@ -56,13 +58,16 @@ def forget_sets(cfg: SeriesConfig, data, kind: str) -> list[tuple[str, list[str]
     from dipo_scale.data.muse import load_forget_requests
 
     subset = SERIES[kind][0]
-    sets = load_forget_requests(cfg.data_dir, subset)
-    if sets:
+    if cfg.forget_sets == "data":
+        sets = load_forget_requests(cfg.data_dir, subset)
+        if not sets:
+            raise UserInputError(f"{cfg.data_dir}: no {subset} forget sets ({subset}/forget_1.*, forget_2.*, ...; "
+                                 f"on the hub its {subset} config); set forget_sets=folds to cut its forget "
+                                 f"documents into `folds` parts")
         return sets
     docs, folds = data.forget_docs, cfg.folds
     if folds > len(docs):
-        raise UserInputError(f"folds: {folds} is more than the {len(docs)} forget documents of {cfg.data_dir} "
-                             f"(and it has no {subset}/ forget sets)")
+        raise UserInputError(f"folds: {folds} is more than the {len(docs)} forget documents of {cfg.data_dir}")
     bounds = np.linspace(0, len(docs), folds + 1).round().astype(int)
     if kind == "sequential":
         return [(f"raw/forget fold {k + 1} of {folds}", docs[bounds[k]:bounds[k + 1]]) for k in range(folds)]
@@ -163,6 +168,7 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
         lineage = json.loads(path.read_text())
         lineage["requests"] = [_verified(e) for e in lineage["requests"]]
     else:
+        print(f"request 0: evaluating the starting model {first}", flush=True)
         lineage = {"kind": kind, "data_dir": cfg.data_dir, "requests": [],
                    "initial": {"model": first, "fingerprint": _fingerprint(first),
                                "metrics": _evaluate(cfg, data, first)}}
@@ -170,10 +176,11 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
 
     for k, (source, docs) in enumerate(sets, start=1):
         if k <= len(lineage["requests"]):
-            print(f"request {k}: finished before, skipped")
+            print(f"request {k}: finished before, skipped", flush=True)
             continue
         started, t0 = _now(), time.time()
         input_model = lineage["requests"][-1]["output_model"] if kind == "sequential" and k > 1 else first
+        print(f"request {k}/{len(sets)}: {source} ({len(docs)} documents), from {input_model}", flush=True)
         req_dir = out / "requests" / str(k)
         manifest = _prepare_request(cfg, data, docs, req_dir / "prepared")
         run_cfg = _request_config(cfg, input_model, req_dir, manifest["splits"]["forget"]["blocks"])
@@ -187,5 +194,8 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
             "started": started, "finished": _now(), "seconds": round(time.time() - t0, 1),
         })
         atomic_write_json(path, lineage)
+        entry = lineage["requests"][-1]
+        print(f"request {k}/{len(sets)}: done in {entry['seconds']:.0f} s, "
+              + ", ".join(f"{m}={v:.3g}" for m, v in entry["metrics"].items()), flush=True)
     _write_series_report(out, lineage, kind)
     return lineage

@@ -1,5 +1,7 @@
-"""Sequential (sustainability) and scalability series: real unlearning runs per request, a lineage
-manifest, and a series killed during request 2 that resumes there."""
+"""Sequential (sustainability) and scalability series: where the forget sets come from (MUSE's
+sets, folds, the hub), real unlearning runs per request, a lineage manifest, and a series killed
+during request 2 that resumes there. The generated corpus has no sust/ (scal/) sets: the runs use
+forget_sets=folds."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ REQUESTS = 2
 
 def _sets(tiny_assets, out_dir, *extra):
     return [f"data_dir={tiny_assets['corpus']}", f"unlearn.model.path={tiny_assets['target']}",
-            f"out_dir={out_dir}", f"folds={REQUESTS}", "unlearn.train.num_workers=1",
+            f"out_dir={out_dir}", "forget_sets=folds", f"folds={REQUESTS}", "unlearn.train.num_workers=1",
             "unlearn.train.steps=3", "unlearn.train.global_batch_size=2", "unlearn.train.micro_batch_size=2",
             "unlearn.train.lr=2e-3", "unlearn.train.checkpoint_every=1", "unlearn.logging.wandb=disabled",
             f"unlearn.data.block_size=64", "unlearn.eval.limit=2", "unlearn.eval.verbmem_max_new_tokens=8",
@@ -40,7 +42,10 @@ def _lineage(out_dir: Path) -> dict:
 
 def test_folds_and_muse_request_layouts(tiny_assets, tmp_path):
     data = load_muse_dir(tiny_assets["corpus"])
-    cfg = load_config(None, [f"data_dir={tiny_assets['corpus']}", "unlearn.model.path=m", "folds=3"], SeriesConfig)
+    given = [f"data_dir={tiny_assets['corpus']}", "unlearn.model.path=m", "folds=3"]
+    with pytest.raises(UserInputError, match=r"no sust forget sets .*; set forget_sets=folds"):
+        forget_sets(load_config(None, given, SeriesConfig), data, "sequential")  # the default: MUSE's sets
+    cfg = load_config(None, given + ["forget_sets=folds"], SeriesConfig)
     seq = forget_sets(cfg, data, "sequential")
     assert [d for _, docs in seq for d in docs] == data.forget_docs  # disjoint folds covering the set
     scal = forget_sets(cfg, data, "scalability")
@@ -55,11 +60,48 @@ def test_folds_and_muse_request_layouts(tiny_assets, tmp_path):
     requests = load_forget_requests(root, "sust")
     assert [docs for _, docs in requests] == [["first doc", "second doc"], ["third doc"]]
     assert load_forget_requests(root, "scal") == []
+    assert forget_sets(cfg.model_copy(update={"data_dir": str(root), "forget_sets": "data"}), data,
+                       "sequential") == requests
+    assert forget_sets(cfg.model_copy(update={"data_dir": str(root)}), data, "sequential") == seq  # folds asked
     (root / "sust" / "forget_2.txt").write_text("x\n")
     with pytest.raises(UserInputError, match="several forget_2 files"):
         load_forget_requests(root, "sust")
     with pytest.raises(UserInputError, match="folds: 9 is more than the 4 forget documents"):
         forget_sets(cfg.model_copy(update={"folds": 9}), data, "sequential")
+
+
+def test_hub_forget_sets_and_optional_splits_say_what_failed(monkeypatch, capsys):
+    """From the hub: the sust config's forget_k splits in order; a config or an optional split that
+    cannot be loaded is one `note:` line on stderr naming it and the reason."""
+    import datasets
+
+    from dipo_scale.data.muse import load_muse_hub
+
+    sust = {"forget_2": [{"text": "two"}], "forget_1": [{"text": " one "}, {"text": ""}], "forget_4": [{"text": "x"}]}
+
+    def load_dataset(name, config, split=None):
+        if config == "sust" and split is None:
+            return sust
+        if config == "raw" or (config, split) in (("verbmem", "forget"), ("knowmem", "forget_qa"),
+                                                  ("knowmem", "retain_qa")):
+            return [{"text": "t", "prompt": "p", "gt": "g", "question": "q", "answer": "a"}]
+        raise ConnectionError(f"offline: {config}/{split}")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert load_forget_requests("muse-bench/MUSE-News", "sust") == [
+        ("muse-bench/MUSE-News[sust/forget_1]", ["one"]), ("muse-bench/MUSE-News[sust/forget_2]", ["two"])]
+    assert capsys.readouterr().err == ""
+    assert load_forget_requests("muse-bench/MUSE-News", "scal") == []
+    assert capsys.readouterr().err == ("note: muse-bench/MUSE-News[scal]: optional, cannot be loaded from the hub "
+                                       "(ConnectionError: offline: scal/None); continuing without it\n")
+    data = load_muse_hub("muse-bench/MUSE-News")
+    assert data.forget_qa_icl == [] and data.privleak_forget == []
+    notes = capsys.readouterr().err.splitlines()
+    assert [n.split(":")[1] for n in notes] == [" muse-bench/MUSE-News[knowmem/forget_qa_icl]",
+                                                " muse-bench/MUSE-News[knowmem/retain_qa_icl]",
+                                                " muse-bench/MUSE-News[privleak/forget]",
+                                                " muse-bench/MUSE-News[privleak/holdout]"]
+    assert all(n.startswith("note: ") and "(ConnectionError: offline:" in n for n in notes)
 
 
 def _wait_for(predicate, proc, what, timeout=420):
