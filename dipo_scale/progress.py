@@ -13,6 +13,7 @@ from a job's entrypoint, unlike a tqdm bar, whose carriage returns do not surviv
 
 from __future__ import annotations
 
+import numbers
 import sys
 import time
 
@@ -23,6 +24,12 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _fields(fields: dict) -> list[str]:
+    """`key=value`, non-integer real numbers (numpy's scalars included) to 4 significant digits."""
+    return [f"{k}={v:.4g}" if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) else f"{k}={v}"
+            for k, v in fields.items()]
 
 
 class Progress:
@@ -43,8 +50,7 @@ class Progress:
             parts.append(f"{rate:.3g}{unit or ' items'}/s" if rate >= 1 else f"{1 / rate:.3g} s each")
             if self.total and self.done < self.total:
                 parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
-        parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()]
-        return ", ".join(parts)
+        return ", ".join(parts + _fields(fields))
 
     def update(self, n: int = 1, **fields) -> None:
         self.done += n
@@ -56,6 +62,5 @@ class Progress:
     def close(self, **fields) -> None:
         """The final line (elapsed time), whatever the interval."""
         unit = f" {self.unit}" if self.unit else ""
-        print(f"{self.label}: done, {self.done}{unit} in {_duration(time.monotonic() - self.t0)}"
-              + "".join(f", {k}={v:.4g}" if isinstance(v, float) else f", {k}={v}" for k, v in fields.items()),
-              file=self.stream, flush=True)
+        print(", ".join([f"{self.label}: done, {self.done}{unit} in {_duration(time.monotonic() - self.t0)}",
+                         *_fields(fields)]), file=self.stream, flush=True)
