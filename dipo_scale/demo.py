@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from dipo_scale.data.muse import QA, MuseData, is_hub_name
 from dipo_scale.data.tofu import TofuData, is_tofu_dir
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json
-from dipo_scale.report import write_report
 from dipo_scale.models import TinyModelSettings
+from dipo_scale.progress import Progress
+from dipo_scale.report import write_report
 
 METHODS = ("dipo", "npo", "ga")
 DEFAULT_NUM_DOCS = 20
@@ -193,25 +195,18 @@ def _evaluate_tofu(models: dict, data: TofuData, ev) -> dict:
     _seed_torch()
     reference, tok = load_model_and_tokenizer(str(models["retrain"]))
     retain_ratios = tofu_forget_truth_ratios(reference, tok, data, batch_size=ev.batch_size, limit=ev.limit)
-    metrics = {}
-    for name, path in models.items():
-        model, tok = load_model_and_tokenizer(str(path))
-        metrics[name] = evaluate_tofu(model, tok, data, retain_truth_ratios=retain_ratios,
-                                      batch_size=ev.batch_size, limit=ev.limit,
-                                      max_new_tokens=ev.knowmem_max_new_tokens).metrics
-    return metrics
+    return _evaluate_each(models, lambda model, tok: evaluate_tofu(
+        model, tok, data, retain_truth_ratios=retain_ratios, batch_size=ev.batch_size, limit=ev.limit,
+        max_new_tokens=ev.knowmem_max_new_tokens).metrics)
 
 
 # --- MUSE ------------------------------------------------------------------------------------------
 def _evaluate_muse(models: dict, data: MuseData, ev) -> dict:
-    from dipo_scale.evaluate import evaluate_muse, load_model_and_tokenizer
+    from dipo_scale.evaluate import evaluate_muse
 
     _seed_torch()
-    metrics = {}
-    for name, path in models.items():
-        model, tok = load_model_and_tokenizer(str(path))
-        metrics[name] = evaluate_muse(model, tok, data, **ev.muse_settings(), mia=True)
-    return metrics
+    return _evaluate_each(models, lambda model, tok: evaluate_muse(model, tok, data, **ev.muse_settings(),
+                                                                   mia=True))
 
 
 def _muse_notes(metrics: dict, data_desc: str) -> tuple[list[str], list[str]]:
@@ -231,6 +226,28 @@ def _seed_torch() -> None:
     import torch
 
     torch.manual_seed(0)
+
+
+def _evaluate_each(models: dict, evaluate) -> dict:
+    """{name: evaluate(model, tokenizer)} for every model directory, a progress line after each."""
+    from dipo_scale.evaluate import load_model_and_tokenizer
+
+    progress = Progress("demo: evaluate", total=len(models), unit="models", every_s=0)
+    metrics = {}
+    for name, path in models.items():
+        metrics[name] = evaluate(*load_model_and_tokenizer(str(path)))
+        progress.update(model=name)
+    return metrics
+
+
+@contextmanager
+def _stage(name: str, timings: dict[str, float]):
+    """A console line when the stage starts and one when it ends, with its seconds (kept in `timings`)."""
+    print(f"demo: {name} ...", flush=True)
+    t = time.time()
+    yield
+    timings[name] = time.time() - t
+    print(f"demo: {name}: done in {timings[name]:.1f} s", flush=True)
 
 
 def _add_privleak(metrics: dict) -> list[str]:
@@ -284,38 +301,34 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
                                                           "out_dir": str(out / "runs" / m)})
             for m in METHODS if m in methods}
 
-    t = time.time()
     tofu = None
     if tofu_source:
-        forget = forget or DEFAULT_TOFU_FORGET
-        retain = retain or default_retain_split(forget)
-        tofu = load_tofu_demo(data_dir, forget, retain, retain_limit)
-        model_data, data = tofu.models, tofu.unlearn
-        timings["data"] = time.time() - t
+        with _stage("data", timings):
+            forget = forget or DEFAULT_TOFU_FORGET
+            retain = retain or default_retain_split(forget)
+            tofu = load_tofu_demo(data_dir, forget, retain, retain_limit)
+            model_data, data = tofu.models, tofu.unlearn
     else:
-        if data_dir is None:
-            corpus_dir = out / "corpus"
-            if not (corpus_dir / "world.json").is_file():
-                generate_corpus(corpus_dir, num_docs=num_docs or DEFAULT_NUM_DOCS, seed=0)
-            data_desc = f"embedded fictitious news corpus ({corpus_dir})"
-        else:
-            corpus_dir = Path(data_dir)
-            data_desc = f"user directory {corpus_dir.resolve()}"
-        data = model_data = load_muse_dir(corpus_dir)
-        timings["corpus"] = time.time() - t
+        with _stage("corpus", timings):
+            if data_dir is None:
+                corpus_dir = out / "corpus"
+                if not (corpus_dir / "world.json").is_file():
+                    generate_corpus(corpus_dir, num_docs=num_docs or DEFAULT_NUM_DOCS, seed=0)
+                data_desc = f"embedded fictitious news corpus ({corpus_dir})"
+            else:
+                corpus_dir = Path(data_dir)
+                data_desc = f"user directory {corpus_dir.resolve()}"
+            data = model_data = load_muse_dir(corpus_dir)
 
-    t = time.time()
-    paths = build_models(model_data, out / "models", settings)
-    timings["tokenizer + target + retrain models"] = time.time() - t
+    with _stage("tokenizer + target + retrain models", timings):
+        paths = build_models(model_data, out / "models", settings)
 
-    t = time.time()
-    tokenizer_dir = paths["tokenizer"]
-    from transformers import AutoTokenizer
+    with _stage("prepare", timings):
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    prepare(data, tokenizer, out / "prepared", block_size=settings.block_size, with_qa=True,
-            layout="per_sequence")
-    timings["prepare"] = time.time() - t
+        tokenizer = AutoTokenizer.from_pretrained(paths["tokenizer"])
+        prepare(data, tokenizer, out / "prepared", block_size=settings.block_size, with_qa=True,
+                layout="per_sequence")
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False,
@@ -323,24 +336,22 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     models = {"target": paths["target"], "retrain": paths["retrain"]}
     last_log = {}
     for method, cfg in cfgs.items():
-        t = time.time()
-        cfg = cfg.model_copy(update={
-            "model": cfg.model.model_copy(update={"path": str(paths["target"])}),
-            "data": cfg.data.model_copy(update={"prepared_dir": str(out / "prepared"),
-                                                "block_size": settings.block_size})})
-        shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the demo always unlearns afresh
-        models[method] = run_unlearning(cfg)
-        log_lines = (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()
-        last_log[method] = json.loads(log_lines[-1])
-        timings[f"unlearn {method}"] = time.time() - t
+        with _stage(f"unlearn {method}", timings):
+            cfg = cfg.model_copy(update={
+                "model": cfg.model.model_copy(update={"path": str(paths["target"])}),
+                "data": cfg.data.model_copy(update={"prepared_dir": str(out / "prepared"),
+                                                    "block_size": settings.block_size})})
+            shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the demo always unlearns afresh
+            models[method] = run_unlearning(cfg)
+            log_lines = (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()
+            last_log[method] = json.loads(log_lines[-1])
 
-    t = time.time()
     ev = cfgs["dipo"].eval
-    metrics = _evaluate_tofu(models, tofu.eval, ev) if tofu else _evaluate_muse(models, data, ev)
-    eval_notes = _add_privleak(metrics)
+    with _stage(f"evaluate {len(models)} models", timings):
+        metrics = _evaluate_tofu(models, tofu.eval, ev) if tofu else _evaluate_muse(models, data, ev)
+        eval_notes = _add_privleak(metrics)
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
-    timings[f"evaluate {len(models)} models"] = time.time() - t
 
     atomic_write_json(out / "metrics.json", {"models": metrics})
     if tofu:

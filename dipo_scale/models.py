@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from tqdm.auto import tqdm
 
 from dipo_scale.files import atomic_dir, atomic_write_json
+from dipo_scale.progress import Progress
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
@@ -72,7 +72,8 @@ def tiny_llama(vocab_size: int, s: TinyModelSettings):
 
 
 def train_causal_lm(model, blocks: dict[str, np.ndarray], s: TinyModelSettings, desc: str) -> list[float]:
-    """Plain AdamW on packed blocks for `s.epochs` epochs, cosine schedule; returns epoch losses."""
+    """Plain AdamW on packed blocks for `s.epochs` epochs, cosine schedule; returns epoch losses.
+    Progress (steps, rate, ETA, epoch, loss) on stdout under the label `desc`."""
     from dipo_scale.losses import nll_loss, shift_targets
 
     g = torch.Generator().manual_seed(s.seed)
@@ -87,8 +88,8 @@ def train_causal_lm(model, blocks: dict[str, np.ndarray], s: TinyModelSettings, 
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
     model.train()
     history = []
-    bar = tqdm(total=total, desc=desc, unit="step", disable=None)
-    for _ in range(s.epochs):
+    progress = Progress(desc, total=total, unit="steps")
+    for epoch in range(1, s.epochs + 1):
         order = torch.randperm(len(ids), generator=g)
         epoch_loss = 0.0
         for i in range(0, len(ids), s.batch_size):
@@ -100,11 +101,11 @@ def train_causal_lm(model, blocks: dict[str, np.ndarray], s: TinyModelSettings, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            epoch_loss += loss.item() * len(rows)
-            bar.update(1)
+            step_loss = loss.item()
+            epoch_loss += step_loss * len(rows)
+            progress.update(epoch=f"{epoch}/{s.epochs}", loss=step_loss)
         history.append(epoch_loss / len(ids))
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
-    bar.close()
+    progress.close(loss=history[-1])
     model.eval()
     return history
 
