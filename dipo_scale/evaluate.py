@@ -32,12 +32,17 @@
 
 VerbMem uses F1 and KnowMem uses recall, as MUSE does. ROUGE comes from
 `rouge_score` (``RougeScorer(["rougeL"])``, no stemming, for MUSE; stemming for TOFU).
+
+Progress: every batched loop (generation, log-probs) prints `eval <criterion> (<loop>): items
+done/total, rate, ETA` lines on stdout (`dipo_scale.progress`) and a final line per criterion.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,15 +50,33 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from rouge_score import rouge_scorer
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dipo_scale.data.muse import QA, MuseData, VerbMemItem
 from dipo_scale.errors import UserInputError
+from dipo_scale.progress import Progress
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"])
 _TOFU_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # as locuslab/tofu
 MIN_K = 0.4  # MUSE's privleak key "forget_holdout_Min-40%"
+
+
+_CRITERION: ContextVar[str | None] = ContextVar("criterion", default=None)
+
+
+@contextmanager
+def _criterion(name: str):
+    """Label the progress lines of the batched loops run inside with the criterion they compute."""
+    token = _CRITERION.set(name)
+    try:
+        yield
+    finally:
+        _CRITERION.reset(token)
+
+
+def _progress(loop: str, total: int) -> Progress:
+    """The progress of one batched loop over `total` items."""
+    return Progress(f"eval {_CRITERION.get() or 'items'} ({loop})", total=total, unit="items")
 
 
 def rouge_l(prediction: str, reference: str) -> tuple[float, float]:
@@ -120,8 +143,8 @@ def greedy_generate(
     model.eval()
     try:
         with torch.inference_mode():
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="generate", disable=None, leave=False):
+            progress = _progress("generate", len(prompts))
+            for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 width = max(len(encoded[i]) for i in batch)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -141,6 +164,8 @@ def greedy_generate(
                 texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
                 for i, text in zip(batch, texts):
                     outputs[i] = text
+                progress.update(len(batch))
+            progress.close()
     finally:
         model.train(was_training)
     return outputs
@@ -274,7 +299,8 @@ def token_logprobs(
     model.eval()
     try:
         with torch.inference_mode():
-            for begin in tqdm(range(0, len(order), batch_size), desc="log-probs", disable=None, leave=False):
+            progress = _progress("log-probs", len(sequences))
+            for begin in range(0, len(order), batch_size):
                 batch = order[begin : begin + batch_size]
                 width = max(len(sequences[i]) for i in batch)
                 input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -289,6 +315,8 @@ def token_logprobs(
                 logp = logp.double().cpu()
                 for row, i in enumerate(batch):
                     out[i] = logp[row, starts[i] - 1 : len(sequences[i]) - 1].clone()
+                progress.update(len(batch))
+            progress.close()
     finally:
         model.train(was_training)
     return out
@@ -415,24 +443,19 @@ def evaluate_muse(
 ) -> dict[str, float]:
     """VerbMem on forget and KnowMem on forget/retain, each on a 0..100 scale; with `mia`, also
     `mia_auc` (when the data has holdout texts). `limit` caps every item list."""
-    scores = {
-        "verbmem_f": verbmem(
-            model, tokenizer, data.verbmem,
-            max_new_tokens=verbmem_max_new_tokens, batch_size=batch_size, limit=limit,
-        ),
-        "knowmem_f": knowmem(
-            model, tokenizer, data.forget_qa, data.forget_qa_icl,
-            max_new_tokens=knowmem_max_new_tokens, batch_size=batch_size, limit=limit,
-        ),
-        "knowmem_r": knowmem(
-            model, tokenizer, data.retain_qa, data.retain_qa_icl,
-            max_new_tokens=knowmem_max_new_tokens, batch_size=batch_size, limit=limit,
-        ),
-    }
-    forget_texts, holdout_texts = muse_mia_texts(data)
-    if mia and forget_texts and holdout_texts:
-        scores["mia_auc"] = mia_auc(model, tokenizer, _limited(forget_texts, limit),
-                                    _limited(holdout_texts, limit), k=k, batch_size=batch_size)
+    scores = {}
+    with _criterion("verbmem_f"):
+        scores["verbmem_f"] = verbmem(model, tokenizer, data.verbmem, max_new_tokens=verbmem_max_new_tokens,
+                                      batch_size=batch_size, limit=limit)
+    for key, qa, icl in (("knowmem_f", data.forget_qa, data.forget_qa_icl),
+                         ("knowmem_r", data.retain_qa, data.retain_qa_icl)):
+        with _criterion(key):
+            scores[key] = knowmem(model, tokenizer, qa, icl, max_new_tokens=knowmem_max_new_tokens,
+                                  batch_size=batch_size, limit=limit)
+    if mia:
+        auc = muse_mia_auc(model, tokenizer, data, k=k, batch_size=batch_size, limit=limit)
+        if auc is not None:
+            scores["mia_auc"] = auc
     return scores
 
 
@@ -442,8 +465,9 @@ def muse_mia_auc(model, tokenizer, data: MuseData, *, k: float = MIN_K, batch_si
     forget_texts, holdout_texts = muse_mia_texts(data)
     if not forget_texts or not holdout_texts:
         return None
-    return mia_auc(model, tokenizer, _limited(forget_texts, limit), _limited(holdout_texts, limit),
-                   k=k, batch_size=batch_size)
+    with _criterion("mia_auc"):
+        return mia_auc(model, tokenizer, _limited(forget_texts, limit), _limited(holdout_texts, limit),
+                       k=k, batch_size=batch_size)
 
 
 # --- data-parallel MUSE evaluation (Ray actors) ----------------------------------------------------
@@ -463,17 +487,18 @@ class MuseEvalWorker:
 
     def run(self, shard: dict[str, list], settings: dict[str, Any]) -> dict[str, list[float]]:
         m, tok, bs = self.model, self.tokenizer, settings["batch_size"]
-        out = {
-            "verbmem_f": verbmem_scores(m, tok, shard["verbmem"],
-                                        max_new_tokens=settings["verbmem_max_new_tokens"], batch_size=bs),
-            "knowmem_f": knowmem_scores(m, tok, shard["forget_qa"], settings["forget_qa_icl"],
-                                        max_new_tokens=settings["knowmem_max_new_tokens"], batch_size=bs),
-            "knowmem_r": knowmem_scores(m, tok, shard["retain_qa"], settings["retain_qa_icl"],
-                                        max_new_tokens=settings["knowmem_max_new_tokens"], batch_size=bs),
-        }
-        for key in ("mia_forget", "mia_holdout"):
-            out[key] = (min_k_scores(m, tok, shard[key], k=settings["k"], batch_size=bs)
-                        if shard[key] else [])
+        out = {}
+        with _criterion("verbmem_f"):
+            out["verbmem_f"] = verbmem_scores(m, tok, shard["verbmem"],
+                                              max_new_tokens=settings["verbmem_max_new_tokens"], batch_size=bs)
+        for key, split in (("knowmem_f", "forget"), ("knowmem_r", "retain")):
+            with _criterion(key):
+                out[key] = knowmem_scores(m, tok, shard[f"{split}_qa"], settings[f"{split}_qa_icl"],
+                                          max_new_tokens=settings["knowmem_max_new_tokens"], batch_size=bs)
+        with _criterion("mia_auc"):
+            for key in ("mia_forget", "mia_holdout"):
+                out[key] = (min_k_scores(m, tok, shard[key], k=settings["k"], batch_size=bs)
+                            if shard[key] else [])
         return out
 
 
@@ -630,8 +655,9 @@ def tofu_split_stats(model, tokenizer, items, *, base: str = "paraphrased", batc
 def tofu_forget_truth_ratios(model, tokenizer, data, *, batch_size: int = 16,
                              limit: int | None = None) -> list[float]:
     """The forget-set truth ratios of `model` (e.g. the retain model, for forget quality)."""
-    stats = tofu_split_stats(model, tokenizer, _limited(data.forget, limit), base="paraphrased",
-                             batch_size=batch_size, max_new_tokens=None)
+    with _criterion("forget_truth_ratio"):
+        stats = tofu_split_stats(model, tokenizer, _limited(data.forget, limit), base="paraphrased",
+                                 batch_size=batch_size, max_new_tokens=None)
     return stats.truth_ratios.tolist()
 
 
@@ -665,8 +691,9 @@ def evaluate_tofu(
     (TOFU's `ds_size` is 300).
     """
     metrics: dict[str, float] = {}
-    forget = tofu_split_stats(model, tokenizer, _limited(data.forget, limit), base="paraphrased",
-                              batch_size=batch_size, max_new_tokens=max_new_tokens)
+    with _criterion("forget"):
+        forget = tofu_split_stats(model, tokenizer, _limited(data.forget, limit), base="paraphrased",
+                                  batch_size=batch_size, max_new_tokens=max_new_tokens)
     ratios = forget.truth_ratios
     metrics["knowmem_f"] = 100.0 * float(np.mean(forget.rouge_recall))
     metrics["forget_prob"] = tofu_probability(forget.answer_logprob)
@@ -679,8 +706,9 @@ def evaluate_tofu(
         items = getattr(data, name)
         if items is None:
             continue
-        stats = tofu_split_stats(model, tokenizer, _limited(items, limit), base=base,
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens)
+        with _criterion(name):
+            stats = tofu_split_stats(model, tokenizer, _limited(items, limit), base=base,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens)
         components[f"prob_{name}"] = tofu_probability(
             stats.answer_logprob, None if name == "retain" else stats.perturbed_logprob)
         components[f"rouge_{name}"] = float(np.mean(stats.rouge_recall))
@@ -703,7 +731,8 @@ def tofu_mia_auc(model, tokenizer, data, *, k: float = MIN_K, batch_size: int = 
         return None
     forget = [(it.question, it.answer) for it in _limited(data.forget, limit)]
     holdout = [(it.question, it.answer) for it in _limited(data.holdout, limit)]
-    scores = min_k_from_lists(qa_token_logprobs(model, tokenizer, forget + holdout, batch_size=batch_size), k)
+    with _criterion("mia_auc"):
+        scores = min_k_from_lists(qa_token_logprobs(model, tokenizer, forget + holdout, batch_size=batch_size), k)
     return auc_from_scores(scores[: len(forget)], scores[len(forget) :])
 
 
