@@ -23,21 +23,25 @@ from dipo_scale.errors import UserInputError
 
 def _cmd_generate(args) -> None:
     from dipo_scale.data.corpus import generate_corpus
+    from dipo_scale.files import check_output_dir
 
+    check_output_dir(args.out, "generate")
     print(generate_corpus(args.out, num_docs=args.num_docs, seed=args.seed))
 
 
 def _cmd_prepare(args) -> None:
     from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.files import check_output_dir
+    from dipo_scale.preflight import check_tokenizer, resolve_model_dir
 
+    if args.block_size < 2:
+        raise UserInputError(f"--block-size {args.block_size}: must be at least 2 (a token and the one it predicts)")
+    tokenizer_dir = resolve_model_dir(args.tokenizer, "--tokenizer")
+    check_output_dir(args.out, "prepare", inputs=[("--data", args.data), ("--tokenizer", tokenizer_dir)])
     data = load_muse_dir(args.data)  # bad data is reported before the heavy imports
-    if not Path(args.tokenizer).exists() and "/" not in args.tokenizer:
-        raise UserInputError(f"--tokenizer {args.tokenizer}: no such directory or hub name")
-    from transformers import AutoTokenizer
-
     from dipo_scale.prepare import prepare
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = check_tokenizer(tokenizer_dir, "--tokenizer")
     manifest = prepare(data, tokenizer, args.out, block_size=args.block_size, with_qa=args.with_qa,
                        layout=args.layout)
     for split, info in manifest["splits"].items():

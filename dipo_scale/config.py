@@ -23,6 +23,18 @@ DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data):
+        """`train.steps: true` is a mistake, not 1 (pydantic would take a bool for a number)."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(field.alias or name, data.get(name))
+                numeric = field.annotation in (int, float, Optional[int], Optional[float])
+                if numeric and isinstance(value, bool):
+                    raise ValueError(f"{field.alias or name}: expected a number, got {str(value).lower()}")
+        return data
+
 
 class ModelConfig(_Strict):
     path: str = ""                         # model to unlearn (local dir or hub name)
@@ -37,13 +49,29 @@ class DataConfig(_Strict):
 
 
 class DipoConfig(_Strict):
+    from pydantic import field_validator  # used by this class only (removed from it below)
+
     select: Literal["topk", "label", "topp"] = "topk"
     k: int = Field(1, ge=1)
-    p: float = Field(0.9, gt=0, le=1)
-    alpha: float = Field(1.0, gt=0)
+    p: float = 0.9      # in (0, 1]; 1 puts the whole vocabulary in S (the margin is then 0)
+    alpha: float = 1.0  # in (0, 1000]
     beta: float = Field(0.1, gt=0)
     reduction: Literal["sum", "mean"] = "sum"
     source: Literal["reference", "policy"] = "reference"
+
+    @field_validator("alpha", "p")
+    @classmethod
+    def _in_range(cls, value: float, info) -> float:
+        """α in (0, 1000]: the loss is computed stably at any α (docs/DIPO.md, "Numerics"), but
+        above a few hundred the pair is, in float64, that of α = ∞ at every position whose
+        log-odds of the mass on S are below α − 37 in magnitude; a larger value is a typo, inf or
+        nan. p in (0, 1]: a probability mass (nan refused too)."""
+        high = {"alpha": 1000.0, "p": 1.0}[info.field_name]
+        if not 0 < value <= high:
+            raise ValueError(f"must be in (0, {high:g}], got {value}")
+        return value
+
+    del field_validator
 
 
 class NpoConfig(_Strict):
@@ -182,22 +210,45 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` strings; values are parsed as YAML scalars (2.0, true, null, topk)."""
+    """Apply `a.b.c=value` strings; values are parsed as YAML (2.0, true, null, topk, [1, 2])."""
     for item in overrides:
         if "=" not in item:
             raise UserInputError(f"--set {item!r}: expected key=value, e.g. dipo.alpha=2.0")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise UserInputError(f"--set {item}: malformed value ({getattr(e, 'problem', None) or 'not YAML'})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
-def format_validation_error(err: ValidationError) -> str:
+def _error_source(where: str, msg: str, overrides: list[str]) -> str | None:
+    """The `--set` item that gave the value at dotted location `where` (or, for a check across
+    keys, one named in `msg`); None: the YAML file."""
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if where == key or where.startswith(key + ".") or key.startswith(where + ".") or (
+                where == "config" and key in msg):
+            return item
+    return None
+
+
+def validation_errors(err: ValidationError) -> list[tuple[str, str]]:
+    """(dotted location, message) of each error."""
     parts = []
     for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "config"
+        where = ".".join(str(x) for x in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
+        head, sep, rest = msg.partition(": ")
+        if sep and " " not in head:  # a model-level check that names its key itself
+            where, msg = ".".join(filter(None, [where, head])), rest
+        parts.append((where or "config", msg))
+    return parts
+
+
+def format_validation_error(err: ValidationError) -> str:
+    return "; ".join(f"{where}: {msg}" for where, msg in validation_errors(err))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -222,15 +273,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise UserInputError(f"{path}: expected a mapping at the top level")
         tree = _deep_merge(tree, loaded)
-    apply_overrides(tree, overrides or [])
-    errors = raw_checks(tree) if raw_checks else []
+    overrides = overrides or []
+    apply_overrides(tree, overrides)
+    errors = [(msg.split(": ", 1)[0], msg) for msg in (raw_checks(tree) if raw_checks else [])]
     try:
         cfg = cls.model_validate(tree)
     except ValidationError as e:
-        errors = [format_validation_error(e)] + errors
-    if errors:
-        source = f"{path}: " if path else ""
-        raise UserInputError(f"{source}invalid config: {'; '.join(errors)}")
+        errors = [(where, msg if where == "config" else f"{where}: {msg}")
+                  for where, msg in validation_errors(e)] + errors
+    if errors:  # each error under its source: the --set item that gave the value, or the file
+        sources = [_error_source(where, msg, overrides) for where, msg in errors]
+        from_file = [msg for (_, msg), src in zip(errors, sources) if src is None]
+        from_set = [f"--set {src}: {msg}" for (_, msg), src in zip(errors, sources) if src is not None]
+        parts = ([f"{path}: invalid config: {'; '.join(from_file)}"] if path and from_file else
+                 [f"invalid config: {'; '.join(from_file)}"] if from_file else []) + from_set
+        raise UserInputError("; ".join(parts))
     return cfg
 
 
@@ -350,17 +407,15 @@ class SweepConfig(_Strict):
     def _check(self):
         if not self.space:
             raise ValueError("space: empty (name at least one hyperparameter, e.g. dipo.alpha)")
-        for key, values in self.space.items():
-            sample = (values.grid or values.choice or [None])[0]
-            if sample is None:
-                sample = (values.uniform or values.loguniform)[0]
-            tree = self.unlearn.model_dump(by_alias=True)
-            try:
-                _set_dotted(tree, key, sample)
-                UnlearnConfig.model_validate(tree)
-            except (UserInputError, ValidationError) as e:
-                msg = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
-                raise ValueError(f"space.{key}: not a setting of the unlearning config ({msg})") from None
+        for key, values in self.space.items():  # every value a trial may take (both bounds of a range)
+            for value in values.grid or values.choice or values.uniform or values.loguniform:
+                tree = self.unlearn.model_dump(by_alias=True)
+                try:
+                    _set_dotted(tree, key, value)
+                    UnlearnConfig.model_validate(tree)
+                except (UserInputError, ValidationError) as e:
+                    msg = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
+                    raise ValueError(f"space.{key}: the value {value!r} is not valid ({msg})") from None
             if self.search == "grid" and values.grid is None:
                 raise ValueError(f"space.{key}: search=grid needs a grid list (or use search=random/optuna)")
         e = self.unlearn.eval

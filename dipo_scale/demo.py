@@ -26,7 +26,7 @@ from dipo_scale.config import load_unlearn_config
 from dipo_scale.data.muse import QA, MuseData, is_hub_name
 from dipo_scale.data.tofu import TofuData, is_tofu_dir
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json
+from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir
 from dipo_scale.models import TinyModelSettings
 from dipo_scale.progress import Progress
 from dipo_scale.report import write_report
@@ -293,13 +293,13 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
         raise UserInputError(f"--methods {','.join(methods)}: choose among {','.join(METHODS)}, dipo included")
     if retain_limit is not None and retain_limit < 1:
         raise UserInputError(f"--retain-limit {retain_limit}: must be >= 1")
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, "demo", inputs=[("--data", data_dir)])
     timings: dict[str, float] = {}
     # Validate every method's config before any work starts (and, for TOFU, every data file).
     cfgs = {m: load_unlearn_config(None, overrides, base={**DEMO_UNLEARN, "method": m,
                                                           "out_dir": str(out / "runs" / m)})
             for m in METHODS if m in methods}
+    mark_output_dir(out, "demo")
 
     tofu = None
     if tofu_source:

@@ -807,13 +807,6 @@ def read_truth_ratios(path: str | Path) -> list[float]:
     return [float(v) for v in obj]
 
 
-def _check_model_path(path: str, flag: str) -> None:
-    from dipo_scale.data.muse import is_hub_name
-
-    if not Path(path).exists() and not is_hub_name(path):
-        raise UserInputError(f"{flag} {path}: no such directory or hub name")
-
-
 def _load_checked(path: str, flag: str):
     try:
         return load_model_and_tokenizer(path)
@@ -854,7 +847,8 @@ def run_evaluation(
 
     Every input is checked before a model is loaded; nothing is written unless all succeeds.
     """
-    from dipo_scale.files import atomic_write_json
+    from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir
+    from dipo_scale.preflight import check_model
     from dipo_scale.report import write_report
 
     if retrain_model is not None and retrain_auc is not None:
@@ -870,6 +864,11 @@ def run_evaluation(
     layout = detect_layout(data)
     if layout == "muse" and (retain_model is not None or retain_truth_ratios is not None):
         raise UserInputError("--retain-model / --retain-truth-ratios are for TOFU data (MUSE: --retrain-model)")
+    models = [(path, flag) for path, flag in ((model, "--model"), (retrain_model, "--retrain-model"),
+                                              (retain_model, "--retain-model")) if path is not None]
+    out = check_output_dir(out, "evaluate", inputs=[("--data", data), *((f, p) for p, f in models)])
+    for path, flag in models:  # complete, loadable models before any is loaded
+        check_model(path, flag)
 
     def cap(default: int) -> int:
         return default if max_new_tokens is None else min(default, max_new_tokens)
@@ -878,7 +877,7 @@ def run_evaluation(
     if layout == "muse":
         from dipo_scale.data.muse import load_muse
 
-        dataset = load_muse(data)
+        dataset = load_muse(data, need_raw=False)
         reference_ratios = None
     else:
         from dipo_scale.data.tofu import load_tofu
@@ -886,9 +885,6 @@ def run_evaluation(
         dataset = load_tofu(data, forget=forget, retain=retain)
         notes += dataset.notes
         reference_ratios = read_truth_ratios(retain_truth_ratios) if retain_truth_ratios else None
-    for path, flag in ((model, "--model"), (retrain_model, "--retrain-model"), (retain_model, "--retain-model")):
-        if path is not None:
-            _check_model_path(path, flag)
 
     references: dict[str, dict[str, float]] = {}
     reference_auc = retrain_auc
@@ -944,7 +940,7 @@ def run_evaluation(
             notes.append("the retrain model's AUC is 0: privleak is undefined")
     metrics = _ordered(metrics)
 
-    out = Path(out)
+    mark_output_dir(out, "evaluate")
     if layout == "tofu":
         atomic_write_json(out / "truth_ratios.json", {"forget": forget, "forget_truth_ratios": result.forget_truth_ratios})
     atomic_write_json(out / "metrics.json", metrics)

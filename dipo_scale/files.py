@@ -1,5 +1,13 @@
-"""Writing files so that nothing half-written is ever left behind (temp path, then rename), and
-the hashes that verify files before they are trusted."""
+"""Writing files so that nothing half-written is ever left behind (temp path, then rename), output
+locations that never destroy what a command did not create (a marker file), and the hashes that
+verify files before they are trusted.
+
+Output directories. Every command that writes a directory marks it with `.dipo-scale.json`
+({"command": ...}). A command writes into (or replaces) a directory only when it is new, empty,
+or marked as the same command's earlier output; a directory equal to or inside one of the
+command's inputs is refused. Files and directories are created with the permissions the umask
+gives (temporary names from `tempfile` would otherwise be 0600 / 0700).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,23 @@ import json
 import os
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from dipo_scale.errors import UserInputError
+
+MARKER = ".dipo-scale.json"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: str | Path, directory: bool = False) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -18,6 +41,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _follow_umask(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -33,32 +57,99 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path`, on failure it is removed."""
+def _marker(path: Path) -> dict | None:
+    """The marker of an output directory (None when absent or unreadable)."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _is_within(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def check_output_dir(path: str | Path, command: str, *, flag: str = "--out",
+                     inputs: Iterable[tuple[str, str | Path | None]] = ()) -> Path:
+    """Refuse, in one line, an output directory `command` may not write (module docstring):
+    a file, a directory equal to or inside an input (`inputs`: (flag, path) pairs), a non-empty
+    directory not marked as this command's output, or a place where nothing can be created.
+    Creates nothing. Returns the absolute path."""
+    out = Path(path).expanduser().resolve()
+    for input_flag, source in inputs:
+        if source and Path(source).exists() and _is_within(out, Path(source).resolve()):
+            raise UserInputError(f"{flag} {path}: is {'' if out == Path(source).resolve() else 'inside '}the "
+                                 f"input {input_flag} {source}; choose an output outside the inputs")
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"{flag} {path}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        marker = _marker(out)
+        if marker is None or marker.get("command") != command:
+            made_by = f" (it is the output of `dipo-scale {marker.get('command')}`)" if marker else ""
+            raise UserInputError(f"{flag} {path}: not empty and not an earlier output of `dipo-scale {command}`"
+                                 f"{made_by}; choose a new or empty directory")
+        return out
+    parent = next((p for p in [out, *out.parents] if p.exists()), None)
+    try:  # a real attempt: permission bits say little for root, read-only mounts or /proc
+        probe = tempfile.mkdtemp(dir=parent, prefix=".dipo-scale-probe.")
+        os.rmdir(probe)
+    except OSError as e:
+        raise UserInputError(f"{flag} {path}: cannot create it ({e.strerror or e} in {parent})") from None
+    return out
+
+
+def mark_output_dir(path: str | Path, command: str) -> None:
+    """Create `path` (if needed) and mark it as `command`'s output."""
     path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if (_marker(path) or {}).get("command") != command:
+        atomic_write_json(path / MARKER, {"command": command,
+                                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, command: str) -> Iterator[Path]:
+    """Yield a temporary sibling directory, marked as `command`'s output; on success it replaces
+    `path`, on failure it is removed. An existing `path` is replaced only when it is empty or
+    `command`'s own earlier output (`check_output_dir`)."""
+    path = Path(path)
+    check_output_dir(path, command)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _follow_umask(tmp, directory=True)
+        mark_output_dir(tmp, command)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    check_output_dir(path, command)  # nothing foreign appeared meanwhile
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
 
 
-def claim_run_dir(run_dir: str | Path, config: dict) -> None:
-    """Record `config` in run_dir/config.json; refuse a run_dir that holds a different one (a rerun
-    with the same config resumes there)."""
-    from dipo_scale.errors import UserInputError
-
-    saved = Path(run_dir) / "config.json"
+def claim_run_dir(run_dir: str | Path, config: dict, command: str,
+                  started: Callable[[Path], bool] = lambda run_dir: False) -> None:
+    """Record `config` in run_dir/config.json and mark run_dir as `command`'s output. A rerun with
+    the same config resumes there; a different config is refused once the run has `started`
+    (made progress worth keeping), and replaces the recorded one otherwise (a run that failed
+    before its first step claims nothing)."""
+    run_dir = Path(run_dir)
+    check_output_dir(run_dir, command, flag="out_dir")
+    saved = run_dir / "config.json"
     config = json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
-    if saved.is_file() and json.loads(saved.read_text()) != config:
-        raise UserInputError(f"{run_dir}: holds a run with a different config (re-run with the same "
-                             "config to resume it, or choose another out_dir)")
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserInputError(f"{saved}: malformed JSON ({' '.join(str(e).split())}); this is not a "
+                                 "run directory this command can resume: choose another out_dir") from None
+        if previous != config and started(run_dir):
+            raise UserInputError(f"{run_dir}: holds a run with a different config (re-run with the same "
+                                 "config to resume it, or choose another out_dir)")
+    mark_output_dir(run_dir, command)
     atomic_write_json(saved, config)
 
 
@@ -75,8 +166,6 @@ def sha256_file(path: str | Path) -> str:
 
 def weights_fingerprint(model_dir: str | Path) -> str:
     """sha256 over config.json and the weight files of a local model directory (16 hex digits)."""
-    from dipo_scale.errors import UserInputError
-
     root = Path(model_dir)
     if not root.is_dir():
         raise UserInputError(f"{model_dir}: not a local model directory (download the model first)")

@@ -152,12 +152,12 @@ def build_models(data, out_dir: str | Path, settings: TinyModelSettings | None =
     retain = pack_blocks(seqs["retain"], s.block_size, tokenizer.pad_token_id, layout="per_sequence")
     both = {k: np.concatenate([forget[k], retain[k]]) for k in forget}
     history = {}
-    with atomic_dir(paths["tokenizer"]) as tmp:
+    with atomic_dir(paths["tokenizer"], "demo") as tmp:
         tokenizer.save_pretrained(tmp)
     for name, blocks in (("target", both), ("retrain", retain)):
         model = tiny_llama(len(tokenizer), s)
         history[name] = train_causal_lm(model, blocks, s, desc=f"train {name} model")
-        with atomic_dir(paths[name]) as tmp:
+        with atomic_dir(paths[name], "demo") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     atomic_write_json(manifest_path, {

@@ -133,7 +133,7 @@ def prepare(data: MuseData, tokenizer, out_dir: str | Path, *, block_size: int,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     manifest = {"block_size": block_size, "layout": layout, "with_qa": with_qa, "source": str(data.root),
                 "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "splits": {}}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "prepare") as tmp:
         data_hash = hashlib.sha256()
         for split, seqs in split_sequences(data, tokenizer, with_qa=with_qa).items():
             blocks = pack_blocks(seqs, block_size, pad_id, layout=layout)
@@ -153,7 +153,19 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / "manifest.json"
     if not path.is_file():
         raise UserInputError(f"{prepared_dir}: not a prepared directory (no manifest.json; run `dipo-scale prepare`)")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        for split in SPLITS:  # the structure every reader relies on
+            info = manifest["splits"][split]
+            int(info["blocks"]), int(info["tokens"])
+            [(s["file"], s["sha256"]) for s in info["shards"]]
+        int(manifest["block_size"]), manifest["tokenizer_fingerprint"], manifest["data_fingerprint"]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{path}: malformed JSON ({' '.join(str(e).split())}); rerun `dipo-scale prepare`") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserInputError(f"{path}: not a manifest written by `dipo-scale prepare` (bad or missing {e}); "
+                             "rerun `dipo-scale prepare`") from None
+    return manifest
 
 
 def read_blocks(prepared_dir: str | Path, split: str, *, verify: bool = True) -> dict[str, np.ndarray]:

@@ -63,7 +63,9 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +74,8 @@ import torch
 
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json, sha256_file, weights_fingerprint
+from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir, sha256_file, weights_fingerprint
+from dipo_scale.preflight import check_model, check_prepared
 
 CACHE_VERSION = 1
 SLOW_ENV = "DIPO_SCALE_REFERENCE_SHARD_DELAY_S"  # tests: seconds to wait after each shard
@@ -168,6 +171,7 @@ def check_cache(cfg: UnlearnConfig) -> dict:
                              "(the retain split is cached when loss.retain=kl); rerun `dipo-scale reference`")
     if r.form == "topk" and cfg.method == "dipo" and cfg.dipo.select == "topk" and cfg.dipo.k > r.k:
         raise UserInputError(f"dipo.k: {cfg.dipo.k} exceeds reference.k ({r.k}), the logits the cache keeps")
+    ReferenceCache(r.cache_dir).verify(needed_splits(cfg))  # every shard the run reads, before workers start
     return manifest
 
 
@@ -192,6 +196,14 @@ class ReferenceCache:
                                      "shard); rerun `dipo-scale reference` to recompute it")
             self._verified.add(entry["file"])
         return path
+
+    def verify(self, splits: list[str]) -> None:
+        """Check every shard of `splits` (and the LM head) against the manifest now."""
+        for split in splits:
+            for entry in self.manifest["splits"][split]["shards"]:
+                self._verified_path(entry)
+        if self.manifest.get("lm_head"):
+            self._verified_path(self.manifest["lm_head"])
 
     def read(self, split: str, block_ids) -> dict[str, torch.Tensor]:
         """The statistics of `block_ids` (in that order): tensors [len(block_ids), T, ...]."""
@@ -508,6 +520,42 @@ def _run_zero3(cfg: UnlearnConfig, todo: list[dict]) -> None:
     trainer.fit()
 
 
+@contextmanager
+def _shard_progress(cache: Path, todo: list[dict], poll_s: float = 1.0):
+    """Progress lines on the driver (shards done/total, rate, ETA, tokens/s) while the block runs,
+    from the shard records the workers write: whatever the mode, and wherever workers print."""
+    from dipo_scale.progress import Progress
+
+    records = [(cache / item["file"]).with_suffix(".json") for item in todo]
+    stale = {r: r.stat().st_mtime_ns for r in records if r.is_file()}  # of an earlier, unfinished run
+    progress, seen, stop = Progress("reference", total=len(todo), unit="shards"), set(), threading.Event()
+    tokens, t0 = 0, time.time()
+
+    def speed() -> dict:
+        return {"tokens/s": round(tokens / max(time.time() - t0, 1e-9))}
+
+    def poll() -> None:
+        nonlocal tokens
+        new = [r for r in records if r not in seen and r.is_file() and r.stat().st_mtime_ns != stale.get(r)]
+        seen.update(new)
+        tokens += sum(json.loads(r.read_text()).get("tokens", 0) for r in new)
+        progress.update(len(new), **speed())
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            poll()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    poll()
+    progress.close(tokens=tokens, **speed())
+
+
 # ------------------------------------------------------------------------------------------
 # The precompute job (driver)
 # ------------------------------------------------------------------------------------------
@@ -567,6 +615,11 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
         raise UserInputError(f"method={cfg.method} with loss.retain={cfg.loss.retain} uses no reference")
     if not cfg.data.prepared_dir:
         raise UserInputError("data.prepared_dir: not set (run `dipo-scale prepare` first)")
+    model = check_model(reference_path(cfg), "model.reference_path" if cfg.model.reference_path else "model.path",
+                        trust_remote_code=cfg.model.trust_remote_code)
+    check_prepared(cfg.data.prepared_dir, model=model)
+    check_output_dir(r.cache_dir, "reference", flag="reference.cache_dir",
+                     inputs=[("model.path", reference_path(cfg)), ("data.prepared_dir", cfg.data.prepared_dir)])
     cfg = absolute_paths(cfg)
     r = cfg.reference
     prepared = read_manifest(cfg.data.prepared_dir)
@@ -579,14 +632,19 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     key = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(r.cache_dir)
     started = cache / "fingerprints.json"
-    if started.is_file():
-        previous = json.loads(started.read_text())
+    has_shards = any(cache.glob("*/part-*.safetensors")) or (cache / "lm_head.safetensors").is_file()
+    if started.is_file() and has_shards:  # a cache in progress: only the same run may finish it
+        try:
+            previous = json.loads(started.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserInputError(f"{started}: malformed JSON; choose another reference.cache_dir") from None
         diff = describe_difference(previous.get("fingerprints", {}), fingerprints)
         other = [k for k in ("version", "rows_per_shard", "batch_size", "splits") if previous.get(k) != layout[k]]
         if diff or other:
             raise UserInputError(f"reference.cache_dir {cache}: holds a cache for a different run — differs in "
-                                 f"{', '.join(filter(None, [diff, *other]))}; choose another directory or remove it")
-    else:
+                                 f"{', '.join(filter(None, [diff, *other]))}; choose another directory")
+    mark_output_dir(cache, "reference")
+    if not (started.is_file() and has_shards):  # a start that wrote no shard claims nothing
         atomic_write_json(started, layout)
     _remove_leftovers(cache)
 
@@ -599,7 +657,8 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}})
-        (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(cfg, todo)
+        with _shard_progress(cache, todo):
+            (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(cfg, todo)
     seconds = time.time() - t0
 
     records = {}

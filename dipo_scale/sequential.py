@@ -42,7 +42,8 @@ import numpy as np
 
 from dipo_scale.config import SeriesConfig, UnlearnConfig
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json, claim_run_dir, weights_fingerprint
+from dipo_scale.files import atomic_write_json, check_output_dir, claim_run_dir, weights_fingerprint
+from dipo_scale.preflight import check_model
 
 SERIES = {"sequential": ("sust", "Sustainability", "request"),
           "scalability": ("scal", "Scalability", "forget_tokens")}
@@ -159,9 +160,12 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
                                  if Path(cfg.data_dir).exists() else cfg.data_dir})
     data = load_muse(cfg.data_dir)
     sets = forget_sets(cfg, data, kind)
-    claim_run_dir(out, {"kind": kind, **cfg.model_dump(by_alias=True, exclude={"out_dir"})})
-    path = out / "lineage.json"
     first = cfg.unlearn.model.path
+    check_model(cfg.unlearn.model.path, "unlearn.model.path", trust_remote_code=cfg.unlearn.model.trust_remote_code)
+    check_output_dir(out, kind, flag="out_dir", inputs=[("data_dir", cfg.data_dir), ("unlearn.model.path", first)])
+    claim_run_dir(out, {"kind": kind, **cfg.model_dump(by_alias=True, exclude={"out_dir"})}, kind,
+                  started=lambda run_dir: (run_dir / "lineage.json").is_file())
+    path = out / "lineage.json"
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
     if path.is_file():

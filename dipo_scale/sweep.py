@@ -39,7 +39,8 @@ from pathlib import Path
 
 from dipo_scale.config import ObjectiveConfig, SweepConfig, UnlearnConfig, _set_dotted
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json, atomic_write_text
+from dipo_scale.files import atomic_write_json, atomic_write_text, check_output_dir, mark_output_dir
+from dipo_scale.preflight import check_resources
 
 INFEASIBLE_PENALTY = 1000.0  # above any MUSE/TOFU metric range, so feasible trials always rank first
 METRICS = ("verbmem_f", "knowmem_f", "knowmem_r")
@@ -202,9 +203,17 @@ def run_sweep(cfg: SweepConfig) -> dict:
     out = Path(cfg.out_dir).resolve()
     if (out / "sweep.csv").exists() or (out / "tune").exists():
         raise UserInputError(f"{out}: holds a sweep already (choose another out_dir)")
-    validate_run(cfg.unlearn)
+    validate_run(cfg.unlearn)  # every value of the space was validated with the config (SweepConfig)
+    u = cfg.unlearn
+    check_output_dir(out, "sweep", flag="out_dir", inputs=[
+        ("unlearn.model.path", u.model.path), ("unlearn.data.prepared_dir", u.data.prepared_dir),
+        ("unlearn.eval.data_dir", u.eval.data_dir)])
     base = absolute_paths(cfg.unlearn)
-    out.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
+    check_resources(u.train.num_workers, use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
+                    extra_cpus=cfg.trial_cpus)
+    mark_output_dir(out, "sweep")
     atomic_write_json(out / "config.json", cfg.model_dump(by_alias=True))
     target_value = _target_value(cfg, out)
 
@@ -223,8 +232,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
         scheduler = FIFOScheduler()
     trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
                                      objective=cfg.objective.model_dump(), target_value=target_value)
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.trial_cpus, "memory": TRIAL_DRIVER_MEMORY}),
         param_space=_param_space(cfg),

@@ -34,9 +34,10 @@ import torch
 
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_dir, atomic_write_json, claim_run_dir
+from dipo_scale.files import atomic_dir, atomic_write_json, check_output_dir, claim_run_dir
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
                                npo_loss, shift_targets)
+from dipo_scale.progress import Progress
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,9 +256,7 @@ def _start_wandb(cfg: UnlearnConfig, run_dir: Path):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    mode = cfg.logging.wandb
-    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
-        mode = "offline"  # online only when the user configured credentials
+    mode = cfg.logging.wandb  # online without credentials is refused before workers start (validate_run)
     safe_config = cfg.model_dump(by_alias=True)
     return wandb.init(project=cfg.logging.project, name=cfg.run_name, dir=str(run_dir),
                       mode=mode, config=safe_config, reinit="finish_previous")
@@ -318,25 +317,104 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _restore(engine, checkpoint) -> int:
-    """Load model, optimizer, LR schedule and RNG states; returns the number of finished steps."""
-    with checkpoint.as_directory() as ckpt_dir:
-        load_path, client_state = engine.load_checkpoint(ckpt_dir, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
+# Checkpoints. Every rank saves its DeepSpeed shard with a record of what it wrote
+# (`rank<r>.json`: step, world size, each file's size and sha256) and reports the directory through
+# `ray.train.report`; Ray merges the ranks' directories into `<storage>/<run_name>/checkpoint_step<N>`.
+# A checkpoint is complete when every rank's record is there and every file has its recorded size;
+# a rank checks its files' sha256 before loading them. Resume starts from the newest complete
+# checkpoint on disk (not the last one Ray registered: a driver stopped by SIGINT registers less
+# than its workers wrote), and the driver keeps `train.keep_checkpoints` of them on disk.
+CHECKPOINT_PREFIX = "checkpoint_step"
+
+
+def checkpoint_root(cfg: UnlearnConfig) -> Path:
+    """Where Ray Train stores this run's checkpoints."""
+    return Path(cfg.train.storage_path or run_dir_of(cfg) / "ray") / cfg.run_name
+
+
+def _rank_records(ckpt_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(ckpt_dir.glob("rank*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return []
+    return records
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under `root`, oldest first."""
+    found = []
+    for ckpt_dir in Path(root).glob(f"{CHECKPOINT_PREFIX}*"):
+        records = _rank_records(ckpt_dir)
+        if not records or sorted(r.get("rank") for r in records) != list(range(records[0].get("world_size", 0))):
+            continue
+        files = {name: size for r in records for name, (size, _) in r["files"].items()}
+        if all((ckpt_dir / name).is_file() and (ckpt_dir / name).stat().st_size == size
+               for name, size in files.items()):
+            found.append((int(records[0]["step"]), ckpt_dir))
+    return sorted(found)
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones and incomplete leftovers
+    (all of them this run's own). Ray's record of the checkpoints it registered goes too: resume
+    reads the disk, and the record would name removed directories."""
+    import shutil
+
+    root = Path(root)
+    kept = {path for _, path in complete_checkpoints(root)[-keep:]}
+    for ckpt_dir in root.glob(f"{CHECKPOINT_PREFIX}*"):
+        if ckpt_dir not in kept:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    (root / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+
+
+def _newest_checkpoint(cfg: UnlearnConfig) -> Path | None:
+    """Rank 0 picks the newest complete checkpoint; every rank gets its choice."""
+    import torch.distributed as dist
+
+    found = complete_checkpoints(checkpoint_root(cfg)) if dist.get_rank() == 0 else None
+    choice = [str(found[-1][1]) if found else None]
+    dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _restore(engine, ckpt_dir: Path, rank: int) -> int:
+    """Verify this rank's files, then load model, optimizer, LR schedule and RNG states; returns
+    the number of finished steps."""
+    from dipo_scale.files import sha256_file
+
+    record = json.loads((ckpt_dir / f"rank{rank}.json").read_text())
+    for name, (size, sha) in record["files"].items():
+        if sha256_file(ckpt_dir / name) != sha:
+            raise UserInputError(f"{ckpt_dir / name}: checksum does not match {ckpt_dir.name}/rank{rank}.json "
+                                 f"(corrupt checkpoint); move {ckpt_dir} aside to resume from the one before")
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"checkpoint {checkpoint.path} could not be loaded by DeepSpeed")
+        raise RuntimeError(f"checkpoint {ckpt_dir} could not be loaded by DeepSpeed")
     _set_rng_state(client_state["rng"])
     return int(client_state["step"])
 
 
 def _report_checkpoint(engine, step: int, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shard; Ray merges them into one checkpoint in storage."""
+    """Every rank saves its DeepSpeed shard and its record; Ray merges them into one checkpoint."""
     import ray.train
+    import torch.distributed as dist
 
+    from dipo_scale.files import sha256_file
+
+    rank = dist.get_rank()
     with tempfile.TemporaryDirectory() as ckpt_dir:
         engine.save_checkpoint(ckpt_dir, tag=f"step{step:07d}",
                                client_state={"step": step, "rng": _rng_state()})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+        files = {str(p.relative_to(ckpt_dir)): (p.stat().st_size, sha256_file(p))
+                 for p in sorted(Path(ckpt_dir).rglob("*")) if p.is_file()}
+        atomic_write_json(Path(ckpt_dir) / f"rank{rank}.json",
+                          {"step": step, "rank": rank, "world_size": dist.get_world_size(), "files": files})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:07d}")
 
 
 def _open_log(path: Path, finished_steps: int):
@@ -404,7 +482,7 @@ class _Evaluator:
         chosen = select_evaluation(e.select, self.history, retrain_knowmem_f=e.retrain_knowmem_f,
                                    forget_target=e.forget_target)
         if chosen is record:
-            with atomic_dir(self.run_dir / "selected_model") as tmp:
+            with atomic_dir(self.run_dir / "selected_model", "unlearn") as tmp:
                 self.model.save_pretrained(tmp, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
                 atomic_write_json(tmp / "dipo_scale.json", {
@@ -429,8 +507,8 @@ def train_worker(config: dict) -> None:
     run_dir = run_dir_of(cfg)
     torch.manual_seed(cfg.train.seed)
     engine, ref_engine, ref_head = _init_engines(cfg, load_ds_config(cfg, world))
-    checkpoint = ray.train.get_checkpoint()
-    start = _restore(engine, checkpoint) if checkpoint else 0
+    checkpoint = _newest_checkpoint(cfg)
+    start = _restore(engine, checkpoint, rank) if checkpoint else 0
 
     forget = read_blocks(cfg.data.prepared_dir, "forget")
     retain = read_blocks(cfg.data.prepared_dir, "retain") if cfg.loss.retain != "none" else None
@@ -452,6 +530,10 @@ def train_worker(config: dict) -> None:
     log_file = _open_log(run_dir / "log.jsonl", start) if rank == 0 else None
     evaluator = _Evaluator(cfg, run_dir, start) if rank == 0 and cfg.eval.every else None
     every = cfg.train.checkpoint_every
+    if rank == 0:
+        print(f"unlearn: {cfg.run_name}, {world} workers, " + (f"resuming after step {start} ({checkpoint.name})"
+              if start else "from the start"), flush=True)
+        progress = Progress("unlearn", total=cfg.train.steps, unit="steps", done=start)
 
     for step in range(start, cfg.train.steps):
         t0 = time.time()
@@ -478,6 +560,7 @@ def train_worker(config: dict) -> None:
             log_file.flush()
             if wandb_run is not None:
                 wandb_run.log(metrics, step=step + 1)
+            progress.update(loss=metrics["loss"], forget_nll=metrics["forget_nll"])
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             state_dict = hf_state_dict(engine)  # collective
             if evaluator is not None:
@@ -492,6 +575,7 @@ def train_worker(config: dict) -> None:
     _export_hf(cfg, engine, rank, run_dir)
     _report_checkpoint(engine, cfg.train.steps, {"step": cfg.train.steps})
     if rank == 0:
+        progress.close()
         log_file.close()
         if evaluator is not None:
             evaluator.close()
@@ -505,7 +589,7 @@ def _export_hf(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> None:
 
     state_dict = hf_state_dict(engine)  # every rank must call it
     if rank == 0:
-        with atomic_dir(run_dir / "model") as tmp:
+        with atomic_dir(run_dir / "model", "unlearn") as tmp:
             hf_model(engine).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
                                           ).save_pretrained(tmp)
@@ -518,25 +602,71 @@ def _export_hf(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # Driver side
 # ------------------------------------------------------------------------------------------
+def _wandb_credentials() -> bool:
+    return bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().is_file()
+
+
 def validate_run(cfg: UnlearnConfig) -> None:
-    """Everything that can be checked before workers start (one-line errors, exit 2)."""
-    from dipo_scale.prepare import read_manifest
+    """Everything that can be checked before workers start, on the driver, in seconds (one-line
+    errors, exit 2; dipo_scale/preflight.py): the models, their tokenizer against the prepared
+    data, every shard, the DeepSpeed config, the optimizer, the reference cache, evaluation data."""
+    from dipo_scale.preflight import check_model, check_prepared
 
     if not cfg.model.path:
         raise UserInputError("model.path: not set (the model to unlearn)")
     if not cfg.data.prepared_dir:
         raise UserInputError("data.prepared_dir: not set (run `dipo-scale prepare` first)")
-    manifest = read_manifest(cfg.data.prepared_dir)
+    model = check_model(cfg.model.path, "model.path", trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.reference_path and cfg.needs_reference() and not cfg.reference_cached():
+        check_model(cfg.model.reference_path, "model.reference_path", trust_remote_code=cfg.model.trust_remote_code,
+                    tokenizer=False)
+    manifest = check_prepared(cfg.data.prepared_dir, model=model)
     if manifest["splits"]["forget"]["tokens"] == 0:
         raise UserInputError(f"{cfg.data.prepared_dir}: forget set is empty")
     load_ds_config(cfg, cfg.train.num_workers)
-    check_optimizer(cfg)
+    if not cfg.train.use_gpu:  # a GPU run's optimizer is checked where its workers run (run_unlearning)
+        check_optimizer(cfg)
     if cfg.loss.fused:
         check_fused_head(cfg)
     if cfg.reference_cached():
         from dipo_scale.reference import check_cache
 
-        check_cache(cfg)  # fingerprints of the cache against this run
+        check_cache(cfg)  # fingerprints of the cache against this run, every shard's checksum
+    if cfg.eval.every:
+        from dipo_scale.data.muse import load_muse_dir
+
+        load_muse_dir(cfg.eval.data_dir, need_raw=False)
+    if cfg.logging.wandb == "online" and not _wandb_credentials():
+        raise UserInputError("logging.wandb=online: no wandb credentials (set WANDB_API_KEY or run `wandb login`), "
+                             "or use logging.wandb=offline")
+
+
+def _check_workers_can_run(cfg: UnlearnConfig) -> None:
+    """On the Ray cluster (initialised): enough resources for the workers, and for a GPU run the
+    8-bit optimizer on a GPU node (the driver may have none)."""
+    import ray
+
+    from dipo_scale.preflight import check_resources
+
+    check_resources(cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
+    if cfg.train.use_gpu and cfg.train.optimizer == "adamw_8bit":
+        ray.get(ray.remote(num_gpus=1, max_retries=0)(check_optimizer).remote(cfg))
+
+
+def _run_started(run_dir: Path) -> bool:
+    """Whether a run directory holds progress worth keeping (its config may not change)."""
+    log = run_dir / "log.jsonl"
+    return (run_dir / "model").is_dir() or (log.is_file() and log.stat().st_size > 0)
+
+
+def _user_error_of(error: Exception) -> UserInputError | None:
+    """The UserInputError a worker raised, if that is why the run failed."""
+    for failure in [*getattr(error, "worker_failures", {}).values(), getattr(error, "controller_failure", None)]:
+        while failure is not None:
+            if isinstance(failure, UserInputError):
+                return failure
+            failure = getattr(failure, "cause", None) or failure.__cause__
+    return None
 
 
 def absolute_paths(cfg: UnlearnConfig) -> UnlearnConfig:
@@ -566,22 +696,35 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     validate_run(cfg)
+    check_output_dir(cfg.out_dir, "unlearn", flag="out_dir", inputs=[
+        ("model.path", cfg.model.path), ("data.prepared_dir", cfg.data.prepared_dir),
+        ("reference.cache_dir", cfg.reference.cache_dir), ("eval.data_dir", cfg.eval.data_dir)])
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.out_dir)
     config = cfg.model_dump(by_alias=True)
-    claim_run_dir(run_dir, config)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
+    _check_workers_can_run(cfg)
+    claim_run_dir(run_dir, config, "unlearn", started=_run_started)  # nothing is written before this
+    prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": config},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      placement_strategy=cfg.train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.train.storage_path or str(run_dir / "ray"),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(checkpoint_root(cfg).parent),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              callbacks=callbacks),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:  # ray.train.TrainingFailedError: a worker's bad-input error is one line
+        user_error = _user_error_of(e)
+        if user_error is not None:
+            raise UserInputError(str(user_error)) from None
+        raise
+    finally:
+        prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
     return run_dir / "model"

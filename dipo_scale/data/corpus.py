@@ -869,7 +869,7 @@ def generate_corpus(out_dir: str | Path, *, num_docs: int, seed: int = 0) -> Pat
     texts = {split: [d.text for d in split_docs] for split, split_docs in docs.items()}
     raw = {split: "\n\n".join(split_texts) + "\n" for split, split_texts in texts.items()}
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "generate") as tmp:
         (tmp / "raw").mkdir()
         for split, split_raw in raw.items():
             (tmp / "raw" / f"{split}.txt").write_text(split_raw, encoding="utf-8")

@@ -357,7 +357,7 @@ def generate_tofu(out_dir: str | Path, *, num_authors: int = 20, seed: int = 0) 
     files = {f"{name}_perturbed": items for name, items in perturbed.items()}
     files.update({name: [{"question": it["question"], "answer": it["answer"]} for it in items]
                   for name, items in plain.items()})
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "generate-tofu") as tmp:
         for name, items in sorted(files.items()):
             _write_json(tmp / f"{name}.json", items)
     return Path(out_dir)

@@ -74,13 +74,19 @@ def test_smallest_corpus_and_bad_size(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_replaces_an_existing_directory(tmp_path):
-    (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "stale.txt").write_text("old")
-    generate_corpus(tmp_path / "w", num_docs=5)
+def test_replaces_its_own_earlier_output_only(tmp_path):
+    generate_corpus(tmp_path / "w", num_docs=5, seed=1)
+    (tmp_path / "w" / "stale.txt").write_text("left by an earlier generate")
+    generate_corpus(tmp_path / "w", num_docs=5)  # its own output: replaced whole
     assert not (tmp_path / "w" / "stale.txt").exists()
     assert (tmp_path / "w" / "world.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no temp dirs left behind
+
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "keep.txt").write_text("the user's")
+    with pytest.raises(UserInputError, match="not an earlier output"):
+        generate_corpus(tmp_path / "user", num_docs=5)
+    assert [p.name for p in (tmp_path / "user").iterdir()] == ["keep.txt"]
 
 
 def test_documents_are_news_like_and_distinct(corpus):

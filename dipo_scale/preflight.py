@@ -1,0 +1,206 @@
+"""Checks on the driver, in seconds, before any Ray worker starts or anything is written.
+
+A user should never wait for a worker's traceback to learn that a file is missing or corrupt, and
+a failed check claims nothing (no output directory, no config.json), so the corrected command
+just runs. Every check raises `UserInputError` (one line, exit 2) naming the input:
+
+* `check_model`: a local model directory (or a hub name found in the local Hugging Face cache):
+  config.json of an architecture this transformers knows (custom code only with
+  `trust_remote_code`), every weight file the index lists present and complete (safetensors:
+  header and data length; .bin: the zip directory), without reading the weights;
+* `check_tokenizer`: the tokenizer loads and fits the model's vocabulary;
+* `check_prepared`: the prepared manifest parses, every shard is present with its checksum, its
+  tokenizer fingerprint is the model's, its block size fits the model's positions;
+* `check_resources`: the Ray cluster has the CPUs/GPUs the workers ask for (Ray would otherwise
+  wait for them without end).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+from dipo_scale.errors import UserInputError
+from dipo_scale.files import sha256_file
+
+SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+
+
+def resolve_model_dir(name: str, flag: str) -> Path:
+    """The local directory of `name`: a directory, or a hub name's snapshot in the Hugging Face
+    cache. Nothing is downloaded: a cluster's workers would each fetch a 7B model at start."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise UserInputError(f"{flag} {name}: not a directory")
+    from dipo_scale.data.muse import is_hub_name
+
+    if is_hub_name(name):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not in the cache (or not a valid repo id)
+            raise UserInputError(f"{flag} {name}: no such local directory, and not in the Hugging Face cache "
+                                 f"(download it first: `hf download {name}`)") from None
+    raise UserInputError(f"{flag} {name}: no such directory")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{path}: malformed {what} ({' '.join(str(e).split())})") from None
+    if not isinstance(value, dict):
+        raise UserInputError(f"{path}: malformed {what} (expected a JSON object)")
+    return value
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header parses and the file holds exactly the bytes the header describes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise UserInputError(f"{path}: truncated or not a safetensors file (size {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserInputError(f"{path}: corrupt safetensors header") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != size:
+        raise UserInputError(f"{path}: truncated or corrupt ({size} bytes; the header describes "
+                             f"{8 + n + max(ends, default=0)})")
+
+
+def _check_bin(path: Path) -> None:
+    if zipfile.is_zipfile(path):
+        try:
+            zipfile.ZipFile(path).close()  # reads the central directory at the end: truncation shows
+        except (zipfile.BadZipFile, OSError) as e:
+            raise UserInputError(f"{path}: truncated or corrupt ({e})") from None
+    elif path.stat().st_size == 0:
+        raise UserInputError(f"{path}: empty weight file")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The weight files a model directory must hold: those its index lists, else *.safetensors,
+    else *.bin."""
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = model_dir / index_name
+        if index.is_file():
+            weight_map = _read_json(index, "weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UserInputError(f"{index}: malformed weight index (no weight_map)")
+            return [model_dir / name for name in sorted(set(weight_map.values()))]
+    for pattern in ("*.safetensors", "*.bin"):
+        files = sorted(model_dir.glob(pattern))
+        if files:
+            return files
+    raise UserInputError(f"{model_dir}: no weight files (*.safetensors or *.bin)")
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config.json (multimodal configs nest it)."""
+    return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+
+def check_model(name: str, flag: str, *, trust_remote_code: bool = False, tokenizer: bool = True) -> dict:
+    """Check a model (module docstring); returns its config.json as a dict, with the resolved
+    directory under "_dir" and (`tokenizer`) the loaded tokenizer under "_tokenizer"."""
+    from transformers import CONFIG_MAPPING
+
+    model_dir = resolve_model_dir(name, flag)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserInputError(f"{flag} {name}: no config.json (not a Hugging Face model directory)")
+    config = _read_json(config_path, "config.json")
+    model_type, auto_map = config.get("model_type"), config.get("auto_map")
+    if model_type not in CONFIG_MAPPING:
+        if auto_map and not trust_remote_code:
+            raise UserInputError(f"{flag} {name}: its architecture ({model_type}) needs the model's own code; "
+                                 "set model.trust_remote_code=true if you trust it")
+        if not auto_map:
+            import transformers
+
+            raise UserInputError(f"{flag} {name}: unknown architecture model_type={model_type!r} "
+                                 f"(transformers {transformers.__version__})")
+    for path in weight_files(model_dir):
+        if not path.is_file():
+            raise UserInputError(f"{path}: weight file listed in the index is missing")
+        (_check_safetensors if path.suffix == ".safetensors" else _check_bin)(path)
+    config["_dir"] = model_dir
+    if tokenizer:
+        config["_tokenizer"] = check_tokenizer(model_dir, flag, config, trust_remote_code=trust_remote_code)
+    return config
+
+
+def check_tokenizer(path: str | Path, flag: str, model_config: dict | None = None, *,
+                    trust_remote_code: bool = False):
+    """The tokenizer at `path` loads, and (given the model's config) its ids fit the embedding."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, ... from a missing or broken tokenizer
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserInputError(f"{flag} {path}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
+    vocab = text_config(model_config or {}).get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise UserInputError(f"{flag} {path}: the tokenizer has {len(tokenizer)} tokens, more than the "
+                             f"model's vocabulary ({vocab}): ids beyond it would index past the embedding")
+    return tokenizer
+
+
+def max_positions(config: dict) -> int | None:
+    text = text_config(config)
+    value = text.get("max_position_embeddings", text.get("n_positions"))
+    return value if isinstance(value, int) else None
+
+
+def check_prepared(prepared_dir: str | Path, *, flag: str = "data.prepared_dir", model: dict | None = None) -> dict:
+    """Check a prepared directory, and (given `check_model`'s result) that it was made with the
+    model's tokenizer and fits its positions. Returns the manifest."""
+    from dipo_scale.prepare import SPLITS, read_manifest, tokenizer_fingerprint
+
+    root = Path(prepared_dir)
+    manifest = read_manifest(root)
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            path = root / shard["file"]
+            if not path.is_file():
+                raise UserInputError(f"{path}: shard listed in manifest.json is missing")
+            if sha256_file(path) != shard["sha256"]:
+                raise UserInputError(f"{path}: checksum does not match manifest.json (corrupt or modified shard)")
+    if model is not None:
+        tokenizer = model.get("_tokenizer")
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:
+            raise UserInputError(f"{flag} {prepared_dir}: prepared with another tokenizer than the model's "
+                                 f"({model['_dir']}); run `dipo-scale prepare --tokenizer {model['_dir']}`")
+        limit = max_positions(model)
+        if limit is not None and manifest["block_size"] > limit:
+            raise UserInputError(f"{flag} {prepared_dir}: block size {manifest['block_size']} exceeds the "
+                                 f"model's {limit} positions")
+    return manifest
+
+
+def check_resources(num_workers: int, *, use_gpu: bool, flag: str = "train.num_workers",
+                    extra_cpus: float = 0.0) -> None:
+    """The Ray cluster (initialised) has a CPU (and a GPU) per worker, plus `extra_cpus`.
+    Ray would wait for missing resources without end (an autoscaling cluster may add them: this
+    check counts the nodes there now)."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": num_workers + extra_cpus, **({"GPU": num_workers} if use_gpu else {})}
+    for resource, amount in need.items():
+        if have.get(resource, 0) < amount:
+            raise UserInputError(f"{flag}={num_workers}: needs {amount:g} {resource}s (one per worker"
+                                 f"{' plus the drivers' if extra_cpus else ''}) but the Ray cluster has "
+                                 f"{have.get(resource, 0):g}")
