@@ -56,3 +56,19 @@ def test_resumed_progress_counts_its_own_rate(monkeypatch):
     advance(4.0)
     p.done = 8
     assert p.line() == "unlearn: 8/10 steps (80%), 2 s each, ETA 4 s"
+
+
+def test_reference_precompute_counts_the_shards_its_workers_record(tmp_path, capsys):
+    """The driver's lines come from the shard records (.json) written while the block runs; a
+    record left by an earlier run is not counted until it is rewritten."""
+    from dipo_scale.reference import _shard_progress
+
+    todo = [{"file": f"forget/part-{i:05d}.safetensors"} for i in range(3)]
+    (tmp_path / "forget").mkdir()
+    stale = tmp_path / "forget" / "part-00002.json"
+    stale.write_text('{"tokens": 1000}')
+    with _shard_progress(tmp_path, todo, poll_s=0.01):
+        for i, tokens in ((0, 10), (1, 20)):
+            (tmp_path / "forget" / f"part-{i:05d}.json").write_text(f'{{"tokens": {tokens}}}')
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("reference: done, 2 shards in ") and ", tokens=30, tokens/s=" in last
