@@ -330,8 +330,8 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
         prepare(data, tokenizer, out / "prepared", block_size=settings.block_size, with_qa=True,
                 layout="per_sequence")
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False,
+    if not ray.is_initialized():  # log_to_driver: the workers' progress lines reach this console
+        ray.init(include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     models = {"target": paths["target"], "retrain": paths["retrain"]}
     last_log = {}

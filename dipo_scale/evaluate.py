@@ -545,7 +545,7 @@ def evaluate_muse_parallel(
 
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(include_dashboard=False, log_to_driver=True)  # the actors' progress lines
     try:
         worker_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(MuseEvalWorker)
         device = "cuda" if num_gpus_per_worker > 0 else None
