@@ -62,10 +62,10 @@ class DipoConfig(_Strict):
     @field_validator("alpha", "p")
     @classmethod
     def _in_range(cls, value: float, info) -> float:
-        """α in (0, 1000]: the loss is computed stably at any α (docs/DIPO.md, "Numerics"), but
-        above a few hundred the pair is, in float64, that of α = ∞ at every position whose
-        log-odds of the mass on S are below α − 37 in magnitude; a larger value is a typo, inf or
-        nan. p in (0, 1]: a probability mass (nan refused too)."""
+        """α in (0, 1000]: the loss is computed stably at any α (docs/DIPO.md, "Numerics"), and
+        each position whose log-odds of the mass on S are below α − 37 in magnitude already gets,
+        in float64, the pair of α = ∞; a larger value is a typo, inf or nan. p in (0, 1]: a
+        probability mass (nan refused too)."""
         high = {"alpha": 1000.0, "p": 1.0}[info.field_name]
         if not 0 < value <= high:
             raise ValueError(f"must be in (0, {high:g}], got {value}")

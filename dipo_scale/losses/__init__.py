@@ -43,6 +43,7 @@ positive number: the tail gets essentially no probability.)
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
 import torch
@@ -70,21 +71,28 @@ class _PositionwiseChunked(torch.autograd.Function):
 
     Forward holds one [chunk, V] float32 slice at a time; backward recomputes each chunk and
     writes its gradient into a gradient tensor shaped like `logits` (no other [N, V] state).
+    With `side` (a function like fn), the forward also returns side(logits[n], *aux[n]) from the
+    same chunks, without gradient (a statistic riding along the loss's pass; not recomputed in
+    the backward).
     """
 
     @staticmethod
-    def forward(ctx, fn, chunk, positions, logits, *aux):
+    def forward(ctx, fn, side, chunk, positions, logits, *aux):
         ctx.fn, ctx.chunk, ctx.dtype = fn, chunk, compute_dtype(logits)
         ctx.save_for_backward(positions, logits, *aux)
         out = logits.new_empty(positions.numel(), dtype=ctx.dtype)
+        side_out = None if side is None else torch.empty_like(out)
         with torch.no_grad():
             for s in range(0, positions.numel(), chunk):
                 idx = positions[s : s + chunk]
-                out[s : s + chunk] = fn(logits[idx].to(ctx.dtype), *(a[idx] for a in aux))
-        return out
+                z, chunk_aux = logits[idx].to(ctx.dtype), [a[idx] for a in aux]
+                out[s : s + chunk] = fn(z, *chunk_aux)
+                if side is not None:
+                    side_out[s : s + chunk] = side(z, *chunk_aux)
+        return _with_side(ctx, out, side_out)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         positions, logits, *aux = ctx.saved_tensors
         grad = torch.zeros_like(logits)
         for s in range(0, positions.numel(), ctx.chunk):
@@ -94,11 +102,20 @@ class _PositionwiseChunked(torch.autograd.Function):
                 values = ctx.fn(z, *(a[idx] for a in aux))
                 (g,) = torch.autograd.grad(values, z, grad_out[s : s + ctx.chunk])
             grad[idx] = g.to(grad.dtype)
-        return (None, None, None, grad) + (None,) * len(aux)
+        return (None, None, None, None, grad) + (None,) * len(aux)
+
+
+def _with_side(ctx, out: torch.Tensor, side_out: torch.Tensor | None):
+    """The outputs of a chunked forward: `out`, or (out, side_out) with side_out non-differentiable."""
+    if side_out is None:
+        return out
+    ctx.mark_non_differentiable(side_out)
+    return out, side_out
 
 
 class _FusedHeadPositionwise(torch.autograd.Function):
-    """values[n] = fn(hidden[n] @ weight.T + bias, targets[n], *aux[n]) for each selected position n.
+    """values[n] = fn(hidden[n] @ weight.T + bias, targets[n], *aux[n]) for each selected position n
+    (and, with `side`, side(...) of the same chunks, as in `_PositionwiseChunked`).
 
     Forward holds one chunk of [chunk, V] tensors at a time; backward recomputes each chunk,
     writes that chunk's rows of grad_hidden and adds grad_z.T @ hidden_chunk into one [V, H]
@@ -108,25 +125,28 @@ class _FusedHeadPositionwise(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fn, chunk, positions, hidden, weight, bias, targets, *aux):
+    def forward(ctx, fn, side, chunk, positions, hidden, weight, bias, targets, *aux):
         dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(weight))
         ctx.fn, ctx.chunk, ctx.dtype = fn, chunk, dtype
         ctx.save_for_backward(positions, hidden, weight, bias, targets, *aux)
         out = hidden.new_empty(positions.numel(), dtype=dtype)
+        side_out = None if side is None else torch.empty_like(out)
         with torch.no_grad():
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             for s in range(0, positions.numel(), chunk):
                 idx = positions[s : s + chunk]
-                z = _linear(hidden[idx].to(dtype), w, b)
-                out[s : s + chunk] = fn(z, targets[idx], *(a[idx] for a in aux))
+                z, chunk_aux = _linear(hidden[idx].to(dtype), w, b), [targets[idx]] + [a[idx] for a in aux]
+                out[s : s + chunk] = fn(z, *chunk_aux)
+                if side is not None:
+                    side_out[s : s + chunk] = side(z, *chunk_aux)
                 del z
-        return out
+        return _with_side(ctx, out, side_out)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         positions, hidden, weight, bias, targets, *aux = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[3:6]
+        need_h, need_w, need_b = ctx.needs_input_grad[4:7]
         dtype = ctx.dtype
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
@@ -153,7 +173,7 @@ class _FusedHeadPositionwise(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return (None, None, None, grad_h, grad_w, grad_b) + (None,) * (1 + len(aux))
+        return (None, None, None, None, grad_h, grad_w, grad_b) + (None,) * (1 + len(aux))
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -162,9 +182,11 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _per_row(fn: Callable, policy, targets: torch.Tensor, *aux: torch.Tensor,
-             chunk_size: int | None = None) -> torch.Tensor:
+             chunk_size: int | None = None, side: Callable | None = None):
     """Sum of fn(z, y, *aux) over each row's valid positions -> [B], differentiable in the policy:
-    logits [B, T, V], or an `LMHead` (its logits are computed chunk by chunk, never whole)."""
+    logits [B, T, V], or an `LMHead` (its logits are computed chunk by chunk, never whole).
+    With `side` (same arguments as fn): ([B], [B] per-row sums of side, detached), both from one
+    pass over the chunks."""
     B, T, V = policy.shape
     if tuple(targets.shape) != (B, T):
         raise ValueError(f"targets must be [B, T]={(B, T)}, got {tuple(targets.shape)}")
@@ -173,13 +195,14 @@ def _per_row(fn: Callable, policy, targets: torch.Tensor, *aux: torch.Tensor,
     positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     flat_aux = [a.reshape(B * T, *a.shape[2:]) for a in aux]
     if isinstance(policy, LMHead):
-        values = _FusedHeadPositionwise.apply(fn, chunk_size, positions, policy.hidden.reshape(B * T, -1),
+        values = _FusedHeadPositionwise.apply(fn, side, chunk_size, positions, policy.hidden.reshape(B * T, -1),
                                               policy.weight, policy.bias, flat_targets.clamp_min(0), *flat_aux)
     else:
-        values = _PositionwiseChunked.apply(fn, chunk_size, positions, policy.reshape(B * T, V),
+        values = _PositionwiseChunked.apply(fn, side, chunk_size, positions, policy.reshape(B * T, V),
                                             flat_targets.clamp_min(0), *flat_aux)
     rows = torch.div(positions, T, rounding_mode="floor")
-    return values.new_zeros(B).index_add(0, rows, values)
+    row_sums = lambda v: v.new_zeros(B).index_add(0, rows, v)  # noqa: E731
+    return row_sums(values) if side is None else tuple(map(row_sums, values))
 
 
 def _reference_values(fn: Callable, ref: "Reference", targets: torch.Tensor,
@@ -351,7 +374,9 @@ def _check_reference(ref: Reference, logits: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 # Per-position functions (z: [C, V] float32 policy logits; y: [C] target ids; z_ref: [C, V]).
 # --------------------------------------------------------------------------------------------
-def _target_logprob(z, y):
+def _target_logprob(z, y, *_):
+    """log π(y|s) of each position (further per-position inputs are ignored, so this can ride
+    along any loss's chunks as its `side`)."""
     return z.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
 
 
@@ -362,58 +387,78 @@ def _kl_ref_policy(z, y, z_ref):
 
 def _sparse_mask_ids(z_src: torch.Tensor, y: torch.Tensor, *, select: Select, k: int) -> torch.Tensor:
     """[C, k] ids of S for the sparse selections: the top-k of z_src, or the label ([C, 1])."""
+    if select not in ("topk", "label"):
+        raise ValueError(f"unknown dipo select {select!r}")
     return z_src.topk(k, dim=1).indices if select == "topk" else y[:, None]
 
 
 def high_confidence_mask(z_src: torch.Tensor, y: torch.Tensor, *, select: Select, k: int = 1,
                          p: float = 0.9) -> torch.Tensor:
-    """1[S_t] as a [C, V] float mask: top-k of z_src, the label, or the top-p nucleus of z_src."""
+    """1[S_t] as a [C, V] float mask: top-k of z_src, the label, or the top-p nucleus of z_src.
+
+    `topp`: S is the smallest set of most probable tokens whose mass reaches p. A token is in S
+    iff the mass of the more probable ones is < p, i.e. iff the mass from it down (itself and
+    every less probable token) is > 1 − p: a tail sum, accumulated from the smallest
+    probabilities up, so it does not round to 1 − (the mass above) the way a running sum from the
+    top does. p = 1 is the whole vocabulary (every proper subset has mass < 1)."""
     mask = torch.zeros_like(z_src, dtype=compute_dtype(z_src))
-    if select in ("topk", "label"):
+    if select != "topp":
         return mask.scatter_(1, _sparse_mask_ids(z_src, y, select=select, k=k), 1.0)
-    if select == "topp":
-        probs, order = torch.softmax(z_src.to(compute_dtype(z_src)), dim=1).sort(dim=1, descending=True)
-        keep = (probs.cumsum(dim=1) - probs) < p  # smallest prefix whose mass reaches p
-        return mask.scatter_(1, order, keep.to(mask.dtype))
-    raise ValueError(f"unknown dipo select {select!r}")
+    if p >= 1:
+        return mask.fill_(1.0)
+    probs, order = torch.softmax(z_src.to(mask.dtype), dim=1).sort(dim=1)  # ascending
+    return mask.scatter_(1, order, (probs.cumsum(dim=1) > 1.0 - p).to(mask.dtype))
 
 
 def preference_distributions(z_src, y, *, alpha, select, k=1, p=0.9):
-    """(pi_plus, pi_minus): suppressed (preferred) and amplified (dispreferred) distributions."""
+    """(pi_plus, pi_minus): suppressed (preferred) and amplified (dispreferred) distributions,
+    as two softmaxes, the definition (`preference_weight` is their difference, computed stably)."""
     z_src = z_src.to(compute_dtype(z_src))
     s = high_confidence_mask(z_src, y, select=select, k=k, p=p)
     return torch.softmax(z_src - alpha * s, dim=1), torch.softmax(z_src + alpha * s, dim=1)
 
 
+def _exp_from_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e, m, total) of logits x [C, n] where −inf marks the entries outside a set, x consumed
+    (e is x, overwritten): m the row max (0 where the set is empty), e = exp(x − m) (0 outside
+    the set), total = Σ e, ≥ 1 for a nonempty set, 0 for an empty one. The set's softmax is
+    e / total, its log-sum-exp m + log(total)."""
+    m = x.amax(dim=1, keepdim=True)
+    m = m.masked_fill(m == -math.inf, 0.0)
+    e = x.sub_(m).exp_()
+    return e, m, e.sum(dim=1, keepdim=True)
+
+
 def preference_weight(z_src, y, *, alpha, select, k=1, p=0.9) -> torch.Tensor:
     """π⁺ − π⁻ ([C, V]), the weight DiPO puts on z − z_ref at each position.
 
-    For `topk` and `label` the mask S has k (or 1) entries per row, and both distributions are
-    one softmax of z_src rescaled: with e = exp(z_src − max), e_S its masked entries, Z_u the
-    sum of the others and a = exp(−α),
+    Shifting the logits of S by ∓α keeps the proportions inside S and inside its complement U:
+    with q_S, q_U the softmaxes of z_src restricted to S and to U, and δ = lse_S − lse_U (the
+    log-odds of the mass on S), π⁺ = σ(δ − α)·q_S on S and σ(α − δ)·q_U on U (π⁻: the same
+    with −α), so
 
-        π⁺ = (e off S, a·e on S) / (Z_u + a·Σe_S),   π⁻ = (a·e off S, e on S) / (a·Z_u + Σe_S),
+        π⁺ − π⁻ = g·(q_U − q_S),   g = σ(δ + α) − σ(δ − α) = −expm1(−2α)·σ(α + δ)·σ(α − δ).
 
-    so π⁺ − π⁻ = e·c_off off S and e·c_on on S with two numbers per row. One exp pass instead of
-    two softmaxes over shifted copies; Z_u is summed directly (no cancellation when the mask holds
-    nearly all the mass), and no exp(+α) appears (no overflow at large α). `topp` masks are
-    dense: the two softmaxes of `preference_distributions`."""
+    Every factor is computed without cancellation: q_S and q_U from each set's own max, δ from
+    the two maxes' difference plus two log-sums of at most log V. No exp(±α) is formed, nothing
+    overflows or underflows to a wrong value at any α or |z|, the weights keep their relative
+    accuracy when 1 − p_S (or p_S) is far below the dtype's epsilon, and they sum to zero to
+    rounding. One exp pass over the row (in place, on a copy with S's logits at −inf); for
+    `topk`/`label` the k (or 1) logits of S are gathered."""
+    z = z_src.to(compute_dtype(z_src))
     if select == "topp":
-        pi_plus, pi_minus = preference_distributions(z_src, y, alpha=alpha, select=select, k=k, p=p)
-        return pi_plus.sub_(pi_minus)
-    if select not in ("topk", "label"):
-        raise ValueError(f"unknown dipo select {select!r}")
-    z_src = z_src.to(compute_dtype(z_src))
-    idx = _sparse_mask_ids(z_src, y, select=select, k=k)
-    e = (z_src - z_src.amax(dim=1, keepdim=True)).exp_()
-    e_s = e.gather(1, idx)
-    e.scatter_(1, idx, 0.0)
-    z_u, s_s = e.sum(dim=1, keepdim=True), e_s.sum(dim=1, keepdim=True)
-    a = torch.exp(torch.tensor(-float(alpha), dtype=e.dtype))
-    tiny = torch.finfo(e.dtype).tiny
-    d_plus, d_minus = (z_u + a * s_s).clamp_min(tiny), (a * z_u + s_s).clamp_min(tiny)
-    c_off, c_on = 1.0 / d_plus - a / d_minus, a / d_plus - 1.0 / d_minus
-    return e.mul_(c_off).scatter_(1, idx, e_s * c_on)
+        s = high_confidence_mask(z, y, select=select, p=p).bool()
+        z_s, z_u = z.masked_fill(~s, -math.inf), z.masked_fill(s, -math.inf)
+    else:
+        idx = _sparse_mask_ids(z, y, select=select, k=k)
+        z_s, z_u = z.gather(1, idx), z.scatter(1, idx, -math.inf)
+    e_s, m_s, total_s = _exp_from_max(z_s)
+    e_u, m_u, total_u = _exp_from_max(z_u)
+    delta = (m_s - m_u) + (total_s.log() - total_u.log())  # ±inf when U (or S) is empty: g = 0
+    g = -math.expm1(-2.0 * float(alpha)) * torch.sigmoid(alpha + delta) * torch.sigmoid(alpha - delta)
+    weight = e_u.mul_(g / total_u.clamp_min(1.0))  # clamp: an empty set has e = 0 and g = 0
+    on_s = e_s.mul_(-g / total_s.clamp_min(1.0))
+    return weight.add_(on_s) if select == "topp" else weight.scatter_(1, idx, on_s)
 
 
 def _dipo_position_margin(z, y, z_ref, *, alpha, select, k, p, source):
@@ -431,56 +476,80 @@ def sequence_logprob(logits, targets, *, chunk_size=None) -> torch.Tensor:
     return _per_row(_target_logprob, logits, targets, chunk_size=chunk_size)
 
 
+def _mean_nll(logprob: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Token-mean NLL per row from the rows' Σ_t log π(y_t|s_t) [B], averaged over rows."""
+    return (-logprob / token_counts(targets)).mean()
+
+
 def nll_loss(logits, targets, *, chunk_size=None) -> torch.Tensor:
     """Token-mean negative log-likelihood per row, averaged over rows (the `gd` retain term)."""
-    return (-sequence_logprob(logits, targets, chunk_size=chunk_size) / token_counts(targets)).mean()
+    return _mean_nll(sequence_logprob(logits, targets, chunk_size=chunk_size), targets)
 
 
-def ga_loss(logits, targets, *, chunk_size=None) -> torch.Tensor:
-    """Gradient ascent: −NLL(forget)."""
-    return -nll_loss(logits, targets, chunk_size=chunk_size)
+# `with_nll=True` (ga_loss, npo_loss, dipo_loss, kl_retain_loss): the loss also returns, last,
+# `nll_loss(logits, targets)` of the same inputs as a detached scalar, taken from the loss's own
+# pass over the chunks (no second pass over the logits, no second LM-head matmul when fused).
+
+def ga_loss(logits, targets, *, chunk_size=None, with_nll=False):
+    """Gradient ascent: −NLL(forget). Returns loss, or (loss, nll) with `with_nll`."""
+    loss = -nll_loss(logits, targets, chunk_size=chunk_size)
+    return (loss, -loss.detach()) if with_nll else loss
 
 
-def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=None):
-    """NPO on log-probs: −(2/β)·mean log σ(−β·Σ_t m_t[log π_θ − log π_ref]). Returns (loss, log-ratio[B]).
+def npo_loss(logits, ref_logits, targets, *, beta, chunk_size=None, with_nll=False):
+    """NPO on log-probs: −(2/β)·mean log σ(−β·Σ_t m_t[log π_θ − log π_ref]). Returns (loss, log-ratio[B]),
+    or (loss, log-ratio, nll) with `with_nll`.
     `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
     ref = as_reference(ref_logits)
     _check_reference(ref, logits)
     logprob = sequence_logprob(logits, targets, chunk_size=chunk_size)
     log_ratio = logprob - _reference_values(_target_logprob, ref, targets, chunk_size).to(logprob.dtype)
-    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean(), log_ratio
+    loss = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+    return (loss, log_ratio, _mean_nll(logprob.detach(), targets)) if with_nll else (loss, log_ratio)
 
 
 def dipo_margin(logits, ref_logits, targets, *, alpha, select: Select = "topk", k=1, p=0.9,
                 reduction: Literal["sum", "mean"] = "sum", source="reference",
-                chunk_size=None) -> torch.Tensor:
+                chunk_size=None, with_logprob=False):
     """margin(y) = Σ_t m_t ⟨π⁺_t − π⁻_t, z_t − z_ref_t⟩ per row ([B]); divided by Σ m_t for `mean`.
+    With `with_logprob`: (margin, Σ_t m_t log π_θ(y_t|s_t) per row, detached), from the same chunks.
     `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
     ref = as_reference(ref_logits)
     _check_reference(ref, logits)
     fn = lambda z, y, *r: _dipo_position_margin(z, y, ref.logits(*r), alpha=alpha, select=select,  # noqa: E731
                                                 k=k, p=p, source=source)
-    margin = _per_row(fn, logits, targets, *ref.per_position(), chunk_size=chunk_size)
-    return margin / token_counts(targets) if reduction == "mean" else margin
+    out = _per_row(fn, logits, targets, *ref.per_position(), chunk_size=chunk_size,
+                   side=_target_logprob if with_logprob else None)
+    margin, logprob = out if with_logprob else (out, None)
+    if reduction == "mean":
+        margin = margin / token_counts(targets)
+    return (margin, logprob) if with_logprob else margin
 
 
 def dipo_loss(logits, ref_logits, targets, *, alpha, beta, select: Select = "topk", k=1, p=0.9,
               reduction: Literal["sum", "mean"] = "sum", source="reference",
-              chunk_size=None):
-    """L_DiPO = −(2/β)·mean_batch log σ(β·margin). Returns (loss, margin[B])."""
-    margin = dipo_margin(logits, ref_logits, targets, alpha=alpha, select=select, k=k, p=p,
-                         reduction=reduction, source=source, chunk_size=chunk_size)
-    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean(), margin
+              chunk_size=None, with_nll=False):
+    """L_DiPO = −(2/β)·mean_batch log σ(β·margin). Returns (loss, margin[B]), or
+    (loss, margin, nll) with `with_nll`."""
+    out = dipo_margin(logits, ref_logits, targets, alpha=alpha, select=select, k=k, p=p,
+                      reduction=reduction, source=source, chunk_size=chunk_size, with_logprob=with_nll)
+    margin = out[0] if with_nll else out
+    loss = -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+    return (loss, margin, _mean_nll(out[1], targets)) if with_nll else (loss, margin)
 
 
-def kl_retain_loss(logits, ref_logits, targets, *, chunk_size=None) -> torch.Tensor:
-    """Token-mean KL(π_ref‖π_θ) per row, averaged over rows (the `kl` retain term).
+def kl_retain_loss(logits, ref_logits, targets, *, chunk_size=None, with_nll=False):
+    """Token-mean KL(π_ref‖π_θ) per row, averaged over rows (the `kl` retain term). Returns loss,
+    or (loss, nll) with `with_nll`.
     `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
     ref = as_reference(ref_logits)
     _check_reference(ref, logits)
     fn = lambda z, y, *r: _kl_ref_policy(z, y, ref.logits(*r))  # noqa: E731
-    kl = _per_row(fn, logits, targets, *ref.per_position(), chunk_size=chunk_size)
-    return (kl / token_counts(targets)).mean()
+    out = _per_row(fn, logits, targets, *ref.per_position(), chunk_size=chunk_size,
+                   side=_target_logprob if with_nll else None)
+    kl, logprob = out if with_nll else (out, None)
+    loss = (kl / token_counts(targets)).mean()
+    return (loss, _mean_nll(logprob, targets)) if with_nll else loss
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
