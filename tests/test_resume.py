@@ -86,3 +86,29 @@ def test_rerun_with_a_different_config_is_refused(tiny_assets, uninterrupted):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "different config" in proc.stderr
+
+
+def test_sigint_then_same_command_resumes_from_the_newest_checkpoint_on_disk(tiny_assets, uninterrupted, tmp_path):
+    """Ctrl-C on the driver, then the same command: the run resumes from the newest complete
+    checkpoint the workers wrote (not the last one Ray had registered), each step is logged once,
+    the weights are the uninterrupted run's, and the disk keeps `keep_checkpoints` checkpoints."""
+    from dipo_scale.config import load_unlearn_config
+    from dipo_scale.unlearn import checkpoint_root, complete_checkpoints
+
+    out = tmp_path / "interrupted"
+    args = _args(tiny_assets, out, "train.keep_checkpoints=2")
+    proc = _start(args, tmp_path / "first.log")
+    _wait_for_steps(out, 7, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+    proc.wait(timeout=120)
+    sets = [a for a in args[args.index("unlearn") + 1:] if a != "--set"]
+    root = checkpoint_root(load_unlearn_config(None, sets))
+    on_disk = [step for step, _ in complete_checkpoints(root)]
+    assert on_disk and on_disk[-1] >= 6, on_disk  # steps 2, 4, 6 were checkpointed before step 7 ended
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert json.loads((out / "ranks" / "rank0.json").read_text())["resumed_from_step"] == on_disk[-1]
+    assert f"resuming after step {on_disk[-1]}" in second.stdout + second.stderr
+    assert len(list(root.glob("checkpoint_step*"))) == 2  # keep_checkpoints, orphans of the first driver included
+    _assert_same_run(out, uninterrupted)
