@@ -18,6 +18,7 @@ import pytest
 from dipo_scale.config import SeriesConfig, load_config
 from dipo_scale.data.muse import load_forget_requests, load_muse_dir
 from dipo_scale.errors import UserInputError
+from dipo_scale.files import MARKER
 from dipo_scale.sequential import forget_sets
 
 REQUESTS = 2
@@ -129,11 +130,12 @@ def test_killed_sequential_series_resumes_at_its_unfinished_request(tiny_assets,
     assert (whole / "report.md").is_file() and (whole / "sustainability.png").is_file()
     assert "## Sustainability" in (whole / "report.md").read_text()
 
-    # The state a series leaves once request 1 is done (its lineage entry, pointing at that
-    # request's model): copied from the uninterrupted series, which has the same config.
+    # The state a series leaves once request 1 is done (its output-dir marker, config and lineage
+    # entry, pointing at that request's model): copied from the uninterrupted series (same config).
     out = tmp_path / "killed"
     out.mkdir()
-    (out / "config.json").write_bytes((whole / "config.json").read_bytes())
+    for name in (MARKER, "config.json"):
+        (out / name).write_bytes((whole / name).read_bytes())
     (out / "lineage.json").write_text(json.dumps({**reference, "requests": reference["requests"][:1]}))
     args = _cli("sequential", _sets(tiny_assets, out))
     proc = subprocess.Popen(args, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
