@@ -130,27 +130,34 @@ def atomic_dir(path: str | Path, command: str) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
-def claim_run_dir(run_dir: str | Path, config: dict, command: str,
-                  started: Callable[[Path], bool] = lambda run_dir: False) -> None:
-    """Record `config` in run_dir/config.json and mark run_dir as `command`'s output. A rerun with
-    the same config resumes there; a different config is refused once the run has `started`
-    (made progress worth keeping), and replaces the recorded one otherwise (a run that failed
-    before its first step claims nothing)."""
+def check_run_dir(run_dir: str | Path, config: dict, command: str,
+                  started: Callable[[Path], bool] = lambda run_dir: False, *,
+                  inputs: Iterable[tuple[str, str | Path | None]] = ()) -> None:
+    """Refuse a run directory `claim_run_dir` may not claim (nothing is written): see
+    `check_output_dir`; a garbage config.json; a different config once the run has `started`
+    (made progress worth keeping). A run that failed before its first step claims nothing: a
+    different config replaces its record."""
     run_dir = Path(run_dir)
-    check_output_dir(run_dir, command, flag="out_dir")
+    check_output_dir(run_dir, command, flag="out_dir", inputs=inputs)
     saved = run_dir / "config.json"
-    config = json.loads(json.dumps(config))  # tuples -> lists, as they come back from the file
     if saved.is_file():
         try:
             previous = json.loads(saved.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserInputError(f"{saved}: malformed JSON ({' '.join(str(e).split())}); this is not a "
                                  "run directory this command can resume: choose another out_dir") from None
-        if previous != config and started(run_dir):
+        if previous != json.loads(json.dumps(config)) and started(run_dir):  # (tuples -> lists, as in the file)
             raise UserInputError(f"{run_dir}: holds a run with a different config (re-run with the same "
                                  "config to resume it, or choose another out_dir)")
+
+
+def claim_run_dir(run_dir: str | Path, config: dict, command: str,
+                  started: Callable[[Path], bool] = lambda run_dir: False) -> None:
+    """`check_run_dir`, then record `config` in run_dir/config.json and mark run_dir as
+    `command`'s output; a rerun with the same config resumes there."""
+    check_run_dir(run_dir, config, command, started)
     mark_output_dir(run_dir, command)
-    atomic_write_json(saved, config)
+    atomic_write_json(Path(run_dir) / "config.json", config)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -137,23 +137,26 @@ def check_model(name: str, flag: str, *, trust_remote_code: bool = False, tokeni
         (_check_safetensors if path.suffix == ".safetensors" else _check_bin)(path)
     config["_dir"] = model_dir
     if tokenizer:
-        config["_tokenizer"] = check_tokenizer(model_dir, flag, config, trust_remote_code=trust_remote_code)
+        config["_tokenizer"] = check_tokenizer(model_dir, flag, config, trust_remote_code=trust_remote_code,
+                                               shown=name)
     return config
 
 
 def check_tokenizer(path: str | Path, flag: str, model_config: dict | None = None, *,
-                    trust_remote_code: bool = False):
-    """The tokenizer at `path` loads, and (given the model's config) its ids fit the embedding."""
+                    trust_remote_code: bool = False, shown: str | None = None):
+    """The tokenizer at `path` loads, and (given the model's config) its ids fit the embedding.
+    Errors name `flag` and `shown` (what the user wrote; default `path`)."""
     from transformers import AutoTokenizer
 
+    shown = shown or path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError, ... from a missing or broken tokenizer
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserInputError(f"{flag} {path}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
+        raise UserInputError(f"{flag} {shown}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
     vocab = text_config(model_config or {}).get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise UserInputError(f"{flag} {path}: the tokenizer has {len(tokenizer)} tokens, more than the "
+        raise UserInputError(f"{flag} {shown}: the tokenizer has {len(tokenizer)} tokens, more than the "
                              f"model's vocabulary ({vocab}): ids beyond it would index past the embedding")
     return tokenizer
 

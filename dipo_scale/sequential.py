@@ -162,7 +162,8 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
     sets = forget_sets(cfg, data, kind)
     first = cfg.unlearn.model.path
     check_model(cfg.unlearn.model.path, "unlearn.model.path", trust_remote_code=cfg.unlearn.model.trust_remote_code)
-    check_output_dir(out, kind, flag="out_dir", inputs=[("data_dir", cfg.data_dir), ("unlearn.model.path", first)])
+    check_output_dir(cfg.out_dir, kind, flag="out_dir", inputs=[("data_dir", cfg.data_dir),
+                                                               ("unlearn.model.path", first)])
     claim_run_dir(out, {"kind": kind, **cfg.model_dump(by_alias=True, exclude={"out_dir"})}, kind,
                   started=lambda run_dir: (run_dir / "lineage.json").is_file())
     path = out / "lineage.json"

@@ -34,7 +34,7 @@ import torch
 
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_dir, atomic_write_json, check_output_dir, claim_run_dir
+from dipo_scale.files import atomic_dir, atomic_write_json, check_output_dir, check_run_dir, claim_run_dir
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
                                npo_loss, shift_targets)
 from dipo_scale.progress import Progress
@@ -222,21 +222,25 @@ def _partition_sizes(engine) -> dict:
 
 
 def _forget_loss(cfg: UnlearnConfig, logits, ref_logits, targets):
-    """Forget term and its extra statistic (DiPO margin or NPO log-ratio, per row)."""
+    """Forget term, its extra statistic (DiPO margin or NPO log-ratio, per row; None for GA) and
+    the forget NLL, all from the loss's own chunks (no second pass over the logits)."""
     chunk = cfg.loss.chunk_size
     if cfg.method == "dipo":
         d = cfg.dipo
-        return dipo_loss(logits, ref_logits, targets, alpha=d.alpha, beta=d.beta, select=d.select,
-                         k=d.k, p=d.p, reduction=d.reduction, source=d.source, chunk_size=chunk)
+        return dipo_loss(logits, ref_logits, targets, alpha=d.alpha, beta=d.beta, select=d.select, k=d.k,
+                         p=d.p, reduction=d.reduction, source=d.source, chunk_size=chunk, with_nll=True)
     if cfg.method == "npo":
-        return npo_loss(logits, ref_logits, targets, beta=cfg.npo.beta, chunk_size=chunk)
-    return ga_loss(logits, targets, chunk_size=chunk), None
+        return npo_loss(logits, ref_logits, targets, beta=cfg.npo.beta, chunk_size=chunk, with_nll=True)
+    loss, nll = ga_loss(logits, targets, chunk_size=chunk, with_nll=True)
+    return loss, None, nll
 
 
 def _retain_loss(cfg: UnlearnConfig, logits, ref_logits, targets):
+    """Retain term and the retain NLL (the term itself for `gd`)."""
     if cfg.loss.retain == "gd":
-        return nll_loss(logits, targets, chunk_size=cfg.loss.chunk_size)
-    return kl_retain_loss(logits, ref_logits, targets, chunk_size=cfg.loss.chunk_size)
+        loss = nll_loss(logits, targets, chunk_size=cfg.loss.chunk_size)
+        return loss, loss.detach()
+    return kl_retain_loss(logits, ref_logits, targets, chunk_size=cfg.loss.chunk_size, with_nll=True)
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -281,19 +285,14 @@ def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: i
     has_retain = len(batch["input_ids"]) > n_forget
 
     def losses(policy):  # logits [B, T, V], or an LMHead (fused: inside the engine's forward)
-        forget_loss, stat = _forget_loss(cfg, policy[f], ref_f, targets[f])
+        forget_loss, stat, forget_nll = _forget_loss(cfg, policy[f], ref_f, targets[f])
         loss = cfg.loss.gamma * forget_loss
-        record = {"forget_loss": forget_loss.item()}
+        record = {"forget_loss": forget_loss.item(), "forget_nll": forget_nll.item()}
         if has_retain:
-            retain_loss = _retain_loss(cfg, policy[r], ref_r, targets[r])
+            retain_loss, retain_nll = _retain_loss(cfg, policy[r], ref_r, targets[r])
             loss = loss + cfg.loss.lam * retain_loss
-            record["retain_loss"] = retain_loss.item()
-        with torch.no_grad():
-            record["loss"] = loss.item()
-            record["forget_nll"] = nll_loss(policy[f], targets[f], chunk_size=cfg.loss.chunk_size).item()
-            if has_retain:
-                record["retain_nll"] = (record["retain_loss"] if cfg.loss.retain == "gd" else
-                                        nll_loss(policy[r], targets[r], chunk_size=cfg.loss.chunk_size).item())
+            record.update(retain_loss=retain_loss.item(), retain_nll=retain_nll.item())
+        record["loss"] = loss.item()
         if cfg.method in ("dipo", "npo"):
             record["dipo_margin" if cfg.method == "dipo" else "npo_log_ratio"] = stat.mean().item()
         return loss, record
@@ -696,12 +695,13 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     validate_run(cfg)
-    check_output_dir(cfg.out_dir, "unlearn", flag="out_dir", inputs=[
-        ("model.path", cfg.model.path), ("data.prepared_dir", cfg.data.prepared_dir),
-        ("reference.cache_dir", cfg.reference.cache_dir), ("eval.data_dir", cfg.eval.data_dir)])
+    inputs = [("model.path", cfg.model.path), ("data.prepared_dir", cfg.data.prepared_dir),
+              ("reference.cache_dir", cfg.reference.cache_dir), ("eval.data_dir", cfg.eval.data_dir)]
+    check_output_dir(cfg.out_dir, "unlearn", flag="out_dir", inputs=inputs)  # named as the user wrote it
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.out_dir)
     config = cfg.model_dump(by_alias=True)
+    check_run_dir(run_dir, config, "unlearn", started=_run_started)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
     _check_workers_can_run(cfg)

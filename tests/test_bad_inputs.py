@@ -1,0 +1,249 @@
+"""Bad input as a new (and careless) user types it, through the real command.
+
+Every case asserts: exit status 2, exactly one stderr line `error: ...` naming the input and the
+problem, no traceback, and the working directory (inputs and outputs, every file's checksum)
+unchanged: a failed check deletes, overwrites and claims nothing, so the corrected command runs.
+The checks that guard Ray workers come back before any worker starts (asserted on the output:
+no Ray Train worker ever printed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dipo_scale.files import MARKER
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file and directory under root: its sha256 (files) or "dir" (home/, the command's
+    $HOME, where Ray and wandb keep caches, aside)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if rel.split("/")[0] == "home":
+            continue
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return out
+
+
+def _flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _edit_config(model_dir: Path, **changes) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_prepared(tiny_assets, tmp_path_factory):
+    """The corpus prepared with a different tokenizer of the same vocabulary size."""
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.models import train_tokenizer
+    from dipo_scale.prepare import prepare
+
+    data = load_muse_dir(tiny_assets["corpus"])
+    vocab = len(json.loads((tiny_assets["tokenizer"] / "tokenizer.json").read_text())["model"]["vocab"])
+    tokenizer = train_tokenizer(data.retain_docs, vocab)  # other texts: other merges, same size
+    out = tmp_path_factory.mktemp("other_tok") / "prepared"
+    prepare(data, tokenizer, out, block_size=64, with_qa=True, layout="per_sequence")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Each case: (id, setup(tmp, assets) -> argv after `dipo-scale`, fragments the error line must hold)
+# `tmp` is the working directory; it holds copies of the inputs (model, prepared, corpus).
+# ------------------------------------------------------------------------------------------------
+def _unlearn(*sets):
+    base = ["model.path=model", "data.prepared_dir=prepared", "out_dir=run", "train.steps=2",
+            "train.global_batch_size=4", "train.micro_batch_size=2", "logging.wandb=disabled"]
+    overridden = {s.split("=", 1)[0] for s in sets}
+    items = [s for s in base if s.split("=", 1)[0] not in overridden] + list(sets)
+    return ["unlearn", *(a for s in items for a in ("--set", s))]
+
+
+def _user_dir(tmp: Path, name: str) -> Path:
+    d = tmp / name
+    d.mkdir()
+    (d / "keep.txt").write_text("the user's file\n")
+    return d
+
+
+def _remove_weights(tmp):
+    for p in (tmp / "model").glob("*.safetensors"):
+        p.unlink()
+
+
+def _shard(tmp: Path) -> Path:
+    return sorted((tmp / "prepared" / "forget").glob("part-*.parquet"))[0]
+
+
+CASES = [
+    # --- generate -------------------------------------------------------------------------------
+    ("generate-into-a-user-dir", lambda t, a: (_user_dir(t, "d"), ["generate", "--out", "d", "--num-docs", "5"])[1],
+     ["--out d", "not empty"]),
+    ("generate-into-the-working-dir", lambda t, a: ["generate", "--out", ".", "--num-docs", "5"],
+     ["--out .", "not empty"]),
+    ("generate-onto-a-file", lambda t, a: ((t / "f").write_text("x"), ["generate", "--out", "f"])[1],
+     ["--out f", "not a directory"]),
+    ("generate-under-proc", lambda t, a: ["generate", "--out", "/proc/dipo_scale_x"],
+     ["--out /proc/dipo_scale_x", "cannot create"]),
+    ("generate-too-few-docs", lambda t, a: ["generate", "--out", "new", "--num-docs", "2"], ["num_docs", ">= 3"]),
+    # --- prepare --------------------------------------------------------------------------------
+    ("prepare-onto-its-corpus", lambda t, a: ["prepare", "--data", "corpus", "--tokenizer", "tokenizer",
+                                              "--out", "corpus"], ["--out corpus", "is the input --data"]),
+    ("prepare-inside-its-corpus", lambda t, a: ["prepare", "--data", "corpus", "--tokenizer", "tokenizer",
+                                                "--out", "corpus/prepared"], ["--out corpus/prepared", "inside"]),
+    ("prepare-block-size-0", lambda t, a: ["prepare", "--data", "corpus", "--tokenizer", "tokenizer", "--out", "p",
+                                           "--block-size", "0"], ["--block-size 0", "at least 2"]),
+    ("prepare-missing-absolute-tokenizer", lambda t, a: ["prepare", "--data", "corpus", "--tokenizer",
+                                                         "/abs/missing", "--out", "p"],
+     ["--tokenizer /abs/missing", "no such directory"]),
+    ("prepare-mistyped-relative-tokenizer", lambda t, a: ["prepare", "--data", "corpus", "--tokenizer",
+                                                          "corpus/tokenizr", "--out", "p"],
+     ["--tokenizer corpus/tokenizr", "no such directory"]),
+    # --- unlearn: the config ---------------------------------------------------------------------
+    ("set-malformed-yaml", lambda t, a: _unlearn("dipo.alpha=[1,"), ["--set dipo.alpha=[1,", "malformed value"]),
+    ("set-bool-as-steps", lambda t, a: _unlearn("train.steps=true"), ["train.steps", "expected a number"]),
+    ("set-error-named-as-set-not-file", lambda t, a: ((t / "c.yaml").write_text("method: dipo\n"),
+                                                      ["unlearn", "--config", "c.yaml", "--set", "dipo.beta=0"])[1],
+     ["error: --set dipo.beta=0: dipo.beta"]),
+    ("wandb-online-without-credentials", lambda t, a: _unlearn("logging.wandb=online"),
+     ["logging.wandb=online", "credentials"]),
+    # --- unlearn: the model ----------------------------------------------------------------------
+    ("model-without-weights", lambda t, a: (_remove_weights(t), _unlearn())[1], ["model", "no weight files"]),
+    ("model-truncated-safetensors", lambda t, a: (_truncate(t / "model" / "model.safetensors"), _unlearn())[1],
+     ["model.safetensors", "truncated"]),
+    ("model-unknown-architecture", lambda t, a: (_edit_config(t / "model", model_type="fancy_lm"), _unlearn())[1],
+     ["model.path model", "unknown architecture", "fancy_lm"]),
+    ("model-needs-remote-code", lambda t, a: (_edit_config(t / "model", model_type="custom_lm", auto_map={
+        "AutoModelForCausalLM": "modeling_custom.CustomLM"}), _unlearn())[1],
+     ["model.path model", "trust_remote_code"]),
+    ("tokenizer-larger-than-vocabulary", lambda t, a: (_edit_config(t / "model", vocab_size=100), _unlearn())[1],
+     ["model.path model", "more than the model's vocabulary (100)"]),
+    ("mistyped-relative-model-path", lambda t, a: _unlearn("model.path=model/targt"),
+     ["model.path model/targt", "no such directory"]),
+    # --- unlearn: the prepared data ----------------------------------------------------------------
+    ("prepared-shard-flipped-byte", lambda t, a: (_flip_byte(_shard(t)), _unlearn())[1], ["part-00000", "checksum"]),
+    ("prepared-shard-truncated", lambda t, a: (_truncate(_shard(t)), _unlearn())[1], ["part-00000", "checksum"]),
+    ("prepared-manifest-truncated", lambda t, a: (_truncate(t / "prepared" / "manifest.json"), _unlearn())[1],
+     ["manifest.json", "malformed JSON"]),
+    ("prepared-with-another-tokenizer", lambda t, a: _unlearn(f"data.prepared_dir={a['other_prepared']}"),
+     ["data.prepared_dir", "another tokenizer"]),
+    ("block-size-beyond-positions", lambda t, a: (_edit_config(t / "model", max_position_embeddings=32), _unlearn())[1],
+     ["block size 64", "32 positions"]),
+    # --- unlearn: the output ---------------------------------------------------------------------
+    ("out-dir-is-a-file", lambda t, a: ((t / "run").write_text("x"), _unlearn())[1], ["out_dir run", "not a directory"]),
+    ("out-dir-a-user-dir", lambda t, a: (_user_dir(t, "run"), _unlearn())[1], ["out_dir run", "not empty"]),
+    ("out-dir-garbage-config", lambda t, a: ((t / "run").mkdir(), (t / "run" / MARKER).write_text(
+        '{"command": "unlearn"}'), (t / "run" / "config.json").write_text("{garbage"), _unlearn())[-1],
+     ["config.json", "malformed JSON"]),
+    ("out-dir-inside-the-model", lambda t, a: _unlearn("out_dir=model/run"), ["out_dir model/run", "inside the input"]),
+    ("more-workers-than-cpus", lambda t, a: _unlearn("train.num_workers=64", "train.global_batch_size=128"),
+     ["train.num_workers=64", "needs 64 CPUs"]),
+    # --- reference, sweep, series, evaluate, demo ------------------------------------------------
+    ("reference-cache-inside-prepared", lambda t, a: ["reference", *_unlearn(
+        "reference.form=hidden", "reference.cache_dir=prepared/cache")[1:]], ["reference.cache_dir", "inside"]),
+    ("sweep-invalid-second-grid-value", lambda t, a: ["sweep", "--set", "unlearn.model.path=model",
+                                                      "--set", "unlearn.eval.every=1", "--set", "unlearn.eval.data_dir=corpus",
+                                                      "--set", "space.dipo.beta.grid=[0.1,-1]"],
+     ["space.dipo.beta", "-1", "greater than 0"]),
+    ("scalability-truncated-model", lambda t, a: (_truncate(t / "model" / "model.safetensors"), [
+        "scalability", "--set", "data_dir=corpus", "--set", "unlearn.model.path=model", "--set", "out_dir=series",
+        "--set", "forget_sets=folds"])[1],
+     ["model.safetensors", "truncated"]),
+    ("sequential-into-a-user-dir", lambda t, a: (_user_dir(t, "series"), [
+        "sequential", "--set", "data_dir=corpus", "--set", "unlearn.model.path=model", "--set", "out_dir=series",
+        "--set", "forget_sets=folds"])[1], ["out_dir series", "not empty"]),
+    ("evaluate-truncated-safetensors", lambda t, a: (_truncate(t / "model" / "model.safetensors"), [
+        "evaluate", "--model", "model", "--data", "corpus", "--out", "ev"])[1], ["model.safetensors", "truncated"]),
+    ("evaluate-out-under-proc", lambda t, a: ["evaluate", "--model", "model", "--data", "corpus", "--out",
+                                              "/proc/dipo_scale_x"], ["--out /proc/dipo_scale_x", "cannot create"]),
+    ("evaluate-out-is-the-model", lambda t, a: ["evaluate", "--model", "model", "--data", "corpus", "--out", "model"],
+     ["--out model", "is the input --model"]),
+    ("evaluate-mistyped-relative-model", lambda t, a: ["evaluate", "--model", "corpus/modle", "--data", "corpus",
+                                                       "--out", "ev"], ["--model corpus/modle", "no such directory"]),
+    ("demo-into-a-user-dir", lambda t, a: (_user_dir(t, "demo"), ["demo", "--out", "demo"])[1],
+     ["--out demo", "not empty"]),
+]
+
+
+@pytest.fixture
+def workdir(tiny_assets, tmp_path):
+    """A working directory with copies of the inputs a user has: corpus, tokenizer, model, prepared."""
+    for name, src in (("corpus", tiny_assets["corpus"]), ("tokenizer", tiny_assets["tokenizer"]),
+                      ("model", tiny_assets["target"]), ("prepared", tiny_assets["prepared"])):
+        shutil.copytree(src, tmp_path / name)
+    (tmp_path / "home").mkdir()
+    return tmp_path
+
+
+def _env(workdir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(workdir / "home"), RAY_ADDRESS="local", HF_HUB_OFFLINE="1",
+               RAY_TMPDIR=f"/tmp/dipo_bad_{os.getpid()}")  # a cluster of its own (never another test's)
+    return env
+
+
+@pytest.mark.parametrize("setup,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(setup, fragments, workdir, tiny_assets,
+                                                          other_tokenizer_prepared):
+    argv = setup(workdir, {**tiny_assets, "other_prepared": other_tokenizer_prepared})
+    before = _snapshot(workdir)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dipo_scale.cli", *argv], cwd=workdir, env=_env(workdir),
+                          capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 2, f"exit {proc.returncode} after {seconds:.0f} s\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "RayTrainWorker" not in proc.stdout + proc.stderr  # stopped before any worker started
+    assert _snapshot(workdir) == before  # nothing deleted, overwritten or half-written
+    print(f"{seconds:.1f} s: {errors[0]}")
+
+
+def test_evaluate_reads_no_raw_text(workdir):
+    """A MUSE directory with verbmem/, knowmem/ and privleak/ but no raw/ (the public release is
+    often used that way) is evaluated: evaluation reads no raw text."""
+    shutil.rmtree(workdir / "corpus" / "raw")
+    proc = subprocess.run([sys.executable, "-m", "dipo_scale.cli", "evaluate", "--model", "model", "--data", "corpus",
+                           "--out", "ev", "--limit", "2", "--max-new-tokens", "4"], cwd=workdir, env=_env(workdir),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((workdir / "ev" / "metrics.json").read_text())
+    assert {"verbmem_f", "knowmem_f", "knowmem_r", "mia_auc"} <= set(metrics)
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Files and directories a command creates get the permissions the umask gives."""
+    from dipo_scale.data.corpus import generate_corpus
+
+    old = os.umask(0o002)
+    try:
+        generate_corpus(tmp_path / "c", num_docs=3)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o775
+    assert (tmp_path / "c" / "world.json").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "c" / MARKER).stat().st_mode & 0o777 == 0o664
