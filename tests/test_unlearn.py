@@ -3,11 +3,58 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from dipo_scale.config import load_unlearn_config
 from dipo_scale.unlearn import batch_schedule, run_unlearning, select_evaluation
+
+# Evaluation during unlearning in these tests: the first ECHO_LIMIT items of each set, short answers.
+ECHO_LIMIT, ECHO_TOKENS = 4, 8
+EVAL_SETTINGS = (f"eval.limit={ECHO_LIMIT}", f"eval.verbmem_max_new_tokens={ECHO_TOKENS}",
+                 f"eval.knowmem_max_new_tokens={ECHO_TOKENS}")
+
+
+def echo_eval_dir(tiny_assets, out: Path) -> Path:
+    """A copy of the tiny corpus whose evaluated items (the first ECHO_LIMIT of each set) have the
+    target model's own greedy outputs as their answers (KnowMem) and truths (VerbMem): the target
+    scores 100 on all three, and an evaluation during unlearning measures how far the model has
+    moved from the target's answers (the tiny models' answers to the corpus' questions are mostly
+    wrong: on the corpus itself every evaluation scores about 0, and no selection rule has a choice)."""
+    from dipo_scale import evaluate as ev
+    from dipo_scale.data.muse import load_muse_dir
+
+    shutil.copytree(tiny_assets["corpus"], out)
+    data = load_muse_dir(out)
+    model, tokenizer = ev.load_model_and_tokenizer(str(tiny_assets["target"]))
+
+    def generate(prompts):
+        return ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=ECHO_TOKENS)
+
+    for name, qa, icl in (("forget_qa", data.forget_qa, data.forget_qa_icl),
+                          ("retain_qa", data.retain_qa, data.retain_qa_icl)):
+        answers = [ev.cut_answer(a) for a in generate([ev.knowmem_prompt(icl, x.question) for x in qa])]
+        rows = [{"question": x.question, "answer": a} for x, a in zip(qa, answers) if a.strip()][:ECHO_LIMIT]
+        assert len(rows) == ECHO_LIMIT, (name, answers)
+        (out / "knowmem" / f"{name}.json").write_text(json.dumps(rows))
+    items = data.verbmem[:ECHO_LIMIT]
+    truths = generate([x.prompt for x in items])
+    (out / "verbmem" / "forget.json").write_text(json.dumps([{"prompt": x.prompt, "gt": t} for x, t in zip(items, truths)]))
+    scores = evaluate_on(tiny_assets["target"], out)
+    assert scores == {"verbmem_f": 100.0, "knowmem_f": 100.0, "knowmem_r": 100.0}, scores
+    return out
+
+
+def evaluate_on(model_dir, data_dir) -> dict:
+    """evaluate_muse of an exported model with the settings of EVAL_SETTINGS."""
+    from dipo_scale import evaluate as ev
+    from dipo_scale.data.muse import load_muse_dir
+
+    model, tokenizer = ev.load_model_and_tokenizer(str(model_dir))
+    return ev.evaluate_muse(model, tokenizer, load_muse_dir(data_dir), limit=ECHO_LIMIT,
+                            verbmem_max_new_tokens=ECHO_TOKENS, knowmem_max_new_tokens=ECHO_TOKENS)
 
 
 def _run(tiny_assets, tmp_path, name, *overrides):
@@ -26,12 +73,10 @@ TWO_WORKER_DIPO = ("method=dipo", "loss.retain=none", "train.num_workers=2", "di
 
 @pytest.fixture(scope="module")
 def two_worker_run(tiny_assets, ray_cluster, tmp_path_factory):
-    """A 2-worker ZeRO-3 DiPO run with evaluation during unlearning and MUSE's checkpoint selection."""
+    """A 2-worker ZeRO-3 DiPO run (evaluation during unlearning and checkpoint selection: the NPO
+    and GA runs below)."""
     tmp_path = tmp_path_factory.mktemp("unlearn")
-    model_dir, log = _run(tiny_assets, tmp_path, "dipo2", *TWO_WORKER_DIPO,
-                          "eval.every=3", f"eval.data_dir={tiny_assets['corpus']}", "eval.limit=2",
-                          "eval.verbmem_max_new_tokens=8", "eval.knowmem_max_new_tokens=8",
-                          "eval.select=muse", "eval.retrain_knowmem_f=100")
+    model_dir, log = _run(tiny_assets, tmp_path, "dipo2", *TWO_WORKER_DIPO)
     return tmp_path, model_dir, log
 
 
@@ -44,9 +89,10 @@ def test_two_worker_zero3_dipo_unlearns_and_exports(two_worker_run):
         assert r["world_size"] == 2
         assert 0 < r["local_numel"] < r["total_numel"]
     assert sum(r["local_numel"] for r in ranks) >= ranks[0]["total_numel"]
-    assert len(log) == 6
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert log[-1]["loss"] < log[0]["loss"]
     assert log[-1]["forget_nll"] > log[0]["forget_nll"]
+    assert log[0]["dipo_margin"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at step 1
     assert log[-1]["dipo_margin"] > 0
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert (model_dir / "model.safetensors").is_file()
@@ -54,22 +100,17 @@ def test_two_worker_zero3_dipo_unlearns_and_exports(two_worker_run):
     meta = json.loads((model_dir / "dipo_scale.json").read_text())
     assert meta["method"].startswith("dipo")
     assert list((tmp_path / "dipo2").glob("wandb/offline-run-*")), "wandb offline run missing"
-    evals = [json.loads(line) for line in (tmp_path / "dipo2" / "eval.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [3, 6]
-    assert all(0 <= e[k] <= 100 for e in evals for k in ("verbmem_f", "knowmem_f", "knowmem_r"))
-    selected = json.loads((tmp_path / "dipo2" / "selected_model" / "dipo_scale.json").read_text())
-    assert selected["step"] == 3 and selected["selection_rule"] == "muse"  # first with knowmem_f <= 100
-    AutoModelForCausalLM.from_pretrained(tmp_path / "dipo2" / "selected_model")
+    assert not (tmp_path / "dipo2" / "eval.jsonl").exists()  # eval.every=0: no evaluation
 
 
-# 1 worker vs 2 workers give the same loss curve: tests/test_cluster.py (the 2 workers on 2 nodes).
+# 1 worker vs 2 workers: NPO and GA below; DiPO in tests/test_cluster.py (the 2 workers on 2 nodes).
 
 
 def test_fused_lm_head_trains_like_the_logits_path_under_zero3(tiny_assets, two_worker_run, tmp_path):
     """`loss.fused` (the loss from hidden states + the ZeRO-3-gathered LM head, inside the engine's
     forward; the reference from its hidden states + its gathered head) against the same run on the
-    logits: same losses step by step, same trained weights. (Evaluation during the logits run does
-    not touch training.) The retain terms on an LMHead: tests/losses/test_fused.py."""
+    logits: same losses step by step, same trained weights. The retain terms on an LMHead:
+    tests/losses/test_fused.py."""
     import torch
     from safetensors.torch import load_file
 
@@ -90,8 +131,6 @@ def test_fused_lm_head_trains_like_the_logits_path_under_zero3(tiny_assets, two_
 
 
 def test_fused_refuses_models_that_transform_their_logits(tiny_assets, tmp_path):
-    import shutil
-
     from dipo_scale.errors import UserInputError
     from dipo_scale.unlearn import validate_run
 
@@ -105,6 +144,91 @@ def test_fused_refuses_models_that_transform_their_logits(tiny_assets, tmp_path)
         validate_run(cfg)
 
 
+# --- NPO and GA under 2-worker ZeRO-3; evaluation during unlearning and checkpoint selection -------
+# Same global batch and seed, 1 worker vs 2 workers: DeepSpeed averages gradients over ranks and
+# gradient accumulation makes up the rest, so the curves agree up to float32 summation order.
+ONE_VS_TWO_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def echo_eval(tiny_assets, tmp_path_factory):
+    return echo_eval_dir(tiny_assets, tmp_path_factory.mktemp("echo") / "eval")
+
+
+def _full_batch(tiny_assets) -> list[str]:
+    """Every step's global batch is the whole forget set (the blocks of one epoch), so each step's
+    forget loss is measured on the same data and must fall step after step."""
+    from dipo_scale.prepare import read_manifest
+
+    blocks = read_manifest(tiny_assets["prepared"])["splits"]["forget"]["blocks"]
+    batch = blocks - blocks % 2  # 2 workers × 1 micro batch, or 1 worker × 2
+    return [f"train.global_batch_size={batch}", f"train.micro_batch_size={batch // 2}"]
+
+
+# (method, retain term, selection rule and its threshold). A warm-up keeps the first steps small:
+# the first evaluation scores (about) the target's 100 on the echo data and the later ones fall
+# towards 0, so each rule has to choose one evaluation among others that it must not pick.
+SELECTION_CASES = {
+    "npo_klr-muse": ("npo", "kl", ("eval.select=muse", "eval.retrain_knowmem_f=50")),
+    "ga_gdr-knowmem_r": ("ga", "gd", ("eval.select=knowmem_r", "eval.forget_target=30")),
+}
+
+
+def _expected_selection(rule: str, evals: list[dict], threshold: float) -> dict:
+    """The selection rules spelled out independently of select_evaluation."""
+    if rule == "muse":  # the first evaluation whose knowmem_f is at most the retrain model's
+        return [e for e in evals if e["knowmem_f"] <= threshold][0]
+    reaching = [e for e in evals if e["knowmem_f"] <= threshold]  # the best knowmem_r, earliest on ties
+    best = max(e["knowmem_r"] for e in reaching)
+    return [e for e in reaching if e["knowmem_r"] == best][0]
+
+
+@pytest.mark.parametrize("case", list(SELECTION_CASES))
+def test_two_worker_npo_and_ga_match_one_worker_and_select_checkpoints(case, tiny_assets, ray_cluster, echo_eval,
+                                                                       tmp_path):
+    """NPO (KL retain term, online reference engine) and GA (GD retain term, no reference) under
+    ZeRO-3: the forget loss falls at every step, 1 and 2 workers give the same curves, and the 2-worker
+    run, evaluated after every step, exports the checkpoint its selection rule picks."""
+    from safetensors.torch import load_file
+
+    method, retain, select = SELECTION_CASES[case]
+    common = (f"method={method}", f"loss.retain={retain}", "train.steps=4", "train.warmup_steps=3",
+              "logging.wandb=disabled", *_full_batch(tiny_assets))
+    _, one = _run(tiny_assets, tmp_path, "one", *common, "train.num_workers=1")
+    model_dir, two = _run(tiny_assets, tmp_path, "two", *common, "train.num_workers=2", "eval.every=1",
+                          f"eval.data_dir={echo_eval}", *EVAL_SETTINGS, *select)
+    run = tmp_path / "two"
+
+    assert [json.loads((run / "ranks" / f"rank{r}.json").read_text())["world_size"] for r in (0, 1)] == [2, 2]
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    forget_loss = [r["forget_loss"] for r in two]
+    assert all(b < a for a, b in zip(forget_loss, forget_loss[1:])), forget_loss
+    assert two[-1]["loss"] < two[0]["loss"]
+    assert two[-1]["forget_nll"] > two[0]["forget_nll"]
+    keys = ["loss", "forget_loss", "forget_nll", "retain_loss", "retain_nll"] + (["npo_log_ratio"] if method == "npo" else [])
+    assert [r["forget_block_ids"] for r in one] == [r["forget_block_ids"] for r in two]
+    for a, b in zip(one, two):  # (the 2-worker run evaluates, the 1-worker run does not: no effect on training)
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=ONE_VS_TWO_RTOL, abs=1e-6), (key, a["step"])
+
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2, 3, 4]
+    rule, threshold = select[0].split("=")[1], float(select[1].split("=")[1])
+    expected = _expected_selection(rule, evals, threshold)
+    # The case discriminates: the rule must pick neither the first evaluation nor the last.
+    assert expected["step"] not in (evals[0]["step"], evals[-1]["step"]), evals
+    selected = json.loads((run / "selected_model" / "dipo_scale.json").read_text())
+    assert (selected["step"], selected["selection_rule"]) == (expected["step"], rule), evals
+    assert selected["metrics"] == {k: v for k, v in expected.items() if k != "step"}
+    # The exported weights are that step's: they score what the evaluation of that step scored,
+    # which differs from the final model's score.
+    assert evaluate_on(run / "selected_model", echo_eval) == selected["metrics"]
+    assert evaluate_on(model_dir, echo_eval) == {k: v for k, v in evals[-1].items() if k != "step"}
+    assert selected["metrics"] != evaluate_on(model_dir, echo_eval)
+    final, chosen = load_file(model_dir / "model.safetensors"), load_file(run / "selected_model" / "model.safetensors")
+    assert any((final[n] != w).any() for n, w in chosen.items())
+
+
 def test_batch_schedule_is_a_deterministic_stream_of_permutations():
     ids = [batch_schedule(10, 4, s, seed=3) for s in range(5)]
     flat = [i for b in ids for i in b]
@@ -116,10 +240,21 @@ def test_batch_schedule_is_a_deterministic_stream_of_permutations():
 def test_checkpoint_selection_rules():
     history = [{"step": 10, "knowmem_f": 40, "knowmem_r": 90}, {"step": 20, "knowmem_f": 20, "knowmem_r": 85},
                {"step": 30, "knowmem_f": 10, "knowmem_r": 88}, {"step": 40, "knowmem_f": 5, "knowmem_r": 60}]
+    # muse: the first evaluation at or below the retrain model's knowmem_f (not the lowest, not the last)
     assert select_evaluation("muse", history, retrain_knowmem_f=25)["step"] == 20
+    assert select_evaluation("muse", history, retrain_knowmem_f=20)["step"] == 20  # "at most"
+    assert select_evaluation("muse", history, retrain_knowmem_f=19.9)["step"] == 30
     assert select_evaluation("muse", history, retrain_knowmem_f=1) is None
+    assert select_evaluation("muse", history[:1], retrain_knowmem_f=40) is history[0]  # the record itself
+    # knowmem_r: the best knowmem_r among evaluations reaching the forget target (step 10's 90 does not)
     assert select_evaluation("knowmem_r", history, forget_target=15)["step"] == 30
+    assert select_evaluation("knowmem_r", history, forget_target=20)["step"] == 30
+    assert select_evaluation("knowmem_r", history, forget_target=5)["step"] == 40
     assert select_evaluation("knowmem_r", history, forget_target=50)["step"] == 10
+    assert select_evaluation("knowmem_r", history, forget_target=4) is None
+    tie = [{"step": 1, "knowmem_f": 50, "knowmem_r": 70}, {"step": 2, "knowmem_f": 10, "knowmem_r": 60},
+           {"step": 3, "knowmem_f": 5, "knowmem_r": 60}, {"step": 4, "knowmem_f": 0, "knowmem_r": 40}]
+    assert select_evaluation("knowmem_r", tie, forget_target=10)["step"] == 2  # the earliest of equals
     assert select_evaluation("none", history) is None
 
 
