@@ -153,6 +153,20 @@ def test_truncated_or_corrupt_shard_is_refused_on_read(tiny_assets, hidden_cache
         ReferenceCache(cache)
 
 
+def test_flipped_byte_in_a_cache_shard_is_refused_before_workers_start(tiny_assets, hidden_cache, tmp_path, capsys):
+    cache = tmp_path / "copy"
+    shutil.copytree(hidden_cache[0], cache)
+    shard = cache / json.loads((cache / "manifest.json").read_text())["splits"]["forget"]["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    sets = _settings(tiny_assets, cache, f"out_dir={tmp_path / 'run'}")
+    code = main(["unlearn", *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "part-00001.safetensors: checksum does not match" in err[0], err
+    assert not (tmp_path / "run").exists()  # the driver's check: nothing claimed, no worker started
+
+
 def test_fingerprint_mismatch_is_refused_in_one_line(tiny_assets, hidden_cache, capsys):
     cache, _ = hidden_cache
     validate_run(_cfg(tiny_assets, cache))  # the matching run is accepted
