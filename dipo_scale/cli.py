@@ -71,7 +71,7 @@ def _cmd_reference(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from dipo_scale.evaluate import run_evaluation
+    from dipo_scale.eval import run_evaluation
 
     metrics = run_evaluation(
         args.model, args.data, args.out,

@@ -123,7 +123,7 @@ def _limit_retain(train: list, evaluated: list | None, limit: int) -> tuple[list
 
 def _qa_data(source: str, forget: list, retain: list) -> MuseData:
     """QA pairs as the MuseData that `build_models` and `prepare` take: no documents, no few-shot
-    examples, so each pair is trained in TOFU's prompt (`evaluate.tofu_prompt`)."""
+    examples, so each pair is trained in TOFU's prompt (`dipo_scale.data.prompts.tofu_prompt`)."""
     def qa(items):
         return [QA(it.question, it.answer) for it in items]
 
@@ -190,7 +190,8 @@ def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str,
 
 def _evaluate_tofu(models: dict, data: TofuData, ev) -> dict:
     """TOFU's metrics of every model; forget quality against the retrain model's truth ratios."""
-    from dipo_scale.evaluate import evaluate_tofu, load_model_and_tokenizer, tofu_forget_truth_ratios
+    from dipo_scale.eval.generation import load_model_and_tokenizer
+    from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios
 
     _seed_torch()
     reference, tok = load_model_and_tokenizer(str(models["retrain"]))
@@ -202,7 +203,7 @@ def _evaluate_tofu(models: dict, data: TofuData, ev) -> dict:
 
 # --- MUSE ------------------------------------------------------------------------------------------
 def _evaluate_muse(models: dict, data: MuseData, ev) -> dict:
-    from dipo_scale.evaluate import evaluate_muse
+    from dipo_scale.eval.muse import evaluate_muse
 
     _seed_torch()
     return _evaluate_each(models, lambda model, tok: evaluate_muse(model, tok, data, **ev.muse_settings(),
@@ -230,7 +231,7 @@ def _seed_torch() -> None:
 
 def _evaluate_each(models: dict, evaluate) -> dict:
     """{name: evaluate(model, tokenizer)} for every model directory, a progress line after each."""
-    from dipo_scale.evaluate import load_model_and_tokenizer
+    from dipo_scale.eval.generation import load_model_and_tokenizer
 
     progress = Progress("demo: evaluate", total=len(models), unit="models", every_s=0)
     metrics = {}
@@ -253,7 +254,7 @@ def _stage(name: str, timings: dict[str, float]):
 def _add_privleak(metrics: dict) -> list[str]:
     """PrivLeak of every model, relative to the retrain model's MIA AUC (when there is one); a
     note when it is undefined."""
-    from dipo_scale.evaluate import privleak
+    from dipo_scale.eval.privacy import privleak
 
     reference = metrics["retrain"].get("mia_auc")
     if reference is None:

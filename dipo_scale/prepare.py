@@ -57,7 +57,7 @@ def tokenize_qa(tokenizer, pairs: list[QA], icl: list[QA]) -> list[Sequence]:
     are the ones it must produce after the evaluation prompt, which ends in a space (a byte-level
     BPE would otherwise glue that space to the answer's first word).
     """
-    from dipo_scale.evaluate import knowmem_prompt
+    from dipo_scale.data.prompts import knowmem_prompt
 
     out = []
     for qa in pairs:

@@ -77,7 +77,9 @@ def forget_sets(cfg: SeriesConfig, data, kind: str) -> list[tuple[str, list[str]
 
 def _evaluate(cfg: SeriesConfig, data, model_dir: str) -> dict[str, float]:
     """MUSE metrics of one model: in this process, or across `eval_workers` Ray actors."""
-    from dipo_scale.evaluate import evaluate_muse, evaluate_muse_parallel, load_model_and_tokenizer
+    from dipo_scale.eval.generation import load_model_and_tokenizer
+    from dipo_scale.eval.muse import evaluate_muse
+    from dipo_scale.eval.workers import evaluate_muse_parallel
 
     settings = dict(cfg.unlearn.eval.muse_settings(), mia=True)
     if cfg.eval_workers > 1:

@@ -120,7 +120,8 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
     if o.constraint is None or o.target_value is not None:
         return o.target_value
     from dipo_scale.data.muse import load_muse_dir
-    from dipo_scale.evaluate import evaluate_muse, load_model_and_tokenizer
+    from dipo_scale.eval.generation import load_model_and_tokenizer
+    from dipo_scale.eval.muse import evaluate_muse
 
     u = cfg.unlearn
     model, tokenizer = load_model_and_tokenizer(u.model.path, trust_remote_code=u.model.trust_remote_code)

@@ -434,64 +434,6 @@ def _open_log(path: Path, finished_steps: int):
     return open(path, "a")
 
 
-def select_evaluation(rule: str, history: list[dict], *, retrain_knowmem_f: float | None = None,
-                      forget_target: float | None = None) -> dict | None:
-    """The evaluation record a checkpoint-selection rule picks from `history` (None: none yet).
-
-    `muse`: MUSE's rule, the first evaluation whose knowmem_f is at most the retrain model's.
-    `knowmem_r`: the best knowmem_r among evaluations whose knowmem_f reaches `forget_target`.
-    """
-    if rule == "muse":
-        return next((h for h in history if h["knowmem_f"] <= retrain_knowmem_f), None)
-    if rule == "knowmem_r":
-        ok = [h for h in history if h["knowmem_f"] <= forget_target]
-        return max(ok, key=lambda h: (h["knowmem_r"], -h["step"])) if ok else None
-    return None
-
-
-class _Evaluator:
-    """Rank 0's evaluation during unlearning: metrics to eval.jsonl (and wandb), and the model a
-    selection rule picks exported to <out_dir>/selected_model."""
-
-    def __init__(self, cfg: UnlearnConfig, run_dir: Path, finished_steps: int):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        from dipo_scale.data.muse import load_muse_dir
-
-        self.cfg, self.run_dir = cfg, run_dir
-        self.data = load_muse_dir(cfg.eval.data_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        model_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_config(model_config).eval()
-        self.file = _open_log(run_dir / "eval.jsonl", finished_steps)
-        self.history = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-
-    def run(self, step: int, state_dict: dict, wandb_run) -> None:
-        from dipo_scale.evaluate import evaluate_muse
-
-        e = self.cfg.eval
-        self.model.load_state_dict(state_dict, strict=False)
-        metrics = evaluate_muse(self.model, self.tokenizer, self.data, **e.muse_settings())
-        record = {"step": step, **metrics}
-        self.history.append(record)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if wandb_run is not None:
-            wandb_run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        chosen = select_evaluation(e.select, self.history, retrain_knowmem_f=e.retrain_knowmem_f,
-                                   forget_target=e.forget_target)
-        if chosen is record:
-            with atomic_dir(self.run_dir / "selected_model", "unlearn") as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-                atomic_write_json(tmp / "dipo_scale.json", {
-                    "method": self.cfg.run_name, "source_model": self.cfg.model.path, "step": step,
-                    "selection_rule": e.select, "metrics": metrics})
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def train_worker(config: dict) -> None:
     """Runs in every Ray Train worker process."""
     import ray.train
@@ -499,6 +441,7 @@ def train_worker(config: dict) -> None:
     cfg = UnlearnConfig.model_validate(config["cfg"])
     if not cfg.train.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+    from dipo_scale.eval.in_training import Evaluator
     from dipo_scale.prepare import read_blocks
 
     ctx = ray.train.get_context()
@@ -527,7 +470,7 @@ def train_worker(config: dict) -> None:
                        **_partition_sizes(engine)})
     wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
     log_file = _open_log(run_dir / "log.jsonl", start) if rank == 0 else None
-    evaluator = _Evaluator(cfg, run_dir, start) if rank == 0 and cfg.eval.every else None
+    evaluator = Evaluator(cfg, run_dir, start) if rank == 0 and cfg.eval.every else None
     every = cfg.train.checkpoint_every
     if rank == 0:
         print(f"unlearn: {cfg.run_name}, {world} workers, " + (f"resuming after step {start} ({checkpoint.name})"

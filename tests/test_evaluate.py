@@ -1,4 +1,4 @@
-"""Tests for dipo_scale.evaluate (MUSE VerbMem / KnowMem), on a tiny local model."""
+"""Tests for dipo_scale.eval (MUSE VerbMem / KnowMem), on a tiny local model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dipo_scale import evaluate as ev
+from dipo_scale.data.prompts import knowmem_prompt
+from dipo_scale.eval import generation as gen
+from dipo_scale.eval import muse, privacy, workers
 from dipo_scale.models import train_tokenizer
 from dipo_scale.data.muse import QA, MuseData, VerbMemItem
 
@@ -55,28 +57,28 @@ def model(tokenizer) -> LlamaForCausalLM:
 
 
 def test_rouge_l_hand_computed():
-    recall, f1 = ev.rouge_l("the cat sat", "the cat sat on the mat")
+    recall, f1 = muse.rouge_l("the cat sat", "the cat sat on the mat")
     assert recall == pytest.approx(3 / 6)
     assert f1 == pytest.approx(2 / 3)  # precision 1, recall 1/2
 
     # LCS of "a b c d" and "a x c y d z" is "a c d": recall 3/6, precision 3/4.
-    recall, f1 = ev.rouge_l("a b c d", "a x c y d z")
+    recall, f1 = muse.rouge_l("a b c d", "a x c y d z")
     assert recall == pytest.approx(0.5)
     assert f1 == pytest.approx(2 * 0.75 * 0.5 / 1.25)
 
-    assert ev.rouge_l("Paris", "Paris") == (1.0, 1.0)
-    assert ev.rouge_l("London", "Paris") == (0.0, 0.0)
-    assert ev.rouge_l("", "Paris") == (0.0, 0.0)
+    assert muse.rouge_l("Paris", "Paris") == (1.0, 1.0)
+    assert muse.rouge_l("London", "Paris") == (0.0, 0.0)
+    assert muse.rouge_l("", "Paris") == (0.0, 0.0)
 
 
 def test_knowmem_prompt_exact():
     icl = [QA("What is 1+1?", "2"), QA("Who wrote Hamlet?", "Shakespeare")]
-    assert ev.knowmem_prompt(icl, "What is the capital of France?") == (
+    assert knowmem_prompt(icl, "What is the capital of France?") == (
         "Question: What is 1+1?\nAnswer: 2\n\n"
         "Question: Who wrote Hamlet?\nAnswer: Shakespeare\n\n"
         "Question: What is the capital of France?\nAnswer: "
     )
-    assert ev.knowmem_prompt([], "Q?") == "Question: Q?\nAnswer: "
+    assert knowmem_prompt([], "Q?") == "Question: Q?\nAnswer: "
 
 
 @pytest.mark.parametrize(
@@ -91,21 +93,21 @@ def test_knowmem_prompt_exact():
     ],
 )
 def test_cut_answer(text, expected):
-    assert ev.cut_answer(text) == expected
+    assert muse.cut_answer(text) == expected
 
 
 # --- generation ---------------------------------------------------------------
 
 
 def test_encode_prompt_prepends_bos_once(tokenizer):
-    ids = ev.encode_prompt(tokenizer, "The cat sat")
+    ids = gen.encode_prompt(tokenizer, "The cat sat")
     assert ids[0] == tokenizer.bos_token_id
     assert ids[1:] == tokenizer("The cat sat", add_special_tokens=False)["input_ids"]
-    assert ev.encode_prompt(tokenizer, "<s>The cat sat") == ids
+    assert gen.encode_prompt(tokenizer, "<s>The cat sat") == ids
 
 
 def _generate_one(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    ids = torch.tensor([ev.encode_prompt(tokenizer, prompt)])
+    ids = torch.tensor([gen.encode_prompt(tokenizer, prompt)])
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -124,21 +126,21 @@ def test_batched_generation_matches_one_at_a_time(model, tokenizer):
         "The river flowed",
         "Numbers like 42",
     ]
-    batched = ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    batched = gen.greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     with torch.no_grad():
         single = [_generate_one(model, tokenizer, p, 8) for p in prompts]
     assert batched == single
     assert all(text for text in batched)
     # Batch size must not change anything either.
-    assert ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=16) == single
-    assert ev.greedy_generate(model, tokenizer, [], max_new_tokens=8) == []
+    assert gen.greedy_generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=16) == single
+    assert gen.greedy_generate(model, tokenizer, [], max_new_tokens=8) == []
 
 
 def test_long_prompt_is_left_truncated_keeping_bos(model, tokenizer):
     prompt = " ".join(CORPUS)
-    ids = ev.encode_prompt(tokenizer, prompt)
+    ids = gen.encode_prompt(tokenizer, prompt)
     assert len(ids) > 20
-    out = ev.greedy_generate(model, tokenizer, [prompt], max_new_tokens=5, max_prompt_tokens=20)
+    out = gen.greedy_generate(model, tokenizer, [prompt], max_new_tokens=5, max_prompt_tokens=20)
     kept = [tokenizer.bos_token_id] + ids[-19:]
     expected = model.generate(
         input_ids=torch.tensor([kept]),
@@ -151,8 +153,8 @@ def test_long_prompt_is_left_truncated_keeping_bos(model, tokenizer):
 
     # The model's context (max_position_embeddings=256) bounds the prompt too.
     long_prompt = " ".join(CORPUS * 10)
-    assert len(ev.encode_prompt(tokenizer, long_prompt)) > 256
-    assert len(ev.greedy_generate(model, tokenizer, [long_prompt], max_new_tokens=4)) == 1
+    assert len(gen.encode_prompt(tokenizer, long_prompt)) > 256
+    assert len(gen.greedy_generate(model, tokenizer, [long_prompt], max_new_tokens=4)) == 1
 
 
 # --- scoring with fixed generations -----------------------------------------
@@ -165,24 +167,24 @@ def test_scores_from_fixed_generations(monkeypatch, tokenizer):
         calls.append((list(prompts), max_new_tokens))
         return [replies[p] for p in prompts]
 
-    monkeypatch.setattr(ev, "greedy_generate", fake_generate)
+    monkeypatch.setattr(muse, "greedy_generate", fake_generate)
 
     icl = [QA("Who wrote the report?", "The committee")]
     qa = [QA("What is the capital of France?", "Paris"), QA("What sat?", "the cat sat on the mat")]
     replies = {
-        ev.knowmem_prompt(icl, qa[0].question): " Paris\n\nQuestion: Who wrote the report?",
-        ev.knowmem_prompt(icl, qa[1].question): "the cat sat Question: next",
+        knowmem_prompt(icl, qa[0].question): " Paris\n\nQuestion: Who wrote the report?",
+        knowmem_prompt(icl, qa[1].question): "the cat sat Question: next",
     }
     # Recall 1 and 3/6 -> mean 75.
-    assert ev.knowmem(None, tokenizer, qa, icl) == pytest.approx(75.0)
+    assert muse.knowmem(None, tokenizer, qa, icl) == pytest.approx(75.0)
     assert calls[-1] == (list(replies), 32)
-    assert ev.knowmem(None, tokenizer, qa, icl, limit=1) == pytest.approx(100.0)
-    assert calls[-1][0] == [ev.knowmem_prompt(icl, qa[0].question)]
+    assert muse.knowmem(None, tokenizer, qa, icl, limit=1) == pytest.approx(100.0)
+    assert calls[-1][0] == [knowmem_prompt(icl, qa[0].question)]
 
     items = [VerbMemItem("p1", "the cat sat on the mat"), VerbMemItem("p2", "Once upon a time")]
     replies = {"p1": "the cat sat", "p2": "Once upon a time"}
     # F1 2/3 and 1 -> mean 83.33.
-    assert ev.verbmem(None, tokenizer, items) == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert muse.verbmem(None, tokenizer, items) == pytest.approx(100 * (2 / 3 + 1) / 2)
     assert calls[-1] == (["p1", "p2"], 128)
 
     # The truth is cut to its first max_new_tokens tokens before scoring.
@@ -190,11 +192,11 @@ def test_scores_from_fixed_generations(monkeypatch, tokenizer):
     gt_ids = tokenizer(gt, add_special_tokens=False)["input_ids"]
     assert len(gt_ids) > 4
     replies = {"p": tokenizer.decode(gt_ids[:4])}
-    assert ev.verbmem(None, tokenizer, [VerbMemItem("p", gt)], max_new_tokens=4) == pytest.approx(100.0)
-    assert ev.verbmem(None, tokenizer, [VerbMemItem("p", gt)], max_new_tokens=64) < 100.0
+    assert muse.verbmem(None, tokenizer, [VerbMemItem("p", gt)], max_new_tokens=4) == pytest.approx(100.0)
+    assert muse.verbmem(None, tokenizer, [VerbMemItem("p", gt)], max_new_tokens=64) < 100.0
 
     with pytest.raises(ValueError):
-        ev.knowmem(None, tokenizer, [], icl)
+        muse.knowmem(None, tokenizer, [], icl)
 
 
 # --- a model that has memorised its answers ------------------------------------
@@ -211,8 +213,8 @@ def test_memorised_answers_score_100(tokenizer):
 
     eos = tokenizer.eos_token_id
     sequences = [
-        ev.encode_prompt(tokenizer, ev.knowmem_prompt(icl, qa.question)) + ids(qa.answer + "\n\n") + [eos],
-        ev.encode_prompt(tokenizer, item.prompt) + ids(item.gt) + [eos],
+        gen.encode_prompt(tokenizer, knowmem_prompt(icl, qa.question)) + ids(qa.answer + "\n\n") + [eos],
+        gen.encode_prompt(tokenizer, item.prompt) + ids(item.gt) + [eos],
     ]
     width = max(map(len, sequences))
     input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id)
@@ -235,8 +237,8 @@ def test_memorised_answers_score_100(tokenizer):
             break
     model.eval()
 
-    assert ev.knowmem(model, tokenizer, [qa], icl) == pytest.approx(100.0)
-    assert ev.verbmem(model, tokenizer, [item], max_new_tokens=verb_tokens) == pytest.approx(100.0)
+    assert muse.knowmem(model, tokenizer, [qa], icl) == pytest.approx(100.0)
+    assert muse.verbmem(model, tokenizer, [item], max_new_tokens=verb_tokens) == pytest.approx(100.0)
 
     data = MuseData(
         root=Path("muse"),
@@ -251,7 +253,7 @@ def test_memorised_answers_score_100(tokenizer):
         privleak_forget=[],
         privleak_holdout=[],
     )
-    scores = ev.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=verb_tokens, knowmem_max_new_tokens=8)
+    scores = muse.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=verb_tokens, knowmem_max_new_tokens=8)
     assert set(scores) == {"verbmem_f", "knowmem_f", "knowmem_r"}
     assert all(0.0 <= v <= 100.0 for v in scores.values())
     assert scores["verbmem_f"] == pytest.approx(100.0)
@@ -261,12 +263,12 @@ def test_memorised_answers_score_100(tokenizer):
 def test_load_model_and_tokenizer_round_trip(tmp_path, model, tokenizer):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded, loaded_tok = ev.load_model_and_tokenizer(str(tmp_path))
+    loaded, loaded_tok = gen.load_model_and_tokenizer(str(tmp_path))
     assert not loaded.training
     assert next(loaded.parameters()).dtype == torch.float32
     assert loaded_tok.bos_token_id == tokenizer.bos_token_id
     prompts = ["The cat", "Numbers like 42"]
-    assert ev.greedy_generate(loaded, loaded_tok, prompts, max_new_tokens=6) == ev.greedy_generate(
+    assert gen.greedy_generate(loaded, loaded_tok, prompts, max_new_tokens=6) == gen.greedy_generate(
         model, tokenizer, prompts, max_new_tokens=6
     )
 
@@ -310,19 +312,19 @@ def test_evaluate_muse_with_mia(model, tokenizer, tmp_path):
     from dipo_scale.data.muse import load_muse_dir
 
     data = load_muse_dir(_write_muse_dir(tmp_path / "muse"))
-    scores = ev.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=4, knowmem_max_new_tokens=4, mia=True)
+    scores = muse.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=4, knowmem_max_new_tokens=4, mia=True)
     assert list(scores) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc"]
-    forget = ev.min_k_scores(model, tokenizer, data.privleak_forget)
-    holdout = ev.min_k_scores(model, tokenizer, data.privleak_holdout)
+    forget = privacy.min_k_scores(model, tokenizer, data.privleak_forget)
+    holdout = privacy.min_k_scores(model, tokenizer, data.privleak_holdout)
     wins = sum((f > h) + 0.5 * (f == h) for f in forget for h in holdout)
     assert scores["mia_auc"] == pytest.approx(wins / (len(forget) * len(holdout)))
-    assert ev.muse_mia_auc(model, tokenizer, data) == pytest.approx(scores["mia_auc"])
-    assert "mia_auc" not in ev.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=2,
+    assert muse.muse_mia_auc(model, tokenizer, data) == pytest.approx(scores["mia_auc"])
+    assert "mia_auc" not in muse.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=2,
                                              knowmem_max_new_tokens=2)  # off by default
 
     # Without holdout texts there is no attack.
     data = load_muse_dir(_write_muse_dir(tmp_path / "no_holdout", holdout=False))
-    assert ev.muse_mia_auc(model, tokenizer, data) is None
+    assert muse.muse_mia_auc(model, tokenizer, data) is None
 
 
 def test_muse_hub_loading_uses_datasets(monkeypatch):
@@ -396,15 +398,15 @@ def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
     from dipo_scale.data.muse import load_muse_dir
 
     data_dir = _write_muse_dir(tmp_path / "muse")
-    model, tokenizer = ev.load_model_and_tokenizer(str(model_dir))
+    model, tokenizer = gen.load_model_and_tokenizer(str(model_dir))
     settings = dict(verbmem_max_new_tokens=6, knowmem_max_new_tokens=6, batch_size=2)
-    single = ev.evaluate_muse(model, tokenizer, load_muse_dir(data_dir), mia=True, **settings)
+    single = muse.evaluate_muse(model, tokenizer, load_muse_dir(data_dir), mia=True, **settings)
 
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir="/tmp/dipo_eval_ray", log_to_driver=False)
     try:
-        parallel = ev.evaluate_muse_parallel(str(model_dir), data_dir, num_workers=2, **settings)
+        parallel = workers.evaluate_muse_parallel(str(model_dir), data_dir, num_workers=2, **settings)
     finally:
         if started:
             ray.shutdown()
@@ -414,6 +416,6 @@ def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
 
 
 def test_shards_are_contiguous_and_cover_everything():
-    assert ev._shard(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
-    assert sum(ev._shard([1], 3), []) == [1] and len(ev._shard([1], 3)) == 3
-    assert sum(ev._shard(list(range(10)), 3), []) == list(range(10))
+    assert workers._shard(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
+    assert sum(workers._shard([1], 3), []) == [1] and len(workers._shard([1], 3)) == 3
+    assert sum(workers._shard(list(range(10)), 3), []) == list(range(10))

@@ -13,7 +13,9 @@ import torch
 from scipy.stats import hmean, ks_2samp
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dipo_scale import evaluate as ev
+from dipo_scale.data.prompts import tofu_prompt
+from dipo_scale.eval import generation as gen
+from dipo_scale.eval import privacy, tofu
 from dipo_scale.models import train_tokenizer
 from dipo_scale.cli import main
 from dipo_scale.data.tofu import TofuData, TofuItem, load_tofu
@@ -59,37 +61,37 @@ def test_min_k_percent_hand_computed():
         [-0.3, -99.0, -99.0, -99.0, -99.0],  # n=1: floor(0.4)=0 -> at least one token -> -0.3
     ])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
-    assert ev.min_k_percent(logprobs, mask).tolist() == pytest.approx([-4.0, -7.0, -0.3])
-    assert ev.min_k_percent(logprobs, mask, k=1.0).tolist() == pytest.approx([-2.3, -10 / 3, -0.3])
-    assert ev.min_k_percent(logprobs, mask, k=0.2).tolist() == pytest.approx([-5.0, -7.0, -0.3])
+    assert privacy.min_k_percent(logprobs, mask).tolist() == pytest.approx([-4.0, -7.0, -0.3])
+    assert privacy.min_k_percent(logprobs, mask, k=1.0).tolist() == pytest.approx([-2.3, -10 / 3, -0.3])
+    assert privacy.min_k_percent(logprobs, mask, k=0.2).tolist() == pytest.approx([-5.0, -7.0, -0.3])
     # 10 tokens, K = 40%: the 4 lowest of -1..-10 are -10..-7 -> -8.5.
     ten = -torch.arange(1.0, 11.0)[torch.randperm(10)].unsqueeze(0)
-    assert ev.min_k_percent(ten, torch.ones_like(ten)).item() == pytest.approx(-8.5)
-    assert ev.min_k_from_lists([torch.tensor([-1.0, -5.0, -2.0, -3.0, -0.5]), torch.tensor([-0.3])]) == \
+    assert privacy.min_k_percent(ten, torch.ones_like(ten)).item() == pytest.approx(-8.5)
+    assert privacy.min_k_from_lists([torch.tensor([-1.0, -5.0, -2.0, -3.0, -0.5]), torch.tensor([-0.3])]) == \
         pytest.approx([-4.0, -0.3])
     with pytest.raises(ValueError):
-        ev.min_k_percent(logprobs, mask, k=0.0)
+        privacy.min_k_percent(logprobs, mask, k=0.0)
     with pytest.raises(ValueError):
-        ev.min_k_percent(logprobs, torch.zeros_like(mask))
+        privacy.min_k_percent(logprobs, torch.zeros_like(mask))
 
 
 def test_auc_and_privleak_hand_computed(monkeypatch):
     # Pairs (member, non-member): 0.9>0.5, 0.9>0.1, 0.4<0.5, 0.4>0.1 -> 3/4.
-    assert ev.auc_from_scores([0.9, 0.4], [0.5, 0.1]) == pytest.approx(0.75)
-    assert ev.auc_from_scores([0.5], [0.5]) == pytest.approx(0.5)  # a tie counts 1/2
-    assert ev.auc_from_scores([0.0], [1.0]) == 0.0
+    assert privacy.auc_from_scores([0.9, 0.4], [0.5, 0.1]) == pytest.approx(0.75)
+    assert privacy.auc_from_scores([0.5], [0.5]) == pytest.approx(0.5)  # a tie counts 1/2
+    assert privacy.auc_from_scores([0.0], [1.0]) == 0.0
     with pytest.raises(ValueError):
-        ev.auc_from_scores([], [0.1])
+        privacy.auc_from_scores([], [0.1])
 
     scores = {"f1": 0.9, "f2": 0.4, "h1": 0.5, "h2": 0.1}
-    monkeypatch.setattr(ev, "min_k_scores", lambda m, t, texts, **kw: [scores[x] for x in texts])
-    assert ev.mia_auc(None, None, ["f1", "f2"], ["h1", "h2"]) == pytest.approx(0.75)  # forget = label 1
+    monkeypatch.setattr(privacy, "min_k_scores", lambda m, t, texts, **kw: [scores[x] for x in texts])
+    assert privacy.mia_auc(None, None, ["f1", "f2"], ["h1", "h2"]) == pytest.approx(0.75)  # forget = label 1
 
-    assert ev.privleak(0.75, 0.5) == pytest.approx(50.0)
-    assert ev.privleak(0.4, 0.5) == pytest.approx(-20.0)
-    assert ev.privleak(0.5, 0.5) == 0.0
+    assert privacy.privleak(0.75, 0.5) == pytest.approx(50.0)
+    assert privacy.privleak(0.4, 0.5) == pytest.approx(-20.0)
+    assert privacy.privleak(0.5, 0.5) == 0.0
     with pytest.raises(ValueError):
-        ev.privleak(0.5, 0.0)
+        privacy.privleak(0.5, 0.0)
 
 
 def _manual_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -101,62 +103,62 @@ def _manual_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 def test_min_k_scores_batched_equal_one_by_one(model, tokenizer):
     texts = ["The cat sat on the mat.", "Once upon a time there was a quiet village near the river.", "A dog"]
-    batched = ev.min_k_scores(model, tokenizer, texts, batch_size=2)
+    batched = privacy.min_k_scores(model, tokenizer, texts, batch_size=2)
     for text, score in zip(texts, batched):
-        lp = _manual_logprobs(model, ev.encode_prompt(tokenizer, text))
+        lp = _manual_logprobs(model, gen.encode_prompt(tokenizer, text))
         lowest = lp.sort().values[: max(1, int(len(lp) * 0.4))]
         assert score == pytest.approx(lowest.mean().item(), abs=1e-4)
     # Texts longer than the context are cut to it.
     long = " ".join(CORPUS * 8)
-    assert len(ev.encode_prompt(tokenizer, long)) > 128
-    assert len(ev.text_token_logprobs(model, tokenizer, [long])[0]) == 127
+    assert len(gen.encode_prompt(tokenizer, long)) > 128
+    assert len(gen.text_token_logprobs(model, tokenizer, [long])[0]) == 127
 
 
 def test_qa_logprobs_score_the_answer_tokens_only(model, tokenizer):
     pairs = [("Who is A?", "A writer."), ("Where does A live?", "In Paris, near the river.")]
-    got = ev.qa_logprobs(model, tokenizer, pairs, batch_size=2)
+    got = gen.qa_logprobs(model, tokenizer, pairs, batch_size=2)
     for (q, a), value in zip(pairs, got):
-        prompt = ev.encode_prompt(tokenizer, ev.tofu_prompt(q))
+        prompt = gen.encode_prompt(tokenizer, tofu_prompt(q))
         answer = tokenizer(a, add_special_tokens=False)["input_ids"]
         lp = _manual_logprobs(model, prompt + answer)[len(prompt) - 1 :]
         assert len(lp) == len(answer)
         assert value == pytest.approx(lp.mean().item(), abs=1e-4)
     with pytest.raises(ValueError):
-        ev.qa_logprobs(model, tokenizer, [("Q?", "")])
+        gen.qa_logprobs(model, tokenizer, [("Q?", "")])
 
 
 # --- TOFU formulas ---------------------------------------------------------------------------------
 def test_truth_ratio_probability_and_scores_hand_computed():
     log = math.log
     # Geometric mean of 0.25 and 0.0625 is 0.125; over the paraphrase's 0.5 -> 0.25.
-    assert ev.truth_ratios([log(0.5)], [[log(0.25), log(0.0625)]]).tolist() == pytest.approx([0.25])
-    assert ev.truth_ratios([log(0.2), log(0.5)], [[log(0.4)], [log(0.5)]]).tolist() == pytest.approx([2.0, 1.0])
-    assert ev.truth_ratio_score([0.25, 2.0]) == pytest.approx((0.75 + 0.0) / 2)  # max(0, 1 - R)
-    assert ev.truth_ratio_score([0.25, 2.0], forget=True) == pytest.approx((0.25 + 0.5) / 2)  # min(R, 1/R)
-    assert ev.tofu_probability([log(0.5), log(0.2)]) == pytest.approx(0.35)
+    assert tofu.truth_ratios([log(0.5)], [[log(0.25), log(0.0625)]]).tolist() == pytest.approx([0.25])
+    assert tofu.truth_ratios([log(0.2), log(0.5)], [[log(0.4)], [log(0.5)]]).tolist() == pytest.approx([2.0, 1.0])
+    assert tofu.truth_ratio_score([0.25, 2.0]) == pytest.approx((0.75 + 0.0) / 2)  # max(0, 1 - R)
+    assert tofu.truth_ratio_score([0.25, 2.0], forget=True) == pytest.approx((0.25 + 0.5) / 2)  # min(R, 1/R)
+    assert tofu.tofu_probability([log(0.5), log(0.2)]) == pytest.approx(0.35)
     # Normalised: 0.5 / (0.5 + 0.25 + 0.25) and 0.2 / (0.2 + 0.2).
-    assert ev.tofu_probability([log(0.5), log(0.2)], [[log(0.25), log(0.25)], [log(0.2)]]) == pytest.approx(0.5)
+    assert tofu.tofu_probability([log(0.5), log(0.2)], [[log(0.25), log(0.25)], [log(0.2)]]) == pytest.approx(0.5)
 
 
 def test_forget_quality_is_the_ks_p_value():
     a = [0.31, 0.52, 0.77, 0.12, 0.95, 0.44]
     b = [0.61, 0.83, 0.29, 1.42, 0.72]
-    assert ev.forget_quality(a, b) == pytest.approx(ks_2samp(a, b).pvalue)
+    assert tofu.forget_quality(a, b) == pytest.approx(ks_2samp(a, b).pvalue)
     # Fully separated samples of 3 and 3: D = 1, exact p = 2 / C(6, 3) = 0.1.
-    assert ev.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
-    assert ev.forget_quality(a, a) == pytest.approx(1.0)
+    assert tofu.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert tofu.forget_quality(a, a) == pytest.approx(1.0)
     # TOFU tests 1/R; the KS p-value is the same.
-    assert ev.forget_quality(1 / np.array(a), 1 / np.array(b)) == pytest.approx(ev.forget_quality(a, b))
+    assert tofu.forget_quality(1 / np.array(a), 1 / np.array(b)) == pytest.approx(tofu.forget_quality(a, b))
 
 
 def test_model_utility_is_the_harmonic_mean():
-    assert ev.model_utility([1.0, 0.5, 0.25]) == pytest.approx(3 / 7)  # 3 / (1 + 2 + 4)
-    assert ev.model_utility([0.5] * 9) == pytest.approx(0.5)
-    assert ev.model_utility([0.0, 1.0]) == 0.0
+    assert tofu.model_utility([1.0, 0.5, 0.25]) == pytest.approx(3 / 7)  # 3 / (1 + 2 + 4)
+    assert tofu.model_utility([0.5] * 9) == pytest.approx(0.5)
+    assert tofu.model_utility([0.0, 1.0]) == 0.0
     nine = [0.6, 1.0, 0.5, 0.5, 1.0, 0.5, 0.8, 1.0, 0.75]
-    assert ev.model_utility(nine) == pytest.approx(9 / sum(1 / x for x in nine))
+    assert tofu.model_utility(nine) == pytest.approx(9 / sum(1 / x for x in nine))
     with pytest.raises(ValueError):
-        ev.model_utility([])
+        tofu.model_utility([])
 
 
 def _tofu_data(holdout=None) -> TofuData:
@@ -183,13 +185,13 @@ def test_evaluate_tofu_on_constructed_probabilities(monkeypatch):
         ("Who wrote Hamlet?", "Austen"): 0.25,  # prob 0.5 / 1.0, R = 0.25 / 0.5
         ("Capital of France?", "Paris"): 0.4, ("Capital of France?", "Rome"): 0.1,  # prob 0.8, R = 0.25
     }
-    replies = {ev.tofu_prompt("Who is A?"): " A writer.", ev.tofu_prompt("Where does A live?"): "Rome",
-               ev.tofu_prompt("Who is B?"): "A poet.", ev.tofu_prompt("Who wrote Hamlet?"): "Shakespeare",
-               ev.tofu_prompt("Capital of France?"): "Paris"}
-    monkeypatch.setattr(ev, "qa_logprobs", lambda m, t, pairs, **kw: [math.log(probs[p]) for p in pairs])
-    monkeypatch.setattr(ev, "greedy_generate", lambda m, t, prompts, **kw: [replies[p] for p in prompts])
+    replies = {tofu_prompt("Who is A?"): " A writer.", tofu_prompt("Where does A live?"): "Rome",
+               tofu_prompt("Who is B?"): "A poet.", tofu_prompt("Who wrote Hamlet?"): "Shakespeare",
+               tofu_prompt("Capital of France?"): "Paris"}
+    monkeypatch.setattr(tofu, "qa_logprobs", lambda m, t, pairs, **kw: [math.log(probs[p]) for p in pairs])
+    monkeypatch.setattr(tofu, "greedy_generate", lambda m, t, prompts, **kw: [replies[p] for p in prompts])
 
-    result = ev.evaluate_tofu(None, None, _tofu_data(), retain_truth_ratios=[0.25, 2.0])
+    result = tofu.evaluate_tofu(None, None, _tofu_data(), retain_truth_ratios=[0.25, 2.0])
     m = result.metrics
     assert result.forget_truth_ratios == pytest.approx([0.25, 2.0])
     assert m["forget_truth_ratio"] == pytest.approx(0.375)
@@ -206,32 +208,32 @@ def test_evaluate_tofu_on_constructed_probabilities(monkeypatch):
     assert "mia_auc" not in m
 
     # The retain model's ratios alone (the reference) and no utility without the three sets.
-    assert ev.tofu_forget_truth_ratios(None, None, _tofu_data()) == pytest.approx([0.25, 2.0])
+    assert tofu.tofu_forget_truth_ratios(None, None, _tofu_data()) == pytest.approx([0.25, 2.0])
     data = _tofu_data()
     data.world_facts = None
-    m = ev.evaluate_tofu(None, None, data).metrics
+    m = tofu.evaluate_tofu(None, None, data).metrics
     assert "model_utility" not in m and "forget_quality" not in m and "prob_world_facts" not in m
 
 
 def test_tofu_mia_auc_on_answer_tokens(monkeypatch):
     lps = {("Who is A?", "A writer."): [-0.1, -0.2, -3.0], ("Where does A live?", "In Paris."): [-0.5, -0.4],
            ("Who is Z?", "Nobody."): [-2.0, -2.5], ("Who is Y?", "Someone."): [-0.3, -0.45]}
-    monkeypatch.setattr(ev, "qa_token_logprobs",
+    monkeypatch.setattr(tofu, "qa_token_logprobs",
                         lambda m, t, pairs, **kw: [torch.tensor(lps[p]) for p in pairs])
     data = _tofu_data(holdout=[TofuItem("Who is Z?", "Nobody."), TofuItem("Who is Y?", "Someone.")])
     # Min-40%: forget -3.0, -0.5; holdout -2.5, -0.45 -> pairs won: (-3 vs -2.5: no), (-3 vs -0.45: no),
     # (-0.5 vs -2.5: yes), (-0.5 vs -0.45: no) -> 1/4.
-    assert ev.tofu_mia_auc(None, None, data) == pytest.approx(0.25)
+    assert tofu.tofu_mia_auc(None, None, data) == pytest.approx(0.25)
 
 
 def test_evaluate_tofu_on_a_tiny_model(model, tokenizer):
     data = _tofu_data(holdout=[TofuItem("Who is Z?", "Nobody."), TofuItem("Who is Y?", "Someone.")])
-    result = ev.evaluate_tofu(model, tokenizer, data, batch_size=3, max_new_tokens=4)
+    result = tofu.evaluate_tofu(model, tokenizer, data, batch_size=3, max_new_tokens=4)
     m = result.metrics
     # The truth ratios are those of the model's own length-normalised probabilities.
     lp = {p: v for p, v in zip(
         [("Who is A?", a) for a in ("An author.", "A baker.", "A pilot.")],
-        ev.qa_logprobs(model, tokenizer, [("Who is A?", a) for a in ("An author.", "A baker.", "A pilot.")]))}
+        gen.qa_logprobs(model, tokenizer, [("Who is A?", a) for a in ("An author.", "A baker.", "A pilot.")]))}
     expected = math.exp((lp[("Who is A?", "A baker.")] + lp[("Who is A?", "A pilot.")]) / 2
                         - lp[("Who is A?", "An author.")])
     assert result.forget_truth_ratios[0] == pytest.approx(expected, rel=1e-4)

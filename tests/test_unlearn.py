@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dipo_scale.config import load_unlearn_config
-from dipo_scale.unlearn import batch_schedule, run_unlearning, select_evaluation
+from dipo_scale.eval.in_training import select_evaluation
+from dipo_scale.unlearn import batch_schedule, run_unlearning
 
 # Evaluation during unlearning in these tests: the first ECHO_LIMIT items of each set, short answers.
 ECHO_LIMIT, ECHO_TOKENS = 4, 8
@@ -23,19 +24,21 @@ def echo_eval_dir(tiny_assets, out: Path) -> Path:
     scores 100 on all three, and an evaluation during unlearning measures how far the model has
     moved from the target's answers (the tiny models' answers to the corpus' questions are mostly
     wrong: on the corpus itself every evaluation scores about 0, and no selection rule has a choice)."""
-    from dipo_scale import evaluate as ev
     from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.data.prompts import knowmem_prompt
+    from dipo_scale.eval import generation as gen
+    from dipo_scale.eval.muse import cut_answer
 
     shutil.copytree(tiny_assets["corpus"], out)
     data = load_muse_dir(out)
-    model, tokenizer = ev.load_model_and_tokenizer(str(tiny_assets["target"]))
+    model, tokenizer = gen.load_model_and_tokenizer(str(tiny_assets["target"]))
 
     def generate(prompts):
-        return ev.greedy_generate(model, tokenizer, prompts, max_new_tokens=ECHO_TOKENS)
+        return gen.greedy_generate(model, tokenizer, prompts, max_new_tokens=ECHO_TOKENS)
 
     for name, qa, icl in (("forget_qa", data.forget_qa, data.forget_qa_icl),
                           ("retain_qa", data.retain_qa, data.retain_qa_icl)):
-        answers = [ev.cut_answer(a) for a in generate([ev.knowmem_prompt(icl, x.question) for x in qa])]
+        answers = [cut_answer(a) for a in generate([knowmem_prompt(icl, x.question) for x in qa])]
         rows = [{"question": x.question, "answer": a} for x, a in zip(qa, answers) if a.strip()][:ECHO_LIMIT]
         assert len(rows) == ECHO_LIMIT, (name, answers)
         (out / "knowmem" / f"{name}.json").write_text(json.dumps(rows))
@@ -49,11 +52,12 @@ def echo_eval_dir(tiny_assets, out: Path) -> Path:
 
 def evaluate_on(model_dir, data_dir) -> dict:
     """evaluate_muse of an exported model with the settings of EVAL_SETTINGS."""
-    from dipo_scale import evaluate as ev
     from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.eval import generation as gen
+    from dipo_scale.eval.muse import evaluate_muse
 
-    model, tokenizer = ev.load_model_and_tokenizer(str(model_dir))
-    return ev.evaluate_muse(model, tokenizer, load_muse_dir(data_dir), limit=ECHO_LIMIT,
+    model, tokenizer = gen.load_model_and_tokenizer(str(model_dir))
+    return evaluate_muse(model, tokenizer, load_muse_dir(data_dir), limit=ECHO_LIMIT,
                             verbmem_max_new_tokens=ECHO_TOKENS, knowmem_max_new_tokens=ECHO_TOKENS)
 
 

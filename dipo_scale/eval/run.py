@@ -1,0 +1,215 @@
+"""`dipo-scale evaluate`: one model on a MUSE or TOFU layout, its metrics to OUT/metrics.json
+and OUT/report.md (+ plots)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from dipo_scale.errors import UserInputError
+from dipo_scale.eval.generation import load_model_and_tokenizer
+from dipo_scale.eval.muse import evaluate_muse, muse_mia_auc
+from dipo_scale.eval.privacy import privleak
+from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_auc, truth_ratio_score
+from dipo_scale.eval.workers import evaluate_muse_parallel
+
+
+METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
+                "model_utility", "forget_truth_ratio", "forget_prob")
+VERBMEM_MAX_NEW_TOKENS, KNOWMEM_MAX_NEW_TOKENS, TOFU_MAX_NEW_TOKENS = 128, 32, 128
+
+
+def detect_layout(source: str | Path) -> str:
+    """The layout of `source`, "muse" or "tofu": from the directory's files, or a hub name."""
+    from dipo_scale.data.muse import is_hub_name
+    from dipo_scale.data.tofu import is_tofu_dir
+
+    path = Path(source)
+    if path.is_dir():
+        if any((path / sub).is_dir() for sub in ("raw", "knowmem", "verbmem")):
+            return "muse"
+        if is_tofu_dir(path):
+            return "tofu"
+        raise UserInputError(f"{path}: unknown data layout (MUSE: raw/, knowmem/, verbmem/; "
+                             "TOFU: files named like the locuslab/TOFU configs, e.g. forget10_perturbed.json)")
+    if path.exists():
+        raise UserInputError(f"{path}: not a directory")
+    if is_hub_name(str(source)):
+        name = str(source).lower()
+        if "tofu" in name:
+            return "tofu"
+        if "muse" in name:
+            return "muse"
+        raise UserInputError(f"{source}: unknown data layout (hub datasets: locuslab/TOFU, muse-bench/MUSE-News, "
+                             "muse-bench/MUSE-Books)")
+    raise UserInputError(f"{source}: data directory does not exist")
+
+
+def read_truth_ratios(path: str | Path) -> list[float]:
+    """Stored forget-set truth ratios: a JSON list of numbers, this command's truth_ratios.json
+    ({"forget_truth_ratios": [...]}), or TOFU's eval_log_forget.json ({"truth_ratio": {i: r}})."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{path}: malformed JSON ({' '.join(str(e).split())})") from None
+    if isinstance(obj, dict):
+        for key in ("forget_truth_ratios", "truth_ratio", "truth_ratios"):
+            if key in obj:
+                obj = obj[key]
+                break
+        else:
+            raise UserInputError(f"{path} is missing key 'forget_truth_ratios' (or give a JSON list of numbers)")
+        if isinstance(obj, dict):
+            obj = list(obj.values())
+    if not isinstance(obj, list) or not obj:
+        raise UserInputError(f"{path}: truth ratios must be a non-empty JSON list of numbers")
+    for i, value in enumerate(obj):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+            raise UserInputError(f"{path}: entry {i} is not a positive number ({value!r})")
+    return [float(v) for v in obj]
+
+
+def _load_checked(path: str, flag: str):
+    try:
+        return load_model_and_tokenizer(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserInputError(f"{flag} {path}: cannot load the model or its tokenizer "
+                             f"({type(e).__name__}: {first[:200]})") from None
+
+
+def _ordered(metrics: dict[str, float]) -> dict[str, float]:
+    head = [k for k in METRIC_ORDER if k in metrics]
+    return {k: float(metrics[k]) for k in head + [k for k in metrics if k not in head]}
+
+
+def _model_name(path: str) -> str:
+    return Path(path).name or str(path)
+
+
+def run_evaluation(
+    model: str,
+    data: str,
+    out: str | Path,
+    *,
+    retrain_model: str | None = None,
+    retrain_auc: float | None = None,
+    retain_model: str | None = None,
+    retain_truth_ratios: str | None = None,
+    forget: str = "forget10",
+    retain: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_workers: int = 1,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """What `dipo-scale evaluate` does: evaluate `model` on the MUSE or TOFU data `data`, write
+    OUT/metrics.json, OUT/report.md (+ plots) and, for TOFU, OUT/truth_ratios.json (the forget-set
+    truth ratios, reusable as another run's --retain-truth-ratios). Returns the metrics.
+
+    Every input is checked before a model is loaded; nothing is written unless all succeeds.
+    """
+    from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir
+    from dipo_scale.preflight import check_model
+    from dipo_scale.report import write_report
+
+    if retrain_model is not None and retrain_auc is not None:
+        raise UserInputError("give --retrain-model or --retrain-auc, not both")
+    if retrain_auc is not None and not 0.0 < retrain_auc <= 1.0:
+        raise UserInputError(f"--retrain-auc {retrain_auc}: must be in (0, 1]")
+    if retain_model is not None and retain_truth_ratios is not None:
+        raise UserInputError("give --retain-model or --retain-truth-ratios, not both")
+    for flag, value in (("--limit", limit), ("--batch-size", batch_size), ("--num-workers", num_workers),
+                        ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            raise UserInputError(f"{flag} {value}: must be >= 1")
+    layout = detect_layout(data)
+    if layout == "muse" and (retain_model is not None or retain_truth_ratios is not None):
+        raise UserInputError("--retain-model / --retain-truth-ratios are for TOFU data (MUSE: --retrain-model)")
+    models = [(path, flag) for path, flag in ((model, "--model"), (retrain_model, "--retrain-model"),
+                                              (retain_model, "--retain-model")) if path is not None]
+    out = check_output_dir(out, "evaluate", inputs=[("--data", data), *((f, p) for p, f in models)])
+    for path, flag in models:  # complete, loadable models before any is loaded
+        check_model(path, flag)
+
+    def cap(default: int) -> int:
+        return default if max_new_tokens is None else min(default, max_new_tokens)
+
+    notes: list[str] = []
+    if layout == "muse":
+        from dipo_scale.data.muse import load_muse
+
+        dataset = load_muse(data, need_raw=False)
+        reference_ratios = None
+    else:
+        from dipo_scale.data.tofu import load_tofu
+
+        dataset = load_tofu(data, forget=forget, retain=retain)
+        notes += dataset.notes
+        reference_ratios = read_truth_ratios(retain_truth_ratios) if retain_truth_ratios else None
+
+    references: dict[str, dict[str, float]] = {}
+    reference_auc = retrain_auc
+    if retrain_model is not None:
+        ref, ref_tok = _load_checked(retrain_model, "--retrain-model")
+        mia = (muse_mia_auc if layout == "muse" else tofu_mia_auc)(
+            ref, ref_tok, dataset, batch_size=batch_size, limit=limit)
+        del ref
+        if mia is not None:
+            references[f"{_model_name(retrain_model)} (retrain)"] = {"mia_auc": mia}
+            reference_auc = mia
+    if retain_model is not None:
+        ref, ref_tok = _load_checked(retain_model, "--retain-model")
+        reference_ratios = tofu_forget_truth_ratios(ref, ref_tok, dataset, batch_size=batch_size, limit=limit)
+        row = {"forget_truth_ratio": truth_ratio_score(reference_ratios, forget=True)}
+        if retrain_model is None and retrain_auc is None:  # the retain model is TOFU's retrained model
+            mia = tofu_mia_auc(ref, ref_tok, dataset, batch_size=batch_size, limit=limit)
+            if mia is not None:
+                row["mia_auc"] = reference_auc = mia
+        references[f"{_model_name(retain_model)} (retain)"] = row
+        del ref
+
+    if layout == "muse":
+        settings = dict(verbmem_max_new_tokens=cap(VERBMEM_MAX_NEW_TOKENS),
+                        knowmem_max_new_tokens=cap(KNOWMEM_MAX_NEW_TOKENS), batch_size=batch_size, limit=limit)
+        if num_workers > 1:
+            metrics = evaluate_muse_parallel(model, dataset, num_workers, mia=True, **settings)
+        else:
+            m, tok = _load_checked(model, "--model")
+            metrics = evaluate_muse(m, tok, dataset, mia=True, **settings)
+        if "mia_auc" not in metrics:
+            notes.append("no holdout texts (privleak/holdout.json or raw/holdout.*): no mia_auc / privleak")
+    else:
+        if num_workers > 1:
+            notes.append("--num-workers applies to MUSE data; TOFU was evaluated in one process")
+        m, tok = _load_checked(model, "--model")
+        result = evaluate_tofu(m, tok, dataset, retain_truth_ratios=reference_ratios, batch_size=batch_size,
+                               limit=limit, max_new_tokens=cap(TOFU_MAX_NEW_TOKENS))
+        metrics = result.metrics
+        notes.append("TOFU has no verbatim-memorisation prompts: no verbmem_f; knowmem_f / knowmem_r are "
+                     "TOFU's ROUGE-L recall (x100) on forget / retain; utility components are on 0..1")
+        if reference_ratios is None:
+            notes.append("forget_quality needs --retain-model or --retain-truth-ratios")
+        if "mia_auc" not in metrics:
+            notes.append(f"no holdout split for {forget}: no mia_auc / privleak")
+
+    if "mia_auc" in metrics:
+        if reference_auc is None:
+            notes.append("privleak needs --retrain-model or --retrain-auc")
+        elif reference_auc > 0:
+            metrics["privleak"] = privleak(metrics["mia_auc"], reference_auc)
+        else:
+            notes.append("the retrain model's AUC is 0: privleak is undefined")
+    metrics = _ordered(metrics)
+
+    mark_output_dir(out, "evaluate")
+    if layout == "tofu":
+        atomic_write_json(out / "truth_ratios.json", {"forget": forget, "forget_truth_ratios": result.forget_truth_ratios})
+    atomic_write_json(out / "metrics.json", metrics)
+    write_report(out, {_model_name(model): metrics, **references},
+                 title=f"dipo-scale evaluation: {_model_name(model)} on {data}", notes=notes)
+    return metrics
