@@ -30,6 +30,20 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
    bitsandbytes 8-bit and 4-bit (nf4) and its error against full precision: the loss error as in
    2 against the float32 online reference, and the mean KL(π_fp32 ‖ π_quantised) per position.
    When bitsandbytes cannot run here its error message is recorded instead of numbers.
+5. `precompute_over_forward_throughput` ({"hidden": r, "topk": r}, goal >= 0.7): tokens/s of the
+   precompute (`precompute_reference` with its default pool: `reference.num_workers` and
+   `reference.cpus_per_worker` unset) over tokens/s of a bare forward of the same model to its
+   final hidden states (`model.get_decoder()(...)`, no grad, torch threads = the machine's
+   cores, the same blocks in batches of `reference.batch_size`), side by side in one process on
+   a larger corpus (`--throughput-docs` generated documents, prepared like the demo's with
+   concatenated blocks; forget split only, `loss.retain=gd`). The bare forward is timed before
+   and after the precompute runs and the mean is used. The precompute's tokens/s is counted
+   while it computes: real tokens over the span from the first shard's start to the last
+   shard's end (the shard records' times), i.e. without starting Ray's workers and loading the
+   model into them; `precompute_over_forward_throughput_wall` counts the whole job (start-up
+   included) and `startup_seconds_*` says what that start-up was. `--throughput-only` runs
+   this part alone (it also runs against an older checkout of dipo_scale: records without
+   start times are timed by their file times).
 """
 
 from __future__ import annotations
@@ -205,6 +219,95 @@ def step_times(assets, caches: dict, reps: int, micro: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def throughput_assets(demo_dir: Path, assets: dict, num_docs: int) -> Path:
+    """A larger prepared corpus for the throughput comparison (demo tokenizer, demo block size,
+    concatenated blocks as MUSE's are); built once per `num_docs`."""
+    from transformers import AutoTokenizer
+
+    from dipo_scale.data.corpus import generate_corpus
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.demo import MODEL_SETTINGS
+    from dipo_scale.prepare import prepare
+
+    root = demo_dir / f"throughput_{num_docs}"
+    if not (root / "prepared" / "manifest.json").is_file():
+        if not (root / "corpus" / "world.json").is_file():
+            generate_corpus(root / "corpus", num_docs=num_docs, seed=1)
+        prepare(load_muse_dir(root / "corpus"), AutoTokenizer.from_pretrained(assets["tokenizer"]),
+                root / "prepared", block_size=MODEL_SETTINGS.block_size, layout="concat")
+    return root / "prepared"
+
+
+def bare_forward(model_dir, prepared: Path, batch_size: int) -> dict:
+    """Tokens/s of the model's decoder trunk (to its final hidden states) over the forget blocks."""
+    from dipo_scale.prepare import read_blocks
+
+    torch.set_num_threads(os.cpu_count())
+    model = load_model(model_dir)
+    trunk = model.get_decoder()
+    blocks = read_blocks(prepared, "forget")
+    n = len(blocks["input_ids"])
+    with torch.no_grad():  # warm-up: one batch
+        trunk(input_ids=torch.as_tensor(blocks["input_ids"][:batch_size]),
+              attention_mask=torch.as_tensor(blocks["attention_mask"][:batch_size]), use_cache=False)
+        t0 = time.perf_counter()
+        for s in range(0, n, batch_size):
+            trunk(input_ids=torch.as_tensor(blocks["input_ids"][s:s + batch_size]),
+                  attention_mask=torch.as_tensor(blocks["attention_mask"][s:s + batch_size]), use_cache=False)
+        seconds = time.perf_counter() - t0
+    tokens = int(blocks["attention_mask"].sum())
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "threads": torch.get_num_threads()}
+
+
+def computing_span(cache: Path) -> tuple[float, float]:
+    """(first shard's start, last shard's end) from the shard records of a cache."""
+    starts, ends = [], []
+    for record_path in cache.glob("*/part-*.json"):
+        record = json.loads(record_path.read_text())
+        end = record.get("finished", record_path.stat().st_mtime)
+        starts.append(record.get("started", end - record["seconds"]))
+        ends.append(end)
+    return min(starts), max(ends)
+
+
+def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int) -> dict:
+    """Section 5 of the module docstring."""
+    from dipo_scale.reference import precompute_reference
+
+    prepared = throughput_assets(demo_dir, assets, num_docs)
+    batch = 8
+    out: dict = {"throughput_corpus": {"docs": num_docs, "prepared": str(prepared),
+                                       "forget_blocks": json.loads((prepared / "manifest.json").read_text())
+                                       ["splits"]["forget"]["blocks"]}}
+    bare = [bare_forward(assets["target"], prepared, batch)]
+    forms = {"hidden": ["reference.form=hidden"], "topk": ["reference.form=topk", f"reference.k={k}"]}
+    for name, overrides in forms.items():
+        cache = work / f"throughput_{name}"
+        t0 = time.time()
+        m = precompute_reference(config(assets, *overrides, f"reference.cache_dir={cache}", "loss.retain=gd",
+                                        f"data.prepared_dir={prepared}", f"reference.batch_size={batch}"))
+        wall = time.time() - t0
+        start, end = computing_span(cache)
+        p = m["precompute"]
+        tokens = p["tokens_computed"]
+        out[f"throughput_{name}"] = {
+            "tokens": tokens, "job_seconds": round(wall, 3), "computing_seconds": round(end - start, 3),
+            "startup_seconds": round(start - t0, 3), "tokens_per_second_computing": tokens / (end - start),
+            "tokens_per_second_job": tokens / wall, "num_workers": p.get("num_workers"),
+            "cpus_per_worker": p.get("cpus_per_worker"), "shards": p["shards_computed"]}
+        print(f"throughput {name}: {out[f'throughput_{name}']}", flush=True)
+    bare.append(bare_forward(assets["target"], prepared, batch))
+    forward = statistics.mean(b["tokens_per_second"] for b in bare)
+    out["bare_forward"] = {"runs": bare, "tokens_per_second_mean": forward}
+    out["precompute_over_forward_throughput"] = {
+        name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward for name in forms}
+    out["precompute_over_forward_throughput_wall"] = {
+        name: out[f"throughput_{name}"]["tokens_per_second_job"] / forward for name in forms}
+    print("precompute_over_forward_throughput", out["precompute_over_forward_throughput"], flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="where to write the results")
@@ -215,6 +318,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=6, help="timed step pairs (after one warm-up pair)")
     parser.add_argument("--micro", type=int, default=4, help="forget (and retain) blocks per timed step")
     parser.add_argument("--no-quantize", dest="quantize", action="store_false")
+    parser.add_argument("--throughput-docs", type=int, default=7000,
+                        help="documents of the generated corpus of section 5 (0: skip it)")
+    parser.add_argument("--throughput-k", type=int, default=32, help="K of the topk form in section 5")
+    parser.add_argument("--throughput-only", action="store_true", help="run section 5 alone")
     args = parser.parse_args(argv)
 
     import shutil
@@ -228,13 +335,20 @@ def main(argv=None) -> int:
     assets = demo_assets(Path(args.demo_dir).resolve())
     work = Path(args.work or Path(args.demo_dir) / "reference_bench").resolve()
     shutil.rmtree(work, ignore_errors=True)  # measure a precompute from nothing
-    ray.init(num_cpus=max(2, args.actors), include_dashboard=False, log_to_driver=False,
+    load_at_start = os.getloadavg()
+    ray.init(num_cpus=max(os.cpu_count(), args.actors), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    result: dict = {"settings": {"dipo": DIPO, "actors": args.actors, "reps": args.reps, "micro": args.micro,
+                                 "demo_dir": str(Path(args.demo_dir).resolve())}}
+    if args.throughput_docs:
+        result.update(throughput(assets, Path(args.demo_dir).resolve(), work, args.throughput_docs,
+                                 args.throughput_k))
+    if args.throughput_only:
+        ray.shutdown()
+        return _write(args, result, t_start, load_at_start)
     ks = [int(k) for k in args.ks.split(",")]
     forms = {"hidden": ["reference.form=hidden"],
              **{f"topk_{k}": ["reference.form=topk", f"reference.k={k}"] for k in ks}}
-    result: dict = {"settings": {"dipo": DIPO, "actors": args.actors, "reps": args.reps, "micro": args.micro,
-                                 "demo_dir": str(Path(args.demo_dir).resolve())}}
     caches = {}
     for name, overrides in forms.items():
         caches[name] = work / name
@@ -279,9 +393,13 @@ def main(argv=None) -> int:
     result["step_time_ratio_cached_over_online"] = medians["hidden"] / medians["online"]
     if "topk_32" in medians:
         result["step_time_ratio_topk32_over_online"] = medians["topk_32"] / medians["online"]
+    return _write(args, result, t_start, load_at_start)
+
+
+def _write(args, result: dict, t_start: float, load_at_start) -> int:
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                          "torch": torch.__version__, "cpus": os.cpu_count(),
-                         "load_average": os.getloadavg()}
+                         "load_average_at_start": load_at_start, "load_average": os.getloadavg()}
     result["date_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     result["wall_seconds"] = round(time.time() - t_start, 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,10 @@ class ReferenceConfig(_Strict):
     # Precompute (`dipo-scale reference`) only:
     quantize: Literal["none", "8bit", "4bit"] = "none"  # load the reference with bitsandbytes
     mode: Literal["actors", "zero3"] = "actors"  # Ray Data actor pool, or ZeRO-3 workers (Ray Train)
-    num_workers: int = Field(1, ge=1)        # actors, or ZeRO-3 workers
+    # actors, or ZeRO-3 workers, and the CPUs (torch threads) of each; unset: one worker per node
+    # using all its CPUs (one per GPU with train.use_gpu); see reference.pool_size
+    num_workers: Optional[int] = Field(None, ge=1)
+    cpus_per_worker: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)         # blocks per reference forward
     rows_per_shard: int = Field(256, ge=1)   # blocks per cache shard (the unit of resumption)
 

@@ -6,9 +6,11 @@ this module writes a cache once (`dipo-scale reference`, `ray_jobs/precompute_re
 one of two forms (docs/DIPO.md, "Reference statistics"):
 
 * `hidden` (exact): the reference's final hidden state at every position — the input of its LM
-  head, captured with a forward pre-hook on the output embedding, so it is exact for any
-  architecture — plus one copy of the frozen LM-head weight (`lm_head.safetensors`, float32).
-  The losses rebuild the logits chunk by chunk (`dipo_scale.losses.HiddenReference`).
+  head, from the decoder trunk alone (no logits computed), checked once per worker to be bitwise
+  the tensor the model's own forward hands its head (`ReferenceForward`; otherwise captured from
+  the full forward, so it is exact for any architecture) — plus one copy of the frozen LM-head
+  weight (`lm_head.safetensors`, float32). The losses rebuild the logits chunk by chunk
+  (`dipo_scale.losses.HiddenReference`).
 * `topk` (approximate; K = `reference.k`): the K largest logits, their ids (int32) and the
   log-sum-exp over the whole vocabulary (float32). The rest of the row is rebuilt with the
   left-over probability mass spread uniformly over the other V − K ids, so the stored ids keep
@@ -33,14 +35,18 @@ position t holds the statistics of the reference logits at t (which predict toke
 
 Precompute (`precompute_reference`) is a distributed job over the shards still to write:
 * `reference.mode=actors`: Ray Data batch inference, `map_batches` over the shard list with a
-  pool of `reference.num_workers` model actors (one model each; for models that fit a device;
-  `reference.quantize` loads them with bitsandbytes 8-bit or 4-bit);
+  pool of `reference.num_workers` model actors of `reference.cpus_per_worker` CPUs each (torch
+  threads = its CPUs; unset: one actor per node using all its cores, one per GPU with
+  `train.use_gpu`, never more actors than shards: `pool_size`); one model each, for models that
+  fit a device; `reference.quantize` loads them with bitsandbytes 8-bit or 4-bit;
 * `reference.mode=zero3`: `reference.num_workers` Ray Train workers holding one DeepSpeed ZeRO-3
   inference engine between them (for models that do not fit one device). Every rank runs the
   same number of forwards (ZeRO-3 gathers parameters collectively): a rank with fewer blocks to
   do runs padding forwards whose output is dropped.
 Each worker reads only the packed blocks of its shards, runs `reference.batch_size` blocks per
-forward and writes each shard to a temporary name, renamed when complete, then its `.json`.
+forward and hands each batch to a writer thread (`ShardWriter`, a bounded queue), which streams
+it into the shard's temporary file and its sha256 while the next batch's forward runs; the file
+is renamed when complete, then its `.json` is written (with the shard's start and end times).
 A stopped job resumes: a rerun keeps every shard whose `.json` exists and whose sha256 matches
 it, removes leftover temporary files and computes only the rest. A rerun with other
 fingerprints into the same `cache_dir` is refused (choose another directory or remove it).
@@ -263,6 +269,9 @@ class ReferenceCache:
 # ------------------------------------------------------------------------------------------
 # Computing statistics (both precompute modes)
 # ------------------------------------------------------------------------------------------
+_LAST_TABLE: dict = {}  # the parquet shard read last in this process (its sha256 checked)
+
+
 def read_block_range(prepared_dir: str | Path, split: str, first: int, rows: int,
                      verified: set | None = None) -> dict[str, np.ndarray]:
     """Blocks first .. first + rows - 1 of a prepared split, reading only the parquet shards that
@@ -284,7 +293,10 @@ def read_block_range(prepared_dir: str | Path, split: str, first: int, rows: int
                 if not path.is_file() or sha256_file(path) != shard["sha256"]:
                     raise UserInputError(f"{path}: missing or checksum does not match manifest.json")
                 verified.add(shard["file"])
-            table = pq.read_table(path, columns=["input_ids", "attention_mask"]).slice(lo - start, hi - lo)
+            if _LAST_TABLE.get("key") != (path, shard["sha256"]):  # a worker's consecutive shards share one
+                _LAST_TABLE.update(key=(path, shard["sha256"]),
+                                   table=pq.read_table(path, columns=["input_ids", "attention_mask"]))
+            table = _LAST_TABLE["table"].slice(lo - start, hi - lo)
             for key in out:
                 col = table.column(key).combine_chunks()
                 out[key].append(col.values.to_numpy().reshape(len(table), -1).astype(np.int64))
@@ -321,31 +333,186 @@ def load_reference_model(cfg: UnlearnConfig):
     return model.eval().requires_grad_(False)
 
 
-class _HeadInput:
-    """Captures the input of the model's LM head (the final hidden state) during a forward."""
+class ReferenceForward(torch.nn.Module):
+    """One reference forward to the statistics a cache stores, for a batch of blocks.
 
-    def __init__(self, model):
-        self.value = None
-        self.handle = model.get_output_embeddings().register_forward_pre_hook(self._hook)
+    `hidden`: the final hidden states (the LM head's input) from the decoder trunk alone; the
+    logits are never computed. `topk`: the trunk, then the LM head and the top-K logits, their ids
+    and the log-sum-exp. A ZeRO-3 engine wraps this module (`reference.mode=zero3`), so the
+    parameters it uses are gathered around its forward.
 
-    def _hook(self, module, args):
-        self.value = args[0].detach()
+    Taking the trunk's output as the head's input holds for heads that are a plain linear map of
+    `get_decoder()(...)[0]` (Llama, Mistral, Qwen, ...). `probe` checks it on the model itself: the
+    trunk's output must be bitwise the tensor the model's own forward hands its LM head, and the
+    head applied to it bitwise the model's logits. Where either differs, `via_decoder` is turned
+    off and every batch runs the model's full forward, the head's input captured by a hook (exact
+    for any architecture, at the cost of the logits)."""
 
+    def __init__(self, model, cfg: UnlearnConfig):
+        super().__init__()
+        self.model = model
+        self.form, self.k = cfg.reference.form, cfg.reference.k
+        self.store = torch.bfloat16 if cfg.reference.dtype == "bfloat16" else torch.float32
+        self.via_decoder = True
 
-def statistics(model, call, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: UnlearnConfig,
-               head: _HeadInput) -> dict[str, torch.Tensor]:
-    """The cached form's tensors for one batch of blocks ([b, T, ...], stored dtypes)."""
-    r = cfg.reference
-    store = torch.bfloat16 if r.dtype == "bfloat16" else torch.float32
-    with torch.no_grad():
-        logits = call(input_ids=input_ids, attention_mask=attention_mask).logits
-        if r.form == "hidden":
-            return {"hidden": head.value.to(store).cpu()}
+    def _full(self, input_ids, attention_mask):
+        """The model's own forward: (LM head input, logits)."""
+        captured = []
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: captured.append(args[0]))
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            handle.remove()
+        return captured[0], logits
+
+    def _trunk(self, input_ids, attention_mask):
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+    def forward(self, input_ids, attention_mask, probe: bool = False):
+        if probe:  # (a forward, so that ZeRO-3 gathers what it uses)
+            head_input, logits = self._full(input_ids, attention_mask)
+            hidden = self._trunk(input_ids, attention_mask)
+            same = torch.equal(hidden, head_input) and torch.equal(self.model.get_output_embeddings()(hidden), logits)
+            return torch.tensor(same)
+        if self.via_decoder:
+            hidden = self._trunk(input_ids, attention_mask)
+            logits = None if self.form == "hidden" else self.model.get_output_embeddings()(hidden)
+        else:
+            hidden, logits = self._full(input_ids, attention_mask)
+        if self.form == "hidden":
+            return {"hidden": hidden.to(self.store)}
         from dipo_scale.losses import topk_statistics
 
-        top, ids, lse = topk_statistics(logits, r.k)
-        return {"topk_logits": top.to(store).cpu(), "topk_ids": ids.to(torch.int32).cpu(),
-                "lse": lse.to(torch.float32).cpu()}
+        top, ids, lse = topk_statistics(logits, self.k)
+        return {"topk_logits": top.to(self.store), "topk_ids": ids.to(torch.int32), "lse": lse.to(torch.float32)}
+
+
+def probe_input(device) -> dict[str, torch.Tensor]:
+    """A short input for `ReferenceForward`'s probe (ids 0..7: valid in any vocabulary)."""
+    ids = torch.arange(8, device=device).unsqueeze(0)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "probe": True}
+
+
+def stored_specs(cfg: UnlearnConfig, rows: int, block_size: int, hidden_size: int) -> dict[str, tuple]:
+    """{name: (dtype, shape)} of a shard's computed tensors, in the order `ReferenceForward` returns them."""
+    r = cfg.reference
+    store = torch.bfloat16 if r.dtype == "bfloat16" else torch.float32
+    if r.form == "hidden":
+        return {"hidden": (store, (rows, block_size, hidden_size))}
+    return {"topk_logits": (store, (rows, block_size, r.k)), "topk_ids": (torch.int32, (rows, block_size, r.k)),
+            "lse": (torch.float32, (rows, block_size))}
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
+                       torch.int64: "I64"}
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class ShardWriter:
+    """Writes one cache shard (a safetensors file) while its batches are still being computed.
+
+    The header is known before the first batch (`fixed` tensors, e.g. block_id, and the shapes of
+    the computed ones), so the file is written front to back: header, fixed tensors, then the
+    first computed tensor (`hidden`, or `topk_logits`) batch by batch as the batches arrive, then
+    the other computed tensors (small: top-K ids, log-sum-exp), kept until the last batch. A
+    writer thread takes the batches from a bounded queue (`depth` batches), writes them to a
+    temporary file and feeds the sha256 as it goes: writing and hashing overlap the next batch's
+    forward, and no shard is read back. `close` waits for the thread, syncs the file and renames
+    it into place; it returns (sha256, bytes). Safetensors readers find tensors by their offsets,
+    so this order reads like any other."""
+
+    def __init__(self, path: Path, fixed: dict[str, torch.Tensor], computed: dict[str, tuple],
+                 metadata: dict, depth: int = 2):
+        import queue
+
+        self.path = path
+        self.names = list(computed)
+        self.stream, self.later = self.names[0], {name: [] for name in self.names[1:]}
+        header: dict[str, Any] = {"__metadata__": {"dipo_scale": json.dumps(metadata, sort_keys=True)}}
+        offset = 0
+        entries = [(n, t.dtype, tuple(t.shape)) for n, t in fixed.items()] + \
+                  [(n, dtype, tuple(shape)) for n, (dtype, shape) in computed.items()]
+        for name, dtype, shape in entries:
+            size = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        self.expected = offset
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # as safetensors' own writer: the data starts 8-aligned
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self.file = os.fdopen(fd, "wb")
+        self.sha = hashlib.sha256()
+        self.written = 0
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._write(len(text).to_bytes(8, "little") + text)
+        self.written = 0  # counts the data section
+        for t in fixed.values():
+            self._write(_raw_bytes(t))
+        self.thread = threading.Thread(target=self._run, name=f"write {path.name}", daemon=True)
+        self.thread.start()
+
+    def _write(self, data) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.written += len(data)
+
+    def _run(self) -> None:
+        while True:
+            batch = self.queue.get()
+            if batch is None:
+                return
+            if self.error is not None:
+                continue  # drain: the producer learns of the error at its next put
+            try:
+                self._write(_raw_bytes(batch[self.stream]))
+                for name in self.later:
+                    self.later[name].append(batch[name].detach().cpu())
+            except BaseException as e:  # noqa: BLE001  (re-raised in the producer's thread)
+                self.error = e
+
+    def put(self, batch: dict[str, torch.Tensor]) -> None:
+        """Hand over one batch's computed tensors (rows in order); blocks while `depth` wait."""
+        if self.error is not None:
+            self.abort()
+            raise self.error
+        self.queue.put(batch)
+
+    def close(self) -> tuple[str, int]:
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            for chunks in self.later.values():
+                self._write(_raw_bytes(torch.cat(chunks)))
+            if self.written != self.expected:
+                raise RuntimeError(f"{self.path}: wrote {self.written} data bytes, the header says {self.expected}")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.sha.hexdigest(), self.path.stat().st_size
+
+    def abort(self) -> None:
+        """Stop (after a failure elsewhere): the temporary file goes, nothing is renamed."""
+        if self.thread.is_alive():
+            self.error = self.error or RuntimeError("aborted")
+            self.queue.put(None)
+            self.thread.join()
+        if not self.file.closed:
+            self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -366,60 +533,79 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         raise
 
 
-def _finish_shard(cache: Path, item: dict, tensors: dict[str, torch.Tensor], tokens: int, seconds: float,
+def _shard_metadata(item: dict) -> dict:
+    return {"split": item["split"], "first_block": item["first_block"], "rows": item["rows"], "key": item["key"]}
+
+
+def _write_record(cache: Path, item: dict, sha256: str, size: int, tokens: int, started: float,
                   delay: float = 0.0) -> None:
-    """Write a shard (temp name, then rename) and then its .json with the sha256."""
+    """The shard's .json (written after the shard: its presence means the shard is complete)."""
     path = cache / item["file"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_safetensors(path, tensors, {"split": item["split"], "first_block": item["first_block"],
-                                        "rows": item["rows"], "key": item["key"]})
+    finished = time.time()
     atomic_write_json(path.with_suffix(".json"), {
         "file": item["file"], "split": item["split"], "first_block": item["first_block"],
-        "rows": item["rows"], "key": item["key"], "sha256": sha256_file(path),
-        "bytes": path.stat().st_size, "tokens": tokens, "seconds": round(seconds, 4)})
+        "rows": item["rows"], "key": item["key"], "sha256": sha256, "bytes": size, "tokens": tokens,
+        "seconds": round(finished - started, 4), "started": round(started, 4), "finished": round(finished, 4)})
     if delay:  # tests: widen the window in which a precompute can be killed midway
         time.sleep(delay)
 
 
 def _write_lm_head(cache: Path, item: dict, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    t0 = time.time()
     tensors = {"weight": weight.detach().to(torch.float32).cpu()}
     if bias is not None:
         tensors["bias"] = bias.detach().to(torch.float32).cpu()
-    _finish_shard(cache, item, tensors, tokens=0, seconds=0.0)
+    path = cache / item["file"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_safetensors(path, tensors, _shard_metadata(item))
+    _write_record(cache, item, sha256_file(path), path.stat().st_size, tokens=0, started=t0)
 
 
-def _compute_shard(model, call, head: _HeadInput, cfg: UnlearnConfig, item: dict, device,
-                   verified: set, delay: float = 0.0) -> None:
+def compute_shard(call, cfg: UnlearnConfig, item: dict, device, block_size: int, hidden_size: int,
+                  verified: set, delay: float = 0.0) -> None:
+    """Compute one shard's statistics, `reference.batch_size` blocks per forward of `call` (a
+    `ReferenceForward`, or the ZeRO-3 engine wrapping one), each batch handed to a `ShardWriter`
+    that writes it while the next batch runs; then the shard's record."""
     t0 = time.time()
     blocks = read_block_range(cfg.data.prepared_dir, item["split"], item["first_block"], item["rows"], verified)
-    parts: dict[str, list] = {}
-    bs = cfg.reference.batch_size
-    for s in range(0, item["rows"], bs):
-        ids = torch.as_tensor(blocks["input_ids"][s:s + bs]).to(device)
-        mask = torch.as_tensor(blocks["attention_mask"][s:s + bs]).to(device)
-        for k, v in statistics(model, call, ids, mask, cfg, head).items():
-            parts.setdefault(k, []).append(v)
-    tensors = {"block_id": torch.arange(item["first_block"], item["first_block"] + item["rows"], dtype=torch.int64),
-               **{k: torch.cat(v) for k, v in parts.items()}}
-    _finish_shard(Path(cfg.reference.cache_dir), item, tensors, int(blocks["attention_mask"].sum()),
-                  time.time() - t0, delay)
+    rows = item["rows"]
+    writer = ShardWriter(Path(cfg.reference.cache_dir) / item["file"],
+                         fixed={"block_id": torch.arange(item["first_block"], item["first_block"] + rows)},
+                         computed=stored_specs(cfg, rows, block_size, hidden_size), metadata=_shard_metadata(item))
+    try:
+        bs = cfg.reference.batch_size
+        for s in range(0, rows, bs):
+            ids = torch.as_tensor(blocks["input_ids"][s:s + bs]).to(device)
+            mask = torch.as_tensor(blocks["attention_mask"][s:s + bs]).to(device)
+            with torch.no_grad():
+                out = call(input_ids=ids, attention_mask=mask)
+            writer.put({k: v.cpu() for k, v in out.items()})
+    except BaseException:
+        writer.abort()
+        raise
+    sha256, size = writer.close()
+    _write_record(Path(cfg.reference.cache_dir), item, sha256, size, int(blocks["attention_mask"].sum()), t0, delay)
 
 
 class ShardActor:
-    """Ray Data actor: loads the reference once, then computes and writes whole shards."""
+    """Ray Data actor: loads the reference once (`threads` torch threads: the CPUs Ray gave it),
+    then computes and writes whole shards."""
 
-    def __init__(self, config: dict, delay: float = 0.0):
+    def __init__(self, config: dict, block_size: int, hidden_size: int, threads: int, delay: float = 0.0):
         cfg = UnlearnConfig.model_validate(config)
-        self.delay = delay
+        self.delay, self.block_size, self.hidden_size = delay, block_size, hidden_size
         if not cfg.train.use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(threads)
         self.cfg = cfg
         self.model = load_reference_model(cfg)
         self.device = next(self.model.parameters()).device
         if cfg.train.use_gpu and torch.cuda.is_available() and cfg.reference.quantize == "none":
             self.model.to("cuda")
             self.device = torch.device("cuda")
-        self.head = _HeadInput(self.model)
+        self.forward = ReferenceForward(self.model, cfg)
+        with torch.no_grad():
+            self.forward.via_decoder = bool(self.forward(**probe_input(self.device)))
         self.verified: set = set()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -429,8 +615,8 @@ class ShardActor:
                 out = self.model.get_output_embeddings()
                 _write_lm_head(Path(self.cfg.reference.cache_dir), item, out.weight, getattr(out, "bias", None))
             else:
-                _compute_shard(self.model, self.model, self.head, self.cfg, item, self.device, self.verified,
-                               self.delay)
+                compute_shard(self.forward, self.cfg, item, self.device, self.block_size, self.hidden_size,
+                              self.verified, self.delay)
         return {"file": np.array([i["file"] for i in items])}
 
 
@@ -438,16 +624,40 @@ def _test_delay() -> float:
     return float(os.environ.get(SLOW_ENV, "0") or 0)
 
 
-def _run_actor_pool(cfg: UnlearnConfig, todo: list[dict]) -> None:
+def pool_size(cfg: UnlearnConfig, items: int) -> tuple[int, int]:
+    """(workers, CPUs per worker) of the precompute on the Ray cluster (initialised).
+
+    Unset, `reference.cpus_per_worker` is the CPUs of the cluster's largest node (divided among
+    `reference.num_workers` when that is set), so one worker uses a whole node and its torch
+    threads all of its cores; unset, `reference.num_workers` is what the nodes hold of such
+    workers (one per node here), or one per GPU with `train.use_gpu`. The actor pool never starts
+    more actors than it has shards to compute (each loads the whole model)."""
+    import ray
+
+    r = cfg.reference
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpus = [int(n.get("CPU", 0)) for n in nodes] or [1]
+    if cfg.train.use_gpu:
+        workers = r.num_workers or max(1, int(sum(n.get("GPU", 0) for n in nodes)))
+        cpus = r.cpus_per_worker or max(1, sum(node_cpus) // workers)
+    else:
+        cpus = r.cpus_per_worker or max(1, max(node_cpus) // (r.num_workers or 1))
+        workers = r.num_workers or max(1, sum(c // cpus for c in node_cpus))
+    if r.mode == "actors":
+        workers = max(1, min(workers, items))
+    return workers, cpus
+
+
+def _run_actor_pool(cfg: UnlearnConfig, todo: list[dict], sizes: dict, workers: int, cpus: int) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = ray.data.from_items([{"item": json.dumps(item)} for item in todo], override_num_blocks=len(todo))
-    ds = ds.map_batches(ShardActor, fn_constructor_kwargs={"config": cfg.model_dump(by_alias=True),
-                                                           "delay": _test_delay()},
-                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=cfg.reference.num_workers),
-                        num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)
+    ds = ds.map_batches(ShardActor, fn_constructor_kwargs={"config": cfg.model_dump(by_alias=True), **sizes,
+                                                           "threads": cpus, "delay": _test_delay()},
+                        batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_cpus=cpus, num_gpus=1 if cfg.train.use_gpu else 0)
     done = ds.take_all()
     assert len(done) == len(todo), (len(done), len(todo))
 
@@ -462,6 +672,7 @@ def zero3_worker(config: dict) -> None:
     cfg = UnlearnConfig.model_validate(config["cfg"])
     if not cfg.train.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+    torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
@@ -474,15 +685,17 @@ def zero3_worker(config: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(reference_path(cfg), dtype=dtype,
                                                  trust_remote_code=cfg.model.trust_remote_code)
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    forward = ReferenceForward(model, cfg)
+    engine, *_ = deepspeed.initialize(model=forward, config=ds)
     engine.eval()
-    head = _HeadInput(engine.module)
+    with torch.no_grad():  # every rank runs the probe (a collective) and reaches the same answer
+        forward.via_decoder = bool(engine(**probe_input(engine.device)))
     cache = Path(cfg.reference.cache_dir)
     items = config["items"]
 
     head_items = [i for i in items if i["split"] == "lm_head"]
     if head_items:  # a collective: every rank gathers the head, rank 0 writes it
-        out = engine.module.get_output_embeddings()
+        out = model.get_output_embeddings()
         params = [p for p in (out.weight, getattr(out, "bias", None)) if p is not None]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if rank == 0:
@@ -495,7 +708,8 @@ def zero3_worker(config: dict) -> None:
     done = 0
     verified: set = set()
     for item in mine:
-        _compute_shard(engine.module, engine, head, cfg, item, engine.device, verified, config["delay"])
+        compute_shard(engine, cfg, item, engine.device, config["block_size"], config["hidden_size"], verified,
+                      config["delay"])
         done += -(-item["rows"] // cfg.reference.batch_size)
     if done < most:  # padding forwards: ZeRO-3 needs every rank in every forward
         pad = torch.zeros(1, 2, dtype=torch.long, device=engine.device)
@@ -505,15 +719,17 @@ def zero3_worker(config: dict) -> None:
     ray.train.report({"shards": len(mine)})
 
 
-def _run_zero3(cfg: UnlearnConfig, todo: list[dict]) -> None:
+def _run_zero3(cfg: UnlearnConfig, todo: list[dict], sizes: dict, workers: int, cpus: int) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cache = Path(cfg.reference.cache_dir)
     trainer = TorchTrainer(
         zero3_worker,
-        train_loop_config={"cfg": cfg.model_dump(by_alias=True), "items": todo, "delay": _test_delay()},
-        scaling_config=ScalingConfig(num_workers=cfg.reference.num_workers, use_gpu=cfg.train.use_gpu),
+        train_loop_config={"cfg": cfg.model_dump(by_alias=True), "items": todo, "delay": _test_delay(),
+                           "threads": cpus, **sizes},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=f"reference-{int(time.time())}", storage_path=str(cache / ".ray")),
     )
@@ -653,12 +869,15 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     if not todo and (cache / "manifest.json").is_file():
         return read_cache_manifest(cache)  # finished before: nothing to do
     t0 = time.time()
+    workers = cpus = None
     if todo:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}})
+        workers, cpus = pool_size(cfg, len(todo))
         with _shard_progress(cache, todo):
-            (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(cfg, todo)
+            (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(
+                cfg, todo, {"block_size": prepared["block_size"], "hidden_size": hidden}, workers, cpus)
     seconds = time.time() - t0
 
     records = {}
@@ -670,6 +889,10 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     computed = {i["file"] for i in todo}
     tokens_now = sum(records[f]["tokens"] for f in computed)
     shard_seconds = sum(records[f]["seconds"] for f in computed)
+    # from the first shard's start to the last shard's end, over every worker: the job less its
+    # start-up (Ray, loading the model into each worker)
+    spans = [(records[f]["started"], records[f]["finished"]) for f in computed if "started" in records[f]]
+    computing = max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
     splits = {}
     for split in needed_splits(cfg):
         shards = [{k: records[i["file"]][k] for k in ("file", "first_block", "rows", "sha256", "bytes")}
@@ -687,11 +910,14 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
         "fingerprints": fingerprints, "splits": splits,
         "lm_head": ({k: records["lm_head.safetensors"][k] for k in ("file", "sha256", "bytes")}
                     if r.form == "hidden" else None),
-        "precompute": {"mode": r.mode, "num_workers": r.num_workers, "quantize": r.quantize,
+        "precompute": {"mode": r.mode, "num_workers": workers, "cpus_per_worker": cpus, "quantize": r.quantize,
                        "batch_size": r.batch_size, "shards_computed": len([f for f in computed if f != "lm_head.safetensors"]),
                        "shards_reused": len(plan) - len(todo), "tokens_computed": tokens_now,
                        "seconds": round(seconds, 3),  # wall time of the job, start-up included
                        "tokens_per_second": round(tokens_now / seconds, 1) if tokens_now and seconds else None,
+                       "computing_seconds": round(computing, 3),
+                       "tokens_per_second_computing": (round(tokens_now / computing, 1)
+                                                       if tokens_now and computing else None),
                        # time inside the workers' shard loops (reading blocks, forwards, writing)
                        "shard_seconds": round(shard_seconds, 3),
                        "tokens_per_second_per_worker": (round(tokens_now / shard_seconds, 1)
