@@ -98,15 +98,30 @@ def _trial(params: dict, *, base: dict, out_dir: str, objective: dict, target_va
     run_unlearning(cfg, callbacks=[_make_callback(ObjectiveConfig(**objective), target_value)])
 
 
+def _typed(cfg: SweepConfig, key: str, values: list) -> list:
+    """Grid/choice values as the unlearning config types them: YAML (and so `--set`) reads 1e-5,
+    without a dot, as a string, which would otherwise reach sweep.csv and best.json as one."""
+    typed = []
+    for value in values:
+        tree = cfg.unlearn.model_dump(by_alias=True)
+        _set_dotted(tree, key, value)
+        node = UnlearnConfig.model_validate(tree).model_dump(by_alias=True)
+        for part in key.split("."):
+            node = node[part]
+        typed.append(node)
+    return typed
+
+
 def _param_space(cfg: SweepConfig) -> dict:
     from ray import tune
 
     space = {}
     for key, s in cfg.space.items():
         if s.grid is not None:  # Optuna samples; a grid becomes a categorical choice there
-            space[key] = tune.choice(s.grid) if cfg.search == "optuna" else tune.grid_search(s.grid)
+            grid = _typed(cfg, key, s.grid)
+            space[key] = tune.choice(grid) if cfg.search == "optuna" else tune.grid_search(grid)
         elif s.choice is not None:
-            space[key] = tune.choice(s.choice)
+            space[key] = tune.choice(_typed(cfg, key, s.choice))
         elif s.uniform is not None:
             space[key] = tune.uniform(*s.uniform)
         else:
@@ -133,14 +148,46 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
     return metrics[o.constraint]
 
 
+def last_eval_step(cfg: SweepConfig, params: dict | None = None) -> int:
+    """The step of a trial's last evaluation during unlearning (`params`: the trial's values)."""
+    params = params or {}
+    steps = params.get("train.steps", cfg.unlearn.train.steps)
+    every = params.get("eval.every", cfg.unlearn.eval.every)
+    return steps // every * every
+
+
+def _scheduler(cfg: SweepConfig):
+    """FIFO, or ASHA on the trials' evaluations. ASHA's rungs all lie before the last evaluation
+    (max_t = that step - 1): Ray's ASHA also places a rung at max_t when max_t / grace_period is a
+    power of the reduction factor, and a trial stopped there, at its last evaluation, would lose
+    the export it is about to write. So a trial that reports its last evaluation always completes,
+    and one whose last reported step is earlier was stopped (`_rows`)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler != "asha":
+        return FIFOScheduler()
+    grace, last = cfg.asha.grace_period or cfg.unlearn.eval.every, last_eval_step(cfg)
+    if grace >= last:
+        raise UserInputError(
+            f"asha.grace_period: {grace} steps, but a trial's last evaluation is at step {last} "
+            f"(unlearn.train.steps={cfg.unlearn.train.steps}, unlearn.eval.every={cfg.unlearn.eval.every}): "
+            "ASHA could never stop a trial; choose a grace period below it, or scheduler=fifo")
+    return ASHAScheduler(time_attr="step", max_t=last - 1, grace_period=grace,
+                         reduction_factor=cfg.asha.reduction_factor, stop_last_trials=False)
+
+
 def _rows(results, cfg: SweepConfig, out: Path) -> list[dict]:
-    """One row per trial from Tune's results (the last evaluation each trial reported)."""
+    """One row per trial from Tune's results (the last evaluation each trial reported). A trial
+    whose last reported evaluation is not its last one was stopped (ASHA): Tune ignores what it
+    reports after the decision, though it may run on until its workers are ended, even to its
+    export; its row keeps the evaluation it was stopped on and names no model."""
     rows = []
     for result in results:
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
         run_dir = out / "trials" / trial_id
-        status = "error" if result.error else ("completed" if (run_dir / "model").is_dir() else "stopped")
+        finished = m.get("step") == last_eval_step(cfg, m.get("config")) and (run_dir / "model").is_dir()
+        status = "error" if result.error else ("completed" if finished else "stopped")
         row = {"trial_id": trial_id, "status": status}
         row.update({key: (m.get("config") or {}).get(key) for key in cfg.space})
         row.update({"step": m.get("step"), **{k: m.get(k) for k in METRICS},
@@ -196,7 +243,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
     """Run the sweep; returns best.json's content."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from dipo_scale.unlearn import absolute_paths, validate_run
@@ -205,6 +251,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if (out / "sweep.csv").exists() or (out / "tune").exists():
         raise UserInputError(f"{out}: holds a sweep already (choose another out_dir)")
     validate_run(cfg.unlearn)  # every value of the space was validated with the config (SweepConfig)
+    _scheduler(cfg)  # ASHA's settings, before any work
     u = cfg.unlearn
     check_output_dir(out, "sweep", flag="out_dir", inputs=[
         ("unlearn.model.path", u.model.path), ("unlearn.data.prepared_dir", u.data.prepared_dir),
@@ -212,7 +259,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     base = absolute_paths(cfg.unlearn)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
-    check_resources(u.train.num_workers, use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
+    check_resources(u.train.worker_range[0], use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
                     extra_cpus=cfg.trial_cpus)
     mark_output_dir(out, "sweep")
     atomic_write_json(out / "config.json", cfg.model_dump(by_alias=True))
@@ -224,13 +271,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     else:
         # (Tune ignores max_concurrent_trials for a generator passed in: it is set here.)
         search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
-    if cfg.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps,
-                                  grace_period=cfg.asha.grace_period or base.eval.every,
-                                  reduction_factor=cfg.asha.reduction_factor,
-                                  stop_last_trials=False)  # a trial at max_t finishes (export) by itself
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = _scheduler(cfg)
     trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
                                      objective=cfg.objective.model_dump(), target_value=target_value)
     tuner = tune.Tuner(

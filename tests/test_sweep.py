@@ -1,16 +1,20 @@
-"""Ray Tune sweeps: the objective, the Pareto front, config checks, and a real 2-trial sweep where each
-trial is a TorchTrainer with its own DeepSpeed ZeRO-3 worker, under ASHA."""
+"""Ray Tune sweeps: the objective, the Pareto front, config checks, ASHA's decisions, and real sweeps
+where each trial is a TorchTrainer with its own DeepSpeed ZeRO-3 worker: a grid under ASHA that stops
+a trial, and 3 trials proposed by Optuna."""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from test_unlearn import ECHO_LIMIT, ECHO_TOKENS, echo_eval_dir
 
 from dipo_scale.config import ObjectiveConfig, SweepConfig, load_config
 from dipo_scale.errors import UserInputError
-from dipo_scale.sweep import INFEASIBLE_PENALTY, objective_value, pareto_front, run_sweep
+from dipo_scale.sweep import INFEASIBLE_PENALTY, _rows, _scheduler, objective_value, pareto_front, run_sweep
 
 
 def test_objective_ranks_feasible_trials_first():
@@ -31,9 +35,17 @@ def test_pareto_front():
     assert pareto_front(points) == [4, 0, 1]
 
 
-def test_sweep_config_is_checked_in_one_line(tiny_assets):
-    base = ["unlearn.eval.every=2", f"unlearn.eval.data_dir={tiny_assets['corpus']}"]
-    with pytest.raises(UserInputError, match="space.dipo.alfa: not a setting of the unlearning config"):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small MUSE-layout directory for the settings-only tests (no models needed)."""
+    from dipo_scale.data.corpus import generate_corpus
+
+    return generate_corpus(tmp_path_factory.mktemp("corpus") / "muse", num_docs=3, seed=0)
+
+
+def test_sweep_config_is_checked_in_one_line(corpus):
+    base = ["unlearn.eval.every=2", f"unlearn.eval.data_dir={corpus}"]
+    with pytest.raises(UserInputError, match=r"space\.dipo\.alfa: .*dipo\.alfa: unknown key"):
         load_config(None, base + ["space.dipo.alfa.grid=[1, 2]"], SweepConfig)
     with pytest.raises(UserInputError, match="search=grid needs a grid list"):
         load_config(None, base + ["space.train.lr.loguniform=[1e-4, 1e-2]"], SweepConfig)
@@ -46,6 +58,68 @@ def test_sweep_config_is_checked_in_one_line(tiny_assets):
     assert set(cfg.space) == {"dipo.alpha", "dipo.select"}
 
 
+# --- ASHA's decisions -----------------------------------------------------------------------------
+def _sweep_config(corpus, *sets) -> SweepConfig:
+    return load_config(None, ["unlearn.eval.every=2", f"unlearn.eval.data_dir={corpus}",
+                              "unlearn.train.steps=4", "space.dipo.alpha.grid=[1, 2]", *sets], SweepConfig)
+
+
+def test_asha_stops_weak_trials_early_but_never_at_their_last_evaluation(corpus):
+    """Evaluations at steps 2 and 4, grace period 2: a trial worse than the others at step 2 stops
+    there; one that passed step 2 and is the worst at its last evaluation (step 4, which Ray's ASHA
+    would make a rung: max_t / grace = 2) still finishes and writes its export."""
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler = _scheduler(_sweep_config(corpus, "scheduler=asha", "asha.grace_period=2"))
+    scheduler.set_search_properties("objective", "min")
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("a", "b", "c")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def report(name, step, objective):
+        return scheduler.on_trial_result(None, trials[name], {"step": step, "objective": objective})
+
+    assert report("a", 2, 50.0) == TrialScheduler.CONTINUE  # the first at step 2
+    assert report("a", 4, 10.0) == TrialScheduler.CONTINUE
+    assert report("b", 2, 80.0) == TrialScheduler.STOP  # worse than a at step 2
+    assert report("c", 2, 20.0) == TrialScheduler.CONTINUE  # better than a at step 2
+    assert report("c", 4, 90.0) == TrialScheduler.CONTINUE  # worse than a at step 4: its last evaluation
+
+
+def test_asha_needs_an_evaluation_before_the_last(corpus):
+    with pytest.raises(UserInputError, match="asha.grace_period: 4 steps, but a trial's last evaluation is at step 4"):
+        _scheduler(_sweep_config(corpus, "scheduler=asha", "asha.grace_period=4"))
+    with pytest.raises(UserInputError, match="asha.grace_period: 2 steps, .* at step 2"):
+        _scheduler(_sweep_config(corpus, "scheduler=asha", "unlearn.train.steps=3"))
+    assert type(_scheduler(_sweep_config(corpus, "asha.grace_period=4"))).__name__ == "FIFOScheduler"
+
+
+def test_asha_stopped_trial_is_logged_stopped_even_after_it_exported(corpus, tmp_path):
+    """Tune stops a trial on its step-2 evaluation, but the trial's workers may run on until they
+    are ended, even through their export: the row is the stopped trial's (step 2, no model)."""
+    cfg = _sweep_config(corpus, "scheduler=asha")
+    for trial_id in ("t_done", "t_stopped", "t_killed"):
+        (tmp_path / "trials" / trial_id / ("model" if trial_id != "t_killed" else "ray")).mkdir(parents=True)
+
+    def result(trial_id, step, error=None):
+        metrics = {"trial_id": trial_id, "step": step, "config": {"dipo.alpha": 1}, "knowmem_f": 1.0,
+                   "knowmem_r": 2.0, "verbmem_f": 3.0, "objective": float(step), "feasible": True}
+        return SimpleNamespace(metrics=metrics, path=str(tmp_path / trial_id), error=error)
+
+    rows = {r["trial_id"]: r for r in _rows([result("t_done", 4), result("t_stopped", 2), result("t_killed", 2),
+                                             result("t_err", 2, RuntimeError("boom\nmore"))], cfg, tmp_path)}
+    assert {k: (r["status"], r["step"], bool(r["model"])) for k, r in rows.items()} == {
+        "t_done": ("completed", 4, True), "t_stopped": ("stopped", 2, False), "t_killed": ("stopped", 2, False),
+        "t_err": ("error", 2, False)}
+    assert rows["t_err"]["error"] == "boom"
+    # A sweep over the steps: each trial's own last evaluation.
+    cfg = _sweep_config(corpus, "scheduler=asha", "space.train.steps.grid=[2, 4]")
+    short = result("t_stopped", 2)
+    short.metrics["config"] = {"train.steps": 2}
+    assert _rows([short], cfg, tmp_path)[0]["status"] == "completed"
+
+
+# --- real sweeps: each trial a TorchTrainer with its own ZeRO-3 worker ---------------------------------
 @pytest.fixture(scope="module")
 def ray_with_state_api():
     """A local Ray with its dashboard: when ASHA stops a trial, Ray Train's placement-group cleaner
@@ -63,35 +137,115 @@ def ray_with_state_api():
     ray.shutdown()
 
 
-def test_two_trial_sweep_names_the_best_trial(tiny_assets, ray_with_state_api, tmp_path):
+@pytest.fixture(scope="module")
+def echo_eval(tiny_assets, tmp_path_factory):
+    """Evaluation data on which the target scores 100 (tests/test_unlearn.py, echo_eval_dir)."""
+    return echo_eval_dir(tiny_assets, tmp_path_factory.mktemp("echo") / "eval")
+
+
+def _trial_sets(tiny_assets, echo_eval, out, steps):
+    return [f"out_dir={out}", f"unlearn.model.path={tiny_assets['target']}",
+            f"unlearn.data.prepared_dir={tiny_assets['prepared']}", "unlearn.method=dipo",
+            "unlearn.train.num_workers=1", f"unlearn.train.steps={steps}", "unlearn.train.global_batch_size=4",
+            "unlearn.train.micro_batch_size=2", "unlearn.logging.wandb=disabled", "unlearn.eval.every=2",
+            f"unlearn.eval.data_dir={echo_eval}", f"unlearn.eval.limit={ECHO_LIMIT}",
+            f"unlearn.eval.verbmem_max_new_tokens={ECHO_TOKENS}", f"unlearn.eval.knowmem_max_new_tokens={ECHO_TOKENS}",
+            "max_concurrent_trials=1"]
+
+
+def _evals(out, trial_id) -> list[dict]:
+    return [json.loads(x) for x in (out / "trials" / trial_id / "eval.jsonl").read_text().splitlines()]
+
+
+def test_asha_sweep_stops_the_trial_that_loses_utility(tiny_assets, ray_with_state_api, echo_eval, tmp_path):
+    """Two trials one after the other, evaluated at steps 2 and 4, ASHA with grace period 2. The
+    target scores knowmem_r 100 on the echo data (floor 90). lr=1e-7 keeps the target's answers
+    (objective 100, feasible) and runs to the end; lr=2e-3 loses them by step 2 (infeasible:
+    objective above 1000), worse than the first trial at step 2, and ASHA stops it there."""
     out = tmp_path / "sweep"
-    cfg = load_config(None, [
-        f"out_dir={out}", f"unlearn.model.path={tiny_assets['target']}",
-        f"unlearn.data.prepared_dir={tiny_assets['prepared']}", "unlearn.method=dipo",
-        "unlearn.train.num_workers=1", "unlearn.train.steps=2", "unlearn.train.global_batch_size=4",
-        "unlearn.train.micro_batch_size=2", "unlearn.train.lr=2e-3", "unlearn.logging.wandb=disabled",
-        "unlearn.eval.every=2", f"unlearn.eval.data_dir={tiny_assets['corpus']}", "unlearn.eval.limit=2",
-        "unlearn.eval.verbmem_max_new_tokens=8", "unlearn.eval.knowmem_max_new_tokens=8",
-        "space.dipo.alpha.grid=[1.0, 8.0]", "scheduler=asha", "asha.grace_period=2",
-    ], SweepConfig)
+    cfg = load_config(None, _trial_sets(tiny_assets, echo_eval, out, steps=4) + [
+        "space.train.lr.grid=[1e-7, 2e-3]", "scheduler=asha", "asha.grace_period=2"], SweepConfig)
     best = run_sweep(cfg)
 
-    rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert sorted(float(r["dipo.alpha"]) for r in rows) == [1.0, 8.0]
-    assert all(r["status"] in ("completed", "stopped") for r in rows), rows
-    assert any(r["status"] == "completed" for r in rows)
-    for r in rows:  # each trial ran its own unlearning run, with evaluations during it
-        evals = [json.loads(x) for x in (out / "trials" / r["trial_id"] / "eval.jsonl").read_text().splitlines()]
-        assert evals and int(r["step"]) == evals[-1]["step"]
-        assert float(r["knowmem_f"]) == pytest.approx(evals[-1]["knowmem_f"])
-    ranked = sorted(rows, key=lambda r: float(r["objective"]))
-    assert best["trial_id"] == ranked[0]["trial_id"]
-    assert best["params"]["dipo.alpha"] == float(ranked[0]["dipo.alpha"])
-    assert best["config"]["dipo"]["alpha"] == best["params"]["dipo.alpha"]
     target = json.loads((out / "target_metrics.json").read_text())
-    assert best["target_value"] == target["knowmem_r"]
-    if best["status"] == "completed":
-        assert (out / "trials" / best["trial_id"] / "model" / "model.safetensors").is_file()
+    assert target["knowmem_r"] == 100.0 and best["target_value"] == 100.0
+    rows = {float(r["train.lr"]): r for r in csv.DictReader((out / "sweep.csv").open())}
+    assert sorted(rows) == [1e-7, 2e-3]
+    kept, stopped = rows[1e-7], rows[2e-3]
+    assert (kept["status"], kept["step"], kept["feasible"]) == ("completed", "4", "True"), kept
+    assert float(kept["objective"]) == float(kept["knowmem_f"]) == 100.0
+    assert (Path(kept["model"]) / "model.safetensors").is_file()
+    assert (stopped["status"], stopped["step"], stopped["feasible"], stopped["model"]) == ("stopped", "2", "False", ""), stopped
+    assert float(stopped["objective"]) > INFEASIBLE_PENALTY
+    for r in rows.values():  # each row: the trial's own evaluation at its last reported step
+        record = next(e for e in _evals(out, r["trial_id"]) if e["step"] == int(r["step"]))
+        assert (float(r["knowmem_f"]), float(r["knowmem_r"])) == (record["knowmem_f"], record["knowmem_r"])
+    kept_at_2 = _evals(out, kept["trial_id"])[0]
+    assert kept_at_2["step"] == 2 and float(stopped["objective"]) > objective_value(kept_at_2, cfg.objective, 100.0)[0]
+
+    assert best["trial_id"] == kept["trial_id"] and best["status"] == "completed" and best["feasible"]
+    assert best["params"]["train.lr"] == 1e-7 and best["config"]["train"]["lr"] == 1e-7
+    assert best["model"] == kept["model"]
     assert (out / "pareto.png").stat().st_size > 0
     with pytest.raises(UserInputError, match="holds a sweep already"):
         run_sweep(cfg)
+
+
+def _optuna_study(experiment_dir: Path):
+    """The Optuna study of the sweep's searcher, from the state Tune saved (OptunaSearch pickles its
+    attributes; Tune may wrap it in a ConcurrencyLimiter)."""
+    import pickle
+
+    import optuna
+
+    states = sorted(experiment_dir.glob("searcher-state-*.pkl"))
+    assert states, sorted(p.name for p in experiment_dir.iterdir())
+    todo, seen = [pickle.loads(states[-1].read_bytes())], set()
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, optuna.Study):
+            return obj
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif hasattr(obj, "__dict__"):
+            todo.extend(vars(obj).values())
+    raise AssertionError("no Optuna study in the searcher state")
+
+
+def test_optuna_sweep_of_three_trials(tiny_assets, ray_with_state_api, echo_eval, tmp_path):
+    """search=optuna, 3 short trials: Optuna proposes each trial's lr and alpha (continuous values in
+    their ranges), each trial runs with them, and the study is told each trial's objective."""
+    import optuna
+
+    out = tmp_path / "optuna"
+    cfg = load_config(None, _trial_sets(tiny_assets, echo_eval, out, steps=2) + [
+        "search=optuna", "num_samples=3", "space.train.lr.loguniform=[1e-4, 3e-3]",
+        "space.dipo.alpha.uniform=[1, 8]"], SweepConfig)
+    best = run_sweep(cfg)
+
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
+    assert all(r["status"] == "completed" and r["step"] == "2" for r in rows), rows
+    lrs, alphas = [float(r["train.lr"]) for r in rows], [float(r["dipo.alpha"]) for r in rows]
+    assert all(1e-4 <= lr <= 3e-3 for lr in lrs) and all(1 <= a <= 8 for a in alphas)
+    assert len(set(lrs)) == len(set(alphas)) == 3  # sampled, not a grid
+    for r in rows:  # the trial ran with the values Optuna proposed
+        trial_cfg = json.loads((out / "trials" / r["trial_id"] / "config.json").read_text())
+        assert (trial_cfg["train"]["lr"], trial_cfg["dipo"]["alpha"]) == (float(r["train.lr"]), float(r["dipo.alpha"]))
+        assert float(r["knowmem_f"]) == _evals(out, r["trial_id"])[-1]["knowmem_f"]
+
+    study = _optuna_study(out / "tune" / "sweep")
+    told = sorted((t.params["train.lr"], t.params["dipo.alpha"], t.value) for t in study.trials
+                  if t.state == optuna.trial.TrialState.COMPLETE)
+    logged = sorted((float(r["train.lr"]), float(r["dipo.alpha"]), float(r["objective"])) for r in rows)
+    assert len(told) == 3
+    for t, r in zip(told, logged):
+        assert t == pytest.approx(r)
+    lowest = min(float(r["objective"]) for r in rows)  # the best: a trial of the lowest objective
+    chosen = next(r for r in rows if r["trial_id"] == best["trial_id"])
+    assert float(chosen["objective"]) == best["objective"] == lowest
+    assert best["params"] == pytest.approx({"train.lr": float(chosen["train.lr"]), "dipo.alpha": float(chosen["dipo.alpha"])})
+    assert best["config"]["train"]["lr"] == best["params"]["train.lr"]
