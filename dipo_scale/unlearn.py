@@ -27,6 +27,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,24 @@ class FusedHeadModel(torch.nn.Module):
 def hf_model(engine):
     """The HF model an engine trains (unwrapped from `FusedHeadModel`)."""
     return engine.module.model if isinstance(engine.module, FusedHeadModel) else engine.module
+
+
+@contextmanager
+def evaluation_model(engine):
+    """The HF model an engine trains, to evaluate in place: its forwards run on the ZeRO-3
+    partitioned parameters (each layer gathered as it runs). With `loss.fused` the engine's module
+    is `FusedHeadModel`, whose forward evaluation does not call; DeepSpeed resets its parameter
+    coordinator at the start of that module's forward, and a hook does it at the HF model's."""
+    model = hf_model(engine)
+    handle = None
+    if model is not engine.module and getattr(engine.optimizer, "parameter_offload", None) is not None:
+        coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+        handle = model.register_forward_pre_hook(lambda *args: coordinator.reset_step(), prepend=True)
+    try:
+        yield model
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def hf_state_dict(engine) -> dict | None:
@@ -470,7 +489,7 @@ def train_worker(config: dict) -> None:
                        **_partition_sizes(engine)})
     wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
     log_file = _open_log(run_dir / "log.jsonl", start) if rank == 0 else None
-    evaluator = Evaluator(cfg, run_dir, start) if rank == 0 and cfg.eval.every else None
+    evaluator = Evaluator(cfg, run_dir, start, rank=rank, world=world) if cfg.eval.every else None
     every = cfg.train.checkpoint_every
     if rank == 0:
         print(f"unlearn: {cfg.run_name}, {world} workers, " + (f"resuming after step {start} ({checkpoint.name})"
@@ -503,18 +522,20 @@ def train_worker(config: dict) -> None:
             if wandb_run is not None:
                 wandb_run.log(metrics, step=step + 1)
             progress.update(loss=metrics["loss"], forget_nll=metrics["forget_nll"])
-        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
-            state_dict = hf_state_dict(engine)  # collective
-            if evaluator is not None:
-                evaluator.run(step + 1, state_dict, wandb_run)
+        if evaluator is not None and (step + 1) % cfg.eval.every == 0:
+            with evaluation_model(engine) as model:  # every rank evaluates its share, in the engine
+                record = evaluator.run(step + 1, model, lambda path, meta: _export_hf(cfg, engine, rank, path, meta),
+                                       wandb_run)
             # Every rank reports (a Ray Train report is collective); rank 0's carries the metrics,
             # which reach Ray Tune through the sweep's callback (ASHA stops trials on them).
             ray.train.report({"step": step + 1, "eval": True,
-                              **(evaluator.history[-1] if evaluator is not None else {})})
+                              **{k: v for k, v in record.items() if isinstance(v, (int, float))}})
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
             _report_checkpoint(engine, step + 1, metrics)
 
-    _export_hf(cfg, engine, rank, run_dir)
+    _export_hf(cfg, engine, rank, run_dir / "model", {"method": cfg.run_name, "source_model": cfg.model.path,
+                                                      "prepared_dir": cfg.data.prepared_dir,
+                                                      "config": cfg.model_dump(by_alias=True)})
     _report_checkpoint(engine, cfg.train.steps, {"step": cfg.train.steps})
     if rank == 0:
         progress.close()
@@ -525,20 +546,24 @@ def train_worker(config: dict) -> None:
             wandb_run.finish()
 
 
-def _export_hf(cfg: UnlearnConfig, engine, rank: int, run_dir: Path) -> None:
-    """Consolidate the ZeRO-3 shards (a collective) and write an HF-format model from rank 0."""
+def _export_hf(cfg: UnlearnConfig, engine, rank: int, path: Path, metadata: dict) -> str | None:
+    """Consolidate the ZeRO-3 shards (a collective) and write an HF-format model to `path` from
+    rank 0, with `metadata` and the weights fingerprint in its dipo_scale.json. Returns the
+    fingerprint on rank 0 (None elsewhere)."""
     from transformers import AutoTokenizer
 
+    from dipo_scale.files import weights_fingerprint
+
     state_dict = hf_state_dict(engine)  # every rank must call it
-    if rank == 0:
-        with atomic_dir(run_dir / "model", "unlearn") as tmp:
-            hf_model(engine).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
-                                          ).save_pretrained(tmp)
-            atomic_write_json(tmp / "dipo_scale.json", {
-                "method": cfg.run_name, "source_model": cfg.model.path,
-                "prepared_dir": cfg.data.prepared_dir,
-                "config": cfg.model_dump(by_alias=True)})
+    if rank != 0:
+        return None
+    with atomic_dir(path, "unlearn") as tmp:
+        hf_model(engine).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+                                      ).save_pretrained(tmp)
+        fingerprint = weights_fingerprint(tmp)
+        atomic_write_json(tmp / "dipo_scale.json", {**metadata, "weights_fingerprint": fingerprint})
+    return fingerprint
 
 
 # ------------------------------------------------------------------------------------------

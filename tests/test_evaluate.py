@@ -163,7 +163,7 @@ def test_long_prompt_is_left_truncated_keeping_bos(model, tokenizer):
 def test_scores_from_fixed_generations(monkeypatch, tokenizer):
     calls = []
 
-    def fake_generate(model, tok, prompts, *, max_new_tokens, batch_size=16, max_prompt_tokens=None):
+    def fake_generate(model, tok, prompts, *, max_new_tokens, batch_size=16, max_prompt_tokens=None, **kwargs):
         calls.append((list(prompts), max_new_tokens))
         return [replies[p] for p in prompts]
 
@@ -416,6 +416,6 @@ def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
 
 
 def test_shards_are_contiguous_and_cover_everything():
-    assert workers._shard(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
-    assert sum(workers._shard([1], 3), []) == [1] and len(workers._shard([1], 3)) == 3
-    assert sum(workers._shard(list(range(10)), 3), []) == list(range(10))
+    assert muse.shard(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
+    assert sum(muse.shard([1], 3), []) == [1] and len(muse.shard([1], 3)) == 3
+    assert sum(muse.shard(list(range(10)), 3), []) == list(range(10))

@@ -187,20 +187,45 @@ def _expected_selection(rule: str, evals: list[dict], threshold: float) -> dict:
     return [e for e in reaching if e["knowmem_r"] == best][0]
 
 
+def _evaluate_command(model_dir, data_dir, out, num_workers: int) -> dict:
+    """`dipo-scale evaluate` of a model with the settings of EVAL_SETTINGS: its metrics and its
+    per-item results (items.json)."""
+    from dipo_scale.eval import run_evaluation
+
+    metrics = run_evaluation(str(model_dir), str(data_dir), out, limit=ECHO_LIMIT, max_new_tokens=ECHO_TOKENS,
+                             num_workers=num_workers)
+    return {"metrics": metrics, "items": json.loads((Path(out) / "items.json").read_text())}
+
+
+def _same_evaluation(a: dict, b: dict) -> None:
+    """Two evaluations' per-item results (an eval_items/step<N>.json or an items.json): the same
+    generations and ROUGE scores, Min-K% scores within 1e-5."""
+    for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
+        assert a[key] == b[key], key
+    for split in ("forget", "holdout"):
+        assert len(a["mia"][split]) == len(b["mia"][split]) > 0
+        assert a["mia"][split] == pytest.approx(b["mia"][split], rel=0, abs=1e-5), split
+
+
 @pytest.mark.parametrize("case", list(SELECTION_CASES))
 def test_two_worker_npo_and_ga_match_one_worker_and_select_checkpoints(case, tiny_assets, ray_cluster, echo_eval,
                                                                        tmp_path):
     """NPO (KL retain term, online reference engine) and GA (GD retain term, no reference) under
-    ZeRO-3: the forget loss falls at every step, 1 and 2 workers give the same curves, and the 2-worker
-    run, evaluated after every step, exports the checkpoint its selection rule picks."""
+    ZeRO-3: the forget loss falls at every step, 1 and 2 workers give the same curves, and both
+    runs, evaluated after every step inside their engines (2 workers: each rank its share of the
+    items), export the checkpoint their selection rule picks. The evaluation during unlearning at
+    step N is `dipo-scale evaluate` of the model exported at step N (with 1 and 2 evaluation
+    workers: the same generations, Min-K% scores within 1e-5)."""
     from safetensors.torch import load_file
+
+    from dipo_scale.files import weights_fingerprint
 
     method, retain, select = SELECTION_CASES[case]
     common = (f"method={method}", f"loss.retain={retain}", "train.steps=4", "train.warmup_steps=3",
-              "logging.wandb=disabled", *_full_batch(tiny_assets))
-    _, one = _run(tiny_assets, tmp_path, "one", *common, "train.num_workers=1")
-    model_dir, two = _run(tiny_assets, tmp_path, "two", *common, "train.num_workers=2", "eval.every=1",
-                          f"eval.data_dir={echo_eval}", *EVAL_SETTINGS, *select)
+              "logging.wandb=disabled", "eval.every=1", f"eval.data_dir={echo_eval}", *EVAL_SETTINGS, *select,
+              *_full_batch(tiny_assets))
+    one_dir, one = _run(tiny_assets, tmp_path, "one", *common, "train.num_workers=1")
+    model_dir, two = _run(tiny_assets, tmp_path, "two", *common, "train.num_workers=2")
     run = tmp_path / "two"
 
     assert [json.loads((run / "ranks" / f"rank{r}.json").read_text())["world_size"] for r in (0, 1)] == [2, 2]
@@ -211,26 +236,44 @@ def test_two_worker_npo_and_ga_match_one_worker_and_select_checkpoints(case, tin
     assert two[-1]["forget_nll"] > two[0]["forget_nll"]
     keys = ["loss", "forget_loss", "forget_nll", "retain_loss", "retain_nll"] + (["npo_log_ratio"] if method == "npo" else [])
     assert [r["forget_block_ids"] for r in one] == [r["forget_block_ids"] for r in two]
-    for a, b in zip(one, two):  # (the 2-worker run evaluates, the 1-worker run does not: no effect on training)
+    for a, b in zip(one, two):
         for key in keys:
             assert b[key] == pytest.approx(a[key], rel=ONE_VS_TWO_RTOL, abs=1e-6), (key, a["step"])
 
-    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [1, 2, 3, 4]
     rule, threshold = select[0].split("=")[1], float(select[1].split("=")[1])
-    expected = _expected_selection(rule, evals, threshold)
-    # The case discriminates: the rule must pick neither the first evaluation nor the last.
-    assert expected["step"] not in (evals[0]["step"], evals[-1]["step"]), evals
-    selected = json.loads((run / "selected_model" / "dipo_scale.json").read_text())
-    assert (selected["step"], selected["selection_rule"]) == (expected["step"], rule), evals
-    assert selected["metrics"] == {k: v for k, v in expected.items() if k != "step"}
-    # The exported weights are that step's: they score what the evaluation of that step scored,
-    # which differs from the final model's score.
-    assert evaluate_on(run / "selected_model", echo_eval) == selected["metrics"]
-    assert evaluate_on(model_dir, echo_eval) == {k: v for k, v in evals[-1].items() if k != "step"}
-    assert selected["metrics"] != evaluate_on(model_dir, echo_eval)
-    final, chosen = load_file(model_dir / "model.safetensors"), load_file(run / "selected_model" / "model.safetensors")
-    assert any((final[n] != w).any() for n, w in chosen.items())
+    metric_keys = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc")
+    for name, final_dir in (("one", one_dir), ("two", model_dir)):
+        out = tmp_path / name
+        evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [1, 2, 3, 4]
+        assert all(set(metric_keys) <= set(e) for e in evals)
+        expected = _expected_selection(rule, evals, threshold)
+        # The case discriminates: the rule must pick neither the first evaluation nor the last.
+        assert expected["step"] not in (evals[0]["step"], evals[-1]["step"]), evals
+        assert [e["step"] for e in evals if "weights_fingerprint" in e] == [expected["step"]]
+        selected = json.loads((out / "selected_model" / "dipo_scale.json").read_text())
+        assert (selected["step"], selected["selection_rule"]) == (expected["step"], rule), evals
+        assert selected["metrics"] == {k: expected[k] for k in metric_keys}
+        # The export is what was evaluated: its fingerprint is recorded with the evaluation, and
+        # `dipo-scale evaluate` of it gives that evaluation, item by item.
+        assert selected["weights_fingerprint"] == expected["weights_fingerprint"] == \
+            weights_fingerprint(out / "selected_model")
+        step_items = json.loads((out / "eval_items" / f"step{expected['step']:07d}.json").read_text())
+        command = _evaluate_command(out / "selected_model", echo_eval, tmp_path / f"ev_{name}", 1)
+        _same_evaluation(step_items, command["items"])
+        assert command["metrics"]["verbmem_f"] == expected["verbmem_f"]
+        assert {k: command["metrics"][k] for k in metric_keys[:3]} == {k: expected[k] for k in metric_keys[:3]}
+        assert command["metrics"]["mia_auc"] == pytest.approx(expected["mia_auc"], abs=1e-12)
+        # The final export is the last evaluation's model, which differs from the selected one.
+        last_items = json.loads((out / "eval_items" / f"step{4:07d}.json").read_text())
+        _same_evaluation(last_items, _evaluate_command(final_dir, echo_eval, tmp_path / f"ev_{name}_final", 1)["items"])
+        assert {k: evals[-1][k] for k in metric_keys[:3]} != {k: expected[k] for k in metric_keys[:3]}
+        final, chosen = load_file(final_dir / "model.safetensors"), load_file(out / "selected_model" / "model.safetensors")
+        assert any((final[n] != w).any() for n, w in chosen.items())
+
+    # 1 vs 2 evaluation workers (Ray actors) on the same model: the same per-item results.
+    two_items = json.loads((run / "eval_items" / f"step{4:07d}.json").read_text())
+    _same_evaluation(two_items, _evaluate_command(model_dir, echo_eval, tmp_path / "ev_two_final_2", 2)["items"])
 
 
 def test_batch_schedule_is_a_deterministic_stream_of_permutations():

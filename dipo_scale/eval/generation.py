@@ -18,6 +18,7 @@ from dipo_scale.data.prompts import tofu_prompt
 from dipo_scale.progress import Progress
 
 _CRITERION: ContextVar[str | None] = ContextVar("criterion", default=None)
+_WHERE: ContextVar[str | None] = ContextVar("where", default=None)
 
 
 @contextmanager
@@ -30,9 +31,20 @@ def criterion(name: str):
         _CRITERION.reset(token)
 
 
+@contextmanager
+def where(name: str):
+    """Say in the progress lines of the loops run inside where they run (e.g. "rank 1 of 2")."""
+    token = _WHERE.set(name)
+    try:
+        yield
+    finally:
+        _WHERE.reset(token)
+
+
 def _progress(loop: str, total: int) -> Progress:
     """The progress of one batched loop over `total` items."""
-    return Progress(f"eval {_CRITERION.get() or 'items'} ({loop})", total=total, unit="items")
+    place = f", {_WHERE.get()}" if _WHERE.get() else ""
+    return Progress(f"eval {_CRITERION.get() or 'items'} ({loop}{place})", total=total, unit="items")
 
 
 def limited(items: Sequence, limit: int | None) -> list:
@@ -53,6 +65,28 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def _pad_batch(tokenizer, sequences: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequences` padded to one width on `side` by the tokenizer, with their attention mask (a
+    tokenizer without a pad token pads with its EOS id)."""
+    if tokenizer.pad_token_id is not None:
+        tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True  # ids are encoded already
+        batch = tokenizer.pad({"input_ids": sequences}, padding=True, padding_side=side,
+                              return_attention_mask=True, return_tensors="pt")
+        return batch["input_ids"].long(), batch["attention_mask"].long()
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), _pad_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        cols = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[row, cols] = torch.tensor(ids)
+        attention_mask[row, cols] = 1
+    return input_ids, attention_mask
+
+
+def num_batches(count: int, batch_size: int) -> int:
+    return -(-count // batch_size)
+
+
 def greedy_generate(
     model,
     tokenizer,
@@ -61,22 +95,32 @@ def greedy_generate(
     max_new_tokens: int,
     batch_size: int = 16,
     max_prompt_tokens: int | None = None,
+    batches: int | None = None,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy continuations of `prompts` (new text only, special tokens dropped).
 
-    Prompts are sorted by length, batched with left padding and an attention
-    mask, and the outputs are returned in input order; the result equals
-    generating each prompt alone. Prompts longer than
-    ``config.max_position_embeddings - max_new_tokens`` (or `max_prompt_tokens`,
-    whichever is smaller) keep their BOS and their last tokens.
+    Prompts are sorted by length, batched with left padding (by the tokenizer) and an attention
+    mask, and the outputs are returned in input order; the result equals generating each prompt
+    alone. Prompts longer than ``config.max_position_embeddings - max_new_tokens`` (or
+    `max_prompt_tokens`, whichever is smaller) keep their BOS and their last tokens.
+
+    Sharded models (ZeRO-3 engines evaluating shares of the prompts, `dipo_scale.eval.in_training`):
+    every rank must run the same forwards, each of which gathers the parameters from all ranks.
+    `batches` makes this call run exactly that many `generate` calls (the ones beyond its own
+    prompts on a one-token dummy prompt, output dropped), and `synced` is HF's `synced_gpus`: a
+    rank whose sequences are done keeps running forwards until every rank's are.
     """
-    if not prompts:
-        return []
     prompt_limit = max_prompt_tokens
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None:
         context_limit = max(1, max_positions - max_new_tokens)
         prompt_limit = context_limit if prompt_limit is None else min(prompt_limit, context_limit)
+    total = num_batches(len(prompts), batch_size)
+    if batches is not None and batches < total:
+        raise ValueError(f"greedy_generate: {len(prompts)} prompts need {total} batches, {batches} given")
+    if not prompts and not batches:
+        return []
 
     bos = tokenizer.bos_token_id
     encoded = []
@@ -87,36 +131,30 @@ def greedy_generate(
             ids = [bos] + ids[-(prompt_limit - 1):] if keep_bos else ids[-prompt_limit:]
         encoded.append(ids)
 
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    groups += [[] for _ in range((batches or total) - len(groups))]  # dummies, to keep ranks in step
+    dummy = [[bos if bos is not None else _pad_id(tokenizer)]]
     outputs: list[str] = [""] * len(prompts)
 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # (not inference_mode: ZeRO-3 keeps gathered parameters for training)
             progress = _progress("generate", len(prompts))
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                    attention_mask[row, width - len(ids) :] = 1
+            for batch in groups:
+                input_ids, attention_mask = _pad_batch(tokenizer, [encoded[i] for i in batch] or dummy, "left")
                 generated = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
-                    pad_token_id=pad_id,
+                    pad_token_id=_pad_id(tokenizer),
                     use_cache=True,
+                    synced_gpus=synced,
                 )
-                texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+                texts = tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
                 for i, text in zip(batch, texts):
                     outputs[i] = text
                 progress.update(len(batch))
@@ -143,36 +181,43 @@ def token_logprobs(
     *,
     batch_size: int = 16,
     pad_id: int = 0,
+    batches: int | None = None,
 ) -> list[torch.Tensor]:
     """log P(ids[t] | ids[:t]) for t = starts[i] .. len(ids)-1 of each sequence (float64, CPU).
 
     Sequences are sorted by length and batched with right padding and an attention mask; padded
     positions come after every real token, so (causal attention) they change nothing and are
-    never read. `starts[i]` must be >= 1 (the first token has no prediction).
+    never read. `starts[i]` must be >= 1 (the first token has no prediction). `batches`: run
+    exactly that many forwards (the extra ones on a dummy sequence), as `greedy_generate`.
     """
     if len(sequences) != len(starts):
         raise ValueError("token_logprobs: one start per sequence")
     for i, (ids, start) in enumerate(zip(sequences, starts)):
         if not 1 <= start < len(ids):
             raise ValueError(f"token_logprobs: sequence {i} has no token to score (start {start}, length {len(ids)})")
-    if not sequences:
+    total = num_batches(len(sequences), batch_size)
+    if batches is not None and batches < total:
+        raise ValueError(f"token_logprobs: {len(sequences)} sequences need {total} batches, {batches} given")
+    if not sequences and not batches:
         return []
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+    groups = [order[begin : begin + batch_size] for begin in range(0, len(order), batch_size)]
+    groups += [[] for _ in range((batches or total) - len(groups))]  # dummies, to keep ranks in step
     out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # (not inference_mode: ZeRO-3 keeps gathered parameters for training)
             progress = _progress("log-probs", len(sequences))
-            for begin in range(0, len(order), batch_size):
-                batch = order[begin : begin + batch_size]
-                width = max(len(sequences[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                    attention_mask[row, : len(sequences[i])] = 1
+            for batch in groups:
+                rows = [sequences[i] for i in batch] or [[pad_id, pad_id]]
+                width = max(len(ids) for ids in rows)
+                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for row, ids in enumerate(rows):
+                    input_ids[row, : len(ids)] = torch.tensor(ids)
+                    attention_mask[row, : len(ids)] = 1
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
                 targets = input_ids[:, 1:].unsqueeze(-1)
@@ -188,7 +233,7 @@ def token_logprobs(
 
 
 def text_token_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 16,
-                        max_tokens: int | None = None) -> list[torch.Tensor]:
+                        max_tokens: int | None = None, batches: int | None = None) -> list[torch.Tensor]:
     """Per-token log-probs of each text (BOS first, every later token scored), cut to the
     model's context (or `max_tokens`) from the right."""
     limit = _context_limit(model)
@@ -196,7 +241,8 @@ def text_token_logprobs(model, tokenizer, texts: list[str], *, batch_size: int =
         limit = max_tokens if limit is None else min(limit, max_tokens)
     seqs = [encode_prompt(tokenizer, t) for t in texts]
     seqs = [ids[:limit] if limit is not None else ids for ids in seqs]
-    return token_logprobs(model, seqs, [1] * len(seqs), batch_size=batch_size, pad_id=_pad_id(tokenizer))
+    return token_logprobs(model, seqs, [1] * len(seqs), batch_size=batch_size, pad_id=_pad_id(tokenizer),
+                          batches=batches)
 
 def qa_token_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *,
                       batch_size: int = 16) -> list[torch.Tensor]:

@@ -1,5 +1,6 @@
 """Evaluation during unlearning: metrics to `<out_dir>/eval.jsonl` (and wandb) every
-`eval.every` steps, and checkpoint selection (`eval.select`) exporting the model a rule picks to
+`eval.every` steps, computed by the training workers on their sharded model (`Evaluator`), and
+checkpoint selection (`eval.select`) exporting the model a rule picks to
 `<out_dir>/selected_model`."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import os
 from pathlib import Path
 
 from dipo_scale.config import UnlearnConfig
-from dipo_scale.files import atomic_dir, atomic_write_json
+from dipo_scale.files import atomic_write_json
 
 
 def select_evaluation(rule: str, history: list[dict], *, retrain_knowmem_f: float | None = None,
@@ -45,43 +46,97 @@ def _open_history(path: Path, finished_steps: int) -> tuple[list[dict], object]:
     return kept, open(path, "a")
 
 
-class Evaluator:
-    """Rank 0's evaluation during unlearning: metrics to eval.jsonl (and wandb), and the model a
-    selection rule picks exported to <out_dir>/selected_model."""
+def _gather(obj, world: int) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
 
-    def __init__(self, cfg: UnlearnConfig, run_dir: Path, finished_steps: int):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if world == 1:
+        return [obj]
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def _broadcast(obj, world: int):
+    """Rank 0's `obj` on every rank."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Evaluator:
+    """Evaluation during unlearning, inside the (ZeRO-3) engines, data-parallel.
+
+    Every rank scores its share of the items (`MuseItems.share`) on the sharded model itself: a
+    forward gathers each layer's parameters from all ranks as it runs, so every rank runs the same
+    number of forwards (`MuseItems.batches`; shorter shares add dummy batches) and generation keeps
+    the ranks in step until all are done (HF `synced_gpus`). Rank 0 gathers the per-item results
+    and computes the metrics: one line per evaluation in `<out_dir>/eval.jsonl`, the per-item
+    results (generations, ROUGE, Min-K% scores) in `<out_dir>/eval_items/step<N>.json`, and wandb.
+    When the selection rule picks this evaluation, the engine's weights, the ones just evaluated,
+    are exported to `<out_dir>/selected_model` (a collective) and the export's weights fingerprint
+    is recorded in the evaluation's line and in the export's `dipo_scale.json`.
+    """
+
+    def __init__(self, cfg: UnlearnConfig, run_dir: Path, finished_steps: int, *, rank: int = 0, world: int = 1):
+        from transformers import AutoTokenizer
 
         from dipo_scale.data.muse import load_muse_dir
+        from dipo_scale.eval.muse import muse_items
 
-        self.cfg, self.run_dir = cfg, run_dir
-        self.data = load_muse_dir(cfg.eval.data_dir)
+        self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
+        e = cfg.eval
+        self.items = muse_items(load_muse_dir(e.data_dir), limit=e.limit, mia=True)
+        self.share = self.items.share(rank, world)
+        self.batches = self.items.batches(world, e.batch_size)  # the same on every rank
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        model_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_config(model_config).eval()
-        self.history, self.file = _open_history(run_dir / "eval.jsonl", finished_steps)
+        self.history, self.file = (_open_history(run_dir / "eval.jsonl", finished_steps) if rank == 0
+                                   else ([], None))
 
-    def run(self, step: int, state_dict: dict, wandb_run) -> None:
-        from dipo_scale.eval.muse import evaluate_muse
+    def run(self, step: int, model, export, wandb_run=None) -> dict:
+        """Evaluate `model` (the engine's HF module; every rank calls this) after `step` steps.
+        `export(path, metadata)` writes the engine's weights as an HF model to `path` (a
+        collective) and returns its weights fingerprint on rank 0. Returns the evaluation's record
+        on rank 0, {} elsewhere."""
+        from contextlib import nullcontext
+
+        from dipo_scale.eval.generation import where
+        from dipo_scale.eval.muse import merge_item_scores, muse_metrics, score_muse_items
 
         e = self.cfg.eval
-        self.model.load_state_dict(state_dict, strict=False)
-        metrics = evaluate_muse(self.model, self.tokenizer, self.data, **e.muse_settings())
-        record = {"step": step, **metrics}
-        self.history.append(record)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if wandb_run is not None:
-            wandb_run.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        chosen = select_evaluation(e.select, self.history, retrain_knowmem_f=e.retrain_knowmem_f,
-                                   forget_target=e.forget_target)
-        if chosen is record:
-            with atomic_dir(self.run_dir / "selected_model", "unlearn") as tmp:
-                self.model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-                atomic_write_json(tmp / "dipo_scale.json", {
-                    "method": self.cfg.run_name, "source_model": self.cfg.model.path, "step": step,
-                    "selection_rule": e.select, "metrics": metrics})
+        settings = {k: v for k, v in e.muse_settings().items() if k != "limit"}
+        place = where(f"rank {self.rank} of {self.world}") if self.world > 1 else nullcontext()
+        with place:
+            scores = score_muse_items(model, self.tokenizer, self.share, batches=self.batches,
+                                      synced=self.world > 1, **settings)
+        parts = _gather(scores, self.world)
+        record, chosen = {}, False
+        if self.rank == 0:
+            merged = merge_item_scores(parts)
+            record = {"step": step, **muse_metrics(merged)}
+            chosen = select_evaluation(e.select, self.history + [record], retrain_knowmem_f=e.retrain_knowmem_f,
+                                       forget_target=e.forget_target) is record
+            atomic_write_json(self.run_dir / "eval_items" / f"step{step:07d}.json", {"step": step, **merged})
+        if _broadcast(chosen, self.world):
+            metrics = {k: v for k, v in record.items() if k != "step"}
+            fingerprint = export(self.run_dir / "selected_model", {
+                "method": self.cfg.run_name, "source_model": self.cfg.model.path, "step": step,
+                "selection_rule": e.select, "metrics": metrics})
+            if self.rank == 0:
+                record.update(selected_model=str(self.run_dir / "selected_model"), weights_fingerprint=fingerprint)
+        if self.rank == 0:
+            self.history.append(record)
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if wandb_run is not None:
+                wandb_run.log({f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float))
+                               and k != "step"}, step=step)
+        return record
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

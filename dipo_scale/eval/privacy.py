@@ -47,10 +47,11 @@ def min_k_from_lists(logprobs: list[torch.Tensor], k: float = MIN_K) -> list[flo
 
 
 def min_k_scores(model, tokenizer, texts: list[str], *, k: float = MIN_K, batch_size: int = 16,
-                 max_tokens: int | None = None) -> list[float]:
-    """Min-K% Prob of each text under `model` (batched; padding masked)."""
+                 max_tokens: int | None = None, batches: int | None = None) -> list[float]:
+    """Min-K% Prob of each text under `model` (batched; padding masked). `batches`: see
+    `token_logprobs`."""
     return min_k_from_lists(text_token_logprobs(model, tokenizer, texts, batch_size=batch_size,
-                                                max_tokens=max_tokens), k)
+                                                max_tokens=max_tokens, batches=batches), k)
 
 
 def auc_from_scores(member_scores: list[float], nonmember_scores: list[float]) -> float:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from dipo_scale.errors import UserInputError
 from dipo_scale.eval.generation import load_model_and_tokenizer
-from dipo_scale.eval.muse import evaluate_muse, muse_mia_auc
+from dipo_scale.eval.muse import muse_items, muse_metrics, muse_mia_auc, score_muse_items
 from dipo_scale.eval.privacy import privleak
 from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_auc, truth_ratio_score
-from dipo_scale.eval.workers import evaluate_muse_parallel
+from dipo_scale.eval.workers import evaluate_muse_items
 
 
 METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
@@ -108,8 +108,10 @@ def run_evaluation(
     max_new_tokens: int | None = None,
 ) -> dict[str, float]:
     """What `dipo-scale evaluate` does: evaluate `model` on the MUSE or TOFU data `data`, write
-    OUT/metrics.json, OUT/report.md (+ plots) and, for TOFU, OUT/truth_ratios.json (the forget-set
-    truth ratios, reusable as another run's --retain-truth-ratios). Returns the metrics.
+    OUT/metrics.json, OUT/report.md (+ plots) and, for MUSE, OUT/items.json (the per-item results:
+    generations, their ROUGE scores, the Min-K% scores of the attack texts) or, for TOFU,
+    OUT/truth_ratios.json (the forget-set truth ratios, reusable as another run's
+    --retain-truth-ratios). Returns the metrics.
 
     Every input is checked before a model is loaded; nothing is written unless all succeeds.
     """
@@ -177,10 +179,12 @@ def run_evaluation(
         settings = dict(verbmem_max_new_tokens=cap(VERBMEM_MAX_NEW_TOKENS),
                         knowmem_max_new_tokens=cap(KNOWMEM_MAX_NEW_TOKENS), batch_size=batch_size, limit=limit)
         if num_workers > 1:
-            metrics = evaluate_muse_parallel(model, dataset, num_workers, mia=True, **settings)
+            item_scores = evaluate_muse_items(model, dataset, num_workers, mia=True, **settings)
         else:
             m, tok = _load_checked(model, "--model")
-            metrics = evaluate_muse(m, tok, dataset, mia=True, **settings)
+            item_scores = score_muse_items(m, tok, muse_items(dataset, limit=limit, mia=True),
+                                           **{k: v for k, v in settings.items() if k != "limit"})
+        metrics = muse_metrics(item_scores)
         if "mia_auc" not in metrics:
             notes.append("no holdout texts (privleak/holdout.json or raw/holdout.*): no mia_auc / privleak")
     else:
@@ -209,6 +213,8 @@ def run_evaluation(
     mark_output_dir(out, "evaluate")
     if layout == "tofu":
         atomic_write_json(out / "truth_ratios.json", {"forget": forget, "forget_truth_ratios": result.forget_truth_ratios})
+    else:
+        atomic_write_json(out / "items.json", item_scores)
     atomic_write_json(out / "metrics.json", metrics)
     write_report(out, {_model_name(model): metrics, **references},
                  title=f"dipo-scale evaluation: {_model_name(model)} on {data}", notes=notes)
