@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +26,7 @@ def _free_port() -> int:
 
 def _ray_env() -> dict:
     env = dict(os.environ)  # PATH starts with this venv's bin (conftest): the job's `python` is this venv
+    env.pop("RAY_ADDRESS", None)  # every command below names its cluster
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"  # the CLI client must authenticate like the cluster
     return env
@@ -39,41 +39,131 @@ def _unlearn_sets(tiny_assets, out_dir, *extra):
     return [a for s in sets for a in ("--set", s)]
 
 
+def _wait_for(what: str, check, deadline_s: float, pause_s: float = 1.0):
+    """Poll `check()` until it returns something truthy; fail naming `what` after `deadline_s`."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {deadline_s:.0f} s")
+        time.sleep(pause_s)
+
+
+class _Head:
+    """A Ray head of this test's own: `ray start --head --block` in a session of its own, with its
+    own temp dir and every port chosen here (the defaults are fixed numbers, such as the dashboard
+    agent's 52365 that job submission goes through, shared with any other Ray on the machine).
+    `stop()` ends the processes of that session, and any other naming the temp dir or `marks` (the
+    job's own driver), by pid: never `ray stop`, which stops every Ray instance of the user."""
+
+    PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+             "node-manager-port", "object-manager-port")
+
+    def __init__(self, temp: Path, env: dict, marks: tuple[str, ...] = ()):
+        self.temp, self.env, self.marks = temp, env, (str(temp), *marks)
+        self.ports = {name: _free_port() for name in self.PORTS}
+        self.address = f"http://127.0.0.1:{self.ports['dashboard-port']}"
+        args = [BIN / "ray", "start", "--head", "--block", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
+                "--temp-dir", str(temp), "--disable-usage-stats",
+                *(a for name, port in self.ports.items() for a in (f"--{name}", str(port)))]
+        temp.mkdir(parents=True, exist_ok=True)
+        self.log = temp.parent / f"{temp.name}.head.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def ray(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+        """A `ray` CLI command against this head."""
+        return subprocess.run([BIN / "ray", *args], capture_output=True, text=True, env=self.env, timeout=timeout,
+                              cwd=REPO)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _processes(self) -> list[int]:
+        own = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            pid = int(proc.name)
+            try:
+                if pid == os.getpid() or (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if os.getsid(pid) == self.proc.pid or any(mark in cmdline for mark in self.marks):
+                    own.append(pid)
+            except (OSError, IndexError):  # gone meanwhile
+                continue
+        return own
+
+    def stop(self) -> None:
+        import signal
+
+        try:  # `ray start --block` ends the processes it started when it is terminated
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+        def nothing_left():
+            left = self._processes()
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return not left
+
+        _wait_for("the test's Ray head and its processes ended", nothing_left, 120, pause_s=0.5)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+
+
+def _job_state(status_output: str, job_id: str) -> str | None:
+    """The terminal state `ray job status` reports, None while the job runs."""
+    phrases = {f"Job '{job_id}' succeeded": "SUCCEEDED", f"Job '{job_id}' failed": "FAILED",
+               f"Job '{job_id}' was stopped": "STOPPED"}
+    return next((state for phrase, state in phrases.items() if phrase in status_output), None)
+
+
 def test_ray_job_submit_runs_a_scalability_series(tiny_assets, tmp_path):
     """`ray job submit` of ray_jobs/scalability.py: two unlearning runs over nested forget sets of
-    growing size, each from the same model, on a head started with `ray start`."""
-    port, dash = _free_port(), _free_port()
-    temp = Path("/tmp") / f"dipo_job_{os.getpid()}"
-    env = _ray_env()
-    start = subprocess.run([BIN / "ray", "start", "--head", "--port", str(port), "--num-cpus", "2",
-                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                            "--temp-dir", str(temp), "--disable-usage-stats"],
-                           capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stderr[-2000:]
+    growing size, each from the same model, on a head started with `ray start`. Every wait polls a
+    condition against a generous deadline (a loaded machine starts the head's job agent slowly);
+    only this head's processes are stopped."""
     out = tmp_path / "scal"
+    head = _Head(Path("/tmp") / f"dipo_job_{os.getpid()}", _ray_env(), marks=(str(out),))
     sets = [f"data_dir={tiny_assets['corpus']}", f"unlearn.model.path={tiny_assets['target']}",
-            f"out_dir={out}", "folds=2", "epochs=0.25", "unlearn.train.num_workers=1",
+            f"out_dir={out}", "forget_sets=folds", "folds=2", "epochs=0.25", "unlearn.train.num_workers=1",
             "unlearn.train.global_batch_size=2", "unlearn.train.micro_batch_size=2", "unlearn.train.lr=2e-3",
             "unlearn.logging.wandb=disabled", "unlearn.data.block_size=64", "unlearn.eval.limit=2",
             "unlearn.eval.verbmem_max_new_tokens=8", "unlearn.eval.knowmem_max_new_tokens=8"]
+    job_id = f"dipo_scal_{os.getpid()}"
+    state = None
     try:
-        for _ in range(30):  # the head's job agent needs a few seconds after `ray start`
-            submit = subprocess.run(
-                [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                 "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"),
-                 "--", "python", "ray_jobs/scalability.py", *(a for s in sets for a in ("--set", s))],
-                capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
-            if "No available agent" not in submit.stderr:
-                break
-            time.sleep(2)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
-        status = subprocess.run([BIN / "ray", "job", "status", "--address", f"http://127.0.0.1:{dash}", job_id],
-                                capture_output=True, text=True, env=env, timeout=120)
-        assert "succeeded" in (status.stdout + status.stderr).lower()  # JobStatus.SUCCEEDED
+        def submitted():  # the head's job agent needs a while after `ray start` (minutes under load)
+            assert head.alive(), head.log.read_text()[-3000:]
+            r = head.ray("job", "submit", "--address", head.address, "--submission-id", job_id, "--no-wait",
+                         "--working-dir", str(REPO), "--runtime-env", str(REPO / "ray_jobs" / "runtime_env.yaml"),
+                         "--", "python", "ray_jobs/scalability.py", *(a for s in sets for a in ("--set", s)))
+            return r.returncode == 0 or "already exists" in r.stderr + r.stdout  # (a retry of an accepted one)
+
+        _wait_for("the job submitted", submitted, 600, pause_s=2)
+
+        def finished():
+            r = head.ray("job", "status", "--address", head.address, job_id)
+            return _job_state(r.stdout + r.stderr, job_id)
+
+        state = _wait_for("the job finished", finished, 1500, pause_s=2)
+        logs = head.ray("job", "logs", "--address", head.address, job_id).stdout
+        assert state == "SUCCEEDED", logs[-4000:]
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        if state is None and head.alive():
+            head.ray("job", "stop", "--address", head.address, job_id)
+        head.stop()
+        shutil.rmtree(head.temp, ignore_errors=True)
+        head.log.unlink(missing_ok=True)
+    assert not head._processes()  # nothing of this head runs on
     first, second = json.loads((out / "lineage.json").read_text())["requests"]
     assert first["input_model"] == second["input_model"] == str(tiny_assets["target"])
     assert first["forget_tokens"] < second["forget_tokens"] and first["steps"] <= second["steps"]
