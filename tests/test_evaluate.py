@@ -255,9 +255,13 @@ def test_memorised_answers_score_100(tokenizer):
     )
     scores = muse.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=verb_tokens, knowmem_max_new_tokens=8)
     assert set(scores) == {"verbmem_f", "knowmem_f", "knowmem_r"}
-    assert all(0.0 <= v <= 100.0 for v in scores.values())
     assert scores["verbmem_f"] == pytest.approx(100.0)
     assert scores["knowmem_f"] == pytest.approx(100.0)
+    # knowmem_r by hand: the retain questions after the retain few-shot examples, one at a time.
+    answers = [muse.cut_answer(gen.greedy_generate(model, tokenizer, [knowmem_prompt(data.retain_qa_icl, x.question)],
+                                                   max_new_tokens=8)[0]) for x in data.retain_qa]
+    recall = [muse.rouge_l(a, x.answer)[0] for a, x in zip(answers, data.retain_qa)]
+    assert scores["knowmem_r"] == pytest.approx(100 * sum(recall) / len(recall))
 
 
 def test_load_model_and_tokenizer_round_trip(tmp_path, model, tokenizer):
@@ -306,6 +310,23 @@ def model_dir(tmp_path_factory, model, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def retrain_dir(tmp_path_factory, tokenizer) -> Path:
+    """Another tiny model as the retrained model: its MIA AUC differs from the model's (seed 3;
+    the model as its own retrained model would give PrivLeak 0 by construction)."""
+    path = tmp_path_factory.mktemp("retrain_model")
+    tiny_model(tokenizer, seed=3, initializer_range=0.5).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _auc_by_hand(model, tokenizer, data) -> float:
+    """Min-40% Prob AUC, privleak/forget.json (members) against privleak/holdout.json."""
+    forget = privacy.min_k_scores(model, tokenizer, data.privleak_forget)
+    holdout = privacy.min_k_scores(model, tokenizer, data.privleak_holdout)
+    return sum((f > h) + 0.5 * (f == h) for f in forget for h in holdout) / (len(forget) * len(holdout))
 
 
 def test_evaluate_muse_with_mia(model, tokenizer, tmp_path):
@@ -358,20 +379,27 @@ def test_muse_hub_loading_uses_datasets(monkeypatch):
         load_muse("muse-bench/MUSE-News")
 
 
-def test_cli_evaluate_muse(tmp_path, model_dir, capsys):
+def test_cli_evaluate_muse(tmp_path, model, tokenizer, model_dir, retrain_dir, capsys):
     import json
 
     from dipo_scale.cli import main
+    from dipo_scale.data.muse import load_muse_dir
 
     data = _write_muse_dir(tmp_path / "muse")
     out = tmp_path / "out"
     args = ["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4"]
-    assert main(args + ["--retrain-model", str(model_dir)]) == 0, capsys.readouterr().err
+    assert main(args + ["--retrain-model", str(retrain_dir)]) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak"]
-    assert metrics["privleak"] == pytest.approx(0.0)  # the model is its own retrained model
+    # PrivLeak = (AUC - retrain AUC) / retrain AUC × 100, each AUC by hand on its own model.
+    muse_data = load_muse_dir(data)
+    auc = _auc_by_hand(model, tokenizer, muse_data)
+    retrain_auc = _auc_by_hand(gen.load_model_and_tokenizer(str(retrain_dir))[0], tokenizer, muse_data)
+    assert auc != retrain_auc and retrain_auc > 0  # (the model as its own retrained model: PrivLeak 0)
+    assert metrics["mia_auc"] == pytest.approx(auc)
+    assert metrics["privleak"] == pytest.approx((auc - retrain_auc) / retrain_auc * 100)
     report = (out / "report.md").read_text()
-    assert f"| {model_dir.name} (retrain) |" in report
+    assert f"| {retrain_dir.name} (retrain) |" in report
     assert (out / "criteria.png").is_file() and (out / "tradeoff.png").is_file()
 
     assert main(args + ["--retrain-auc", "0.5", "--limit", "2"]) == 0
@@ -393,6 +421,8 @@ def test_cli_evaluate_muse(tmp_path, model_dir, capsys):
 
 
 def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
+    import os
+
     import ray
 
     from dipo_scale.data.muse import load_muse_dir
@@ -404,7 +434,8 @@ def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir="/tmp/dipo_eval_ray", log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/dipo_eval_ray_{os.getpid()}",  # this run's own
+                 log_to_driver=False)
     try:
         parallel = workers.evaluate_muse_parallel(str(model_dir), data_dir, num_workers=2, **settings)
     finally:

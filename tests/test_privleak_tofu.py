@@ -35,9 +35,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return train_tokenizer(CORPUS * 4, 300)  # the byte-level BPE the demo models use
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
+def _tiny_model(tokenizer, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -46,11 +45,27 @@ def model(tokenizer) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, model, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny_model")
+def model(tokenizer) -> LlamaForCausalLM:
+    return _tiny_model(tokenizer, seed=0)
+
+
+def _saved(path: Path, model, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer) -> Path:
+    return _saved(tmp_path_factory.mktemp("tiny_model"), model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory, tokenizer) -> Path:
+    """Another tiny model as the retain (retrained) model: unlike the model itself as its own
+    reference (forget quality 1 and PrivLeak 0 by construction), its forget truth ratios are
+    separated from the model's and its MIA AUC differs (seed 5; the tests check both)."""
+    return _saved(tmp_path_factory.mktemp("reference_model"), _tiny_model(tokenizer, seed=5), tokenizer)
 
 
 # --- Min-K% Prob, AUC, PrivLeak --------------------------------------------------------------------
@@ -191,12 +206,16 @@ def test_evaluate_tofu_on_constructed_probabilities(monkeypatch):
     monkeypatch.setattr(tofu, "qa_logprobs", lambda m, t, pairs, **kw: [math.log(probs[p]) for p in pairs])
     monkeypatch.setattr(tofu, "greedy_generate", lambda m, t, prompts, **kw: [replies[p] for p in prompts])
 
-    result = tofu.evaluate_tofu(None, None, _tofu_data(), retain_truth_ratios=[0.25, 2.0])
+    # The retain model's ratios [3, 4] against the forget set's [0.25, 2]: fully separated samples
+    # of 2 and 2, D = 1, exact p = 2 / C(4, 2) = 1/3 (the same ratios would give 1).
+    result = tofu.evaluate_tofu(None, None, _tofu_data(), retain_truth_ratios=[3.0, 4.0])
     m = result.metrics
     assert result.forget_truth_ratios == pytest.approx([0.25, 2.0])
     assert m["forget_truth_ratio"] == pytest.approx(0.375)
     assert m["forget_prob"] == pytest.approx(0.65)
-    assert m["forget_quality"] == pytest.approx(1.0)
+    assert m["forget_quality"] == pytest.approx(1 / 3)
+    assert tofu.evaluate_tofu(None, None, _tofu_data(), retain_truth_ratios=[1.0, 3.0]).metrics["forget_quality"] == \
+        pytest.approx(ks_2samp([0.25, 2.0], [1.0, 3.0]).pvalue)  # interleaved: D = 1/2
     assert m["knowmem_f"] == pytest.approx(50.0)  # ROUGE-L recall 1 and 0
     assert m["knowmem_r"] == pytest.approx(100.0)
     components = {"prob_retain": 0.6, "rouge_retain": 1.0, "truth_ratio_retain": 0.5,
@@ -226,19 +245,63 @@ def test_tofu_mia_auc_on_answer_tokens(monkeypatch):
     assert tofu.tofu_mia_auc(None, None, data) == pytest.approx(0.25)
 
 
+HOLDOUT = [TofuItem("Who is Z?", "Nobody."), TofuItem("Who is Y?", "Someone.")]
+
+
+def _tofu_by_hand(model, tokenizer, data, max_new_tokens) -> tuple[dict, list[float]]:
+    """TOFU's metrics of `model` on `data`, one question at a time, from the model's log-probs and
+    greedy answers (the formulas of locuslab/tofu, written out here), and its forget truth ratios."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def lp(question, answer):  # length-normalised log P(answer | question)
+        return gen.qa_logprobs(model, tokenizer, [(question, answer)], batch_size=1)[0]
+
+    def ratio(item, base):  # geometric mean of P(perturbed) over P(base), length-normalised
+        base_lp = lp(item.question, item.paraphrased_answer if base == "paraphrased" else item.answer)
+        return math.exp(np.mean([lp(item.question, p) for p in item.perturbed_answers]) - base_lp)
+
+    def rouge(item):
+        out = gen.greedy_generate(model, tokenizer, [tofu_prompt(item.question)], max_new_tokens=max_new_tokens)[0]
+        return scorer.score(target=item.answer, prediction=out.strip())["rougeL"].recall
+
+    def min_40(question, answer):
+        lps = sorted(gen.qa_token_logprobs(model, tokenizer, [(question, answer)], batch_size=1)[0].tolist())
+        return float(np.mean(lps[: max(1, int(len(lps) * 0.4))]))
+
+    forget_ratios = [ratio(it, "paraphrased") for it in data.forget]
+    m = {"knowmem_f": 100 * np.mean([rouge(it) for it in data.forget]),
+         "forget_prob": np.mean([math.exp(lp(it.question, it.answer)) for it in data.forget]),
+         "forget_truth_ratio": np.mean([min(r, 1 / r) for r in forget_ratios])}
+    for name, base in (("retain", "paraphrased"), ("real_authors", "answer"), ("world_facts", "answer")):
+        items = getattr(data, name)
+        probs = [math.exp(lp(it.question, it.answer)) for it in items]
+        if name != "retain":  # normalised over the answer and its perturbations
+            probs = [p / (p + sum(math.exp(lp(it.question, x)) for x in it.perturbed_answers))
+                     for p, it in zip(probs, items)]
+        m[f"prob_{name}"] = np.mean(probs)
+        m[f"rouge_{name}"] = np.mean([rouge(it) for it in items])
+        m[f"truth_ratio_{name}"] = np.mean([max(0.0, 1 - ratio(it, base)) for it in items])
+    m["knowmem_r"] = 100 * m["rouge_retain"]
+    components = [v for k, v in m.items() if k.startswith(("prob_", "rouge_", "truth_ratio_"))]
+    assert len(components) == 9
+    m["model_utility"] = 0.0 if min(components) == 0 else len(components) / sum(1 / v for v in components)
+    if data.holdout:  # Min-40% of the answer tokens, forget (members) against holdout
+        forget = [min_40(it.question, it.answer) for it in data.forget]
+        holdout = [min_40(it.question, it.answer) for it in data.holdout]
+        m["mia_auc"] = np.mean([(f > h) + 0.5 * (f == h) for f in forget for h in holdout])
+    return {k: float(v) for k, v in m.items()}, forget_ratios
+
+
 def test_evaluate_tofu_on_a_tiny_model(model, tokenizer):
-    data = _tofu_data(holdout=[TofuItem("Who is Z?", "Nobody."), TofuItem("Who is Y?", "Someone.")])
+    data = _tofu_data(holdout=HOLDOUT)
     result = tofu.evaluate_tofu(model, tokenizer, data, batch_size=3, max_new_tokens=4)
-    m = result.metrics
-    # The truth ratios are those of the model's own length-normalised probabilities.
-    lp = {p: v for p, v in zip(
-        [("Who is A?", a) for a in ("An author.", "A baker.", "A pilot.")],
-        gen.qa_logprobs(model, tokenizer, [("Who is A?", a) for a in ("An author.", "A baker.", "A pilot.")]))}
-    expected = math.exp((lp[("Who is A?", "A baker.")] + lp[("Who is A?", "A pilot.")]) / 2
-                        - lp[("Who is A?", "An author.")])
-    assert result.forget_truth_ratios[0] == pytest.approx(expected, rel=1e-4)
-    assert 0.0 <= m["model_utility"] <= 1.0 and 0.0 <= m["mia_auc"] <= 1.0
-    assert 0.0 <= m["knowmem_f"] <= 100.0 and 0.0 < m["forget_truth_ratio"] <= 1.0
+    expected, ratios = _tofu_by_hand(model, tokenizer, data, max_new_tokens=4)
+    assert result.forget_truth_ratios == pytest.approx(ratios, rel=1e-4)
+    assert set(expected) <= set(result.metrics)
+    for key, value in expected.items():
+        assert result.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -286,29 +349,42 @@ def _write_tofu_dir(root: Path) -> Path:
     return root
 
 
-def test_cli_evaluate_tofu(tmp_path, model_dir, capsys):
+def test_cli_evaluate_tofu(tmp_path, model, tokenizer, model_dir, reference_dir, capsys):
     data = _write_tofu_dir(tmp_path / "tofu")
     out = tmp_path / "out"
     args = ["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out),
             "--forget", "forget01", "--max-new-tokens", "4", "--batch-size", "4"]
-    assert main(args + ["--retain-model", str(model_dir)]) == 0, capsys.readouterr().err
+    assert main(args + ["--retain-model", str(reference_dir)]) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics)[:6] == ["knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality", "model_utility"]
-    assert metrics["forget_quality"] == pytest.approx(1.0)  # the same model as its own retain model
-    assert metrics["privleak"] == pytest.approx(0.0)  # ... and as its own retrained model
-    assert 0.0 <= metrics["model_utility"] <= 1.0  # an untrained model: its ROUGE is 0
+    expected, ratios = _tofu_by_hand(model, tokenizer, _tofu_data(holdout=HOLDOUT), max_new_tokens=4)
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+    reference, reference_tok = gen.load_model_and_tokenizer(str(reference_dir))
+    ref_expected, ref_ratios = _tofu_by_hand(reference, reference_tok, _tofu_data(holdout=HOLDOUT), max_new_tokens=4)
+    # Forget quality: the KS p-value against the retain model's ratios; here fully separated
+    # samples of 2 and 2 (p = 1/3; the model against itself would give 1).
+    assert max(ratios) < min(ref_ratios) or min(ratios) > max(ref_ratios), (ratios, ref_ratios)
+    assert metrics["forget_quality"] == pytest.approx(ks_2samp(ratios, ref_ratios).pvalue)
+    assert metrics["forget_quality"] == pytest.approx(1 / 3)
+    # PrivLeak: relative to the retain model's AUC (the model against itself would give 0).
+    assert expected["mia_auc"] != ref_expected["mia_auc"]
+    assert metrics["privleak"] == pytest.approx((expected["mia_auc"] - ref_expected["mia_auc"]) / ref_expected["mia_auc"] * 100)
     stored = json.loads((out / "truth_ratios.json").read_text())
-    assert stored["forget"] == "forget01" and len(stored["forget_truth_ratios"]) == 2
+    assert stored["forget"] == "forget01" and stored["forget_truth_ratios"] == pytest.approx(ratios, rel=1e-4)
     report = (out / "report.md").read_text()
-    assert f"| {model_dir.name} (retain) |" in report and (out / "tradeoff.png").is_file()
+    assert f"| {reference_dir.name} (retain) |" in report and (out / "tradeoff.png").is_file()
 
-    # Stored truth ratios instead of a retain model; a known retrain AUC.
+    # Stored truth ratios instead of a retain model (here the retain model's, written by hand);
+    # a known retrain AUC.
     out2 = tmp_path / "out2"
     args[args.index(str(out))] = str(out2)
-    assert main(args + ["--retain-truth-ratios", str(out / "truth_ratios.json"), "--retrain-auc", "0.5"]) == 0
+    ratios_file = tmp_path / "retain_ratios.json"
+    ratios_file.write_text(json.dumps({"forget": "forget01", "forget_truth_ratios": ref_ratios}))
+    assert main(args + ["--retain-truth-ratios", str(ratios_file), "--retrain-auc", "0.5"]) == 0
     metrics2 = json.loads((out2 / "metrics.json").read_text())
-    assert metrics2["forget_quality"] == pytest.approx(1.0)
-    assert metrics2["privleak"] == pytest.approx((metrics["mia_auc"] - 0.5) / 0.5 * 100)
+    assert metrics2["forget_quality"] == pytest.approx(metrics["forget_quality"])
+    assert metrics2["privleak"] == pytest.approx((expected["mia_auc"] - 0.5) / 0.5 * 100)
 
 
 def _one_line_error(capsys) -> str:
