@@ -63,11 +63,32 @@ def test_tofu_demo_end_to_end(tofu_dir, tmp_path, monkeypatch, ray_cluster, caps
     assert manifest["splits"]["retain"]["blocks"] == 8  # --retain-limit 8
     metrics = json.loads((out / "metrics.json").read_text())["models"]
     assert list(metrics) == MODELS
-    for name, m in metrics.items():
-        assert 0.0 <= m["forget_quality"] <= 1.0, name
-        assert 0.0 <= m["model_utility"] <= 1.0, name
-    assert metrics["retrain"]["forget_quality"] == 1.0  # its own truth ratios
+    # Every model's metrics, computed again from its exported weights on the demo's evaluation data
+    # with the demo's settings (the dipo run: eval.knowmem_max_new_tokens=24, batch 32).
+    from scipy.stats import hmean, ks_2samp
+
+    from dipo_scale.eval.generation import load_model_and_tokenizer
+    from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios
+
+    data = demo.load_tofu_demo(str(tofu_dir), "forget01", "retain99", 8).eval
+    paths = {"target": out / "models" / "target", "retrain": out / "models" / "retrain", "dipo": out / "runs" / "dipo" / "model"}
+    loaded = {name: load_model_and_tokenizer(str(path)) for name, path in paths.items()}
+    ratios = {name: tofu_forget_truth_ratios(*loaded[name], data, batch_size=32) for name in MODELS}
+    for name in MODELS:
+        expected = evaluate_tofu(*loaded[name], data, retain_truth_ratios=ratios["retrain"], batch_size=32,
+                                 max_new_tokens=24).metrics
+        for key, value in expected.items():
+            assert metrics[name][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+        # forget quality: the KS p-value against the retrain model's forget truth ratios; PrivLeak:
+        # relative to the retrain model's MIA AUC; model utility: the harmonic mean of nine components.
+        assert metrics[name]["forget_quality"] == pytest.approx(ks_2samp(ratios[name], ratios["retrain"]).pvalue), name
+        retrain_auc = metrics["retrain"]["mia_auc"]
+        assert metrics[name]["privleak"] == pytest.approx((metrics[name]["mia_auc"] - retrain_auc) / retrain_auc * 100)
+        components = [v for k, v in metrics[name].items() if k.startswith(("prob_", "rouge_", "truth_ratio_"))]
+        assert len(components) == 9 and metrics[name]["model_utility"] == pytest.approx(hmean(components)), name
+    assert metrics["retrain"]["forget_quality"] == 1.0 and metrics["retrain"]["privleak"] == 0.0  # the reference
     assert metrics["target"]["forget_quality"] < 0.5  # it learnt the forget set; retrain did not
+    assert metrics["target"]["privleak"] != 0.0
     report = (out / "report.md").read_text()
     assert "Forget quality" in report and "Model utility" in report
     assert all(f"| {name} |" in report for name in MODELS)
