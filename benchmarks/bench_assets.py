@@ -26,8 +26,11 @@ def word_level_tokenizer(vocab_size: int):
 
 def build_bench_assets(root: str | Path, *, vocab_size: int = 32000, hidden_size: int = 256,
                        num_layers: int = 4, block_size: int = 256, num_blocks: int = 16,
-                       seed: int = 0) -> dict[str, Path]:
-    """{"model": dir, "prepared": dir} under root (random init; reused when already built)."""
+                       seed: int = 0, intermediate_size: int | None = None, dtype: str = "float32",
+                       device: str = "cpu") -> dict[str, Path]:
+    """{"model": dir, "prepared": dir} under root (random init; reused when already built).
+    `intermediate_size` defaults to 8/3 of the hidden size; the model is initialised on `device`
+    (a GPU builds a 1B model in seconds) and saved in `dtype`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,10 +43,14 @@ def build_bench_assets(root: str | Path, *, vocab_size: int = 32000, hidden_size
         return {"model": model_dir, "prepared": prepared}
     tokenizer = word_level_tokenizer(vocab_size)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                         intermediate_size=intermediate_size or hidden_size * 8 // 3,
                          num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 64),
                          max_position_embeddings=block_size, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.to(getattr(torch, dtype)).save_pretrained(model_dir, safe_serialization=True)
+    del model
     tokenizer.save_pretrained(model_dir)
 
     rng = random.Random(seed)

@@ -21,7 +21,7 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
    blocks (`kl_retain_rel_error_*`). The policy is the demo's *retrain* model (never trained on
    the forget set: where unlearning heads; its margins do not saturate log σ);
 3. `step_time_ratio_cached_over_online`: one process, the two kinds of step side by side and
-   interleaved (online, hidden cache, online, ...), each the real `unlearn._micro_step` (policy
+   interleaved (online, hidden cache, online, ...), each the real `unlearn.micro_step` (policy
    forward, reference logits from a frozen reference forward or from the cache rows of the
    batch's block ids, DiPO + KL retain loss, backward, AdamW step) on `--micro` forget + as many
    retain blocks, plain PyTorch on one process (no DeepSpeed), 2 threads; the ratio of medians
@@ -30,20 +30,24 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
    bitsandbytes 8-bit and 4-bit (nf4) and its error against full precision: the loss error as in
    2 against the float32 online reference, and the mean KL(π_fp32 ‖ π_quantised) per position.
    When bitsandbytes cannot run here its error message is recorded instead of numbers.
-5. `precompute_over_forward_throughput` ({"hidden": r, "topk": r}, goal >= 0.7): tokens/s of the
-   precompute (`precompute_reference` with its default pool: `reference.num_workers` and
-   `reference.cpus_per_worker` unset) over tokens/s of a bare forward of the same model to its
-   final hidden states (`model.get_decoder()(...)`, no grad, torch threads = the machine's
-   cores, the same blocks in batches of `reference.batch_size`), side by side in one process on
-   a larger corpus (`--throughput-docs` generated documents, prepared like the demo's with
-   concatenated blocks; forget split only, `loss.retain=gd`). The bare forward is timed before
-   and after the precompute runs and the mean is used. The precompute's tokens/s is counted
-   while it computes: real tokens over the span from the first shard's start to the last
-   shard's end (the shard records' times), i.e. without starting Ray's workers and loading the
-   model into them; `precompute_over_forward_throughput_wall` counts the whole job (start-up
-   included) and `startup_seconds_*` says what that start-up was. `--throughput-only` runs
-   this part alone (it also runs against an older checkout of dipo_scale: records without
-   start times are timed by their file times).
+5. `precompute_over_forward_throughput` ({"hidden": r, "topk": r, ...}, goal >= 0.7): tokens/s of
+   the precompute (`precompute_reference`; by default its default pool, `reference.num_workers`
+   and `reference.cpus_per_worker` unset; `--throughput-pools 2x1` adds 2 actors of 1 CPU, ...)
+   over tokens/s of a bare forward of the same model to its final hidden states on the same
+   cores in the same configuration (`bare_forward`: as many processes as the pool has workers,
+   each with as many torch threads as a worker has CPUs, `model.get_decoder()(...)` without
+   grad over contiguous shares of the same blocks, in batches of `reference.batch_size`), side
+   by side in one run, on a larger corpus (`--throughput-docs` generated documents, prepared
+   like the demo's but with concatenated blocks, as MUSE's are; forget split only,
+   `loss.retain=gd`). Each bare configuration runs before the first precompute of its pool and
+   again at the end; the mean is used. The precompute's tokens/s is counted while it computes:
+   real tokens over the span from the first shard's start to the last shard's end (the shard
+   records' times), i.e. without starting Ray's workers and loading the model into them (the
+   bare forward's start-up is excluded likewise); `precompute_over_forward_throughput_wall`
+   counts the whole job (start-up included) and `throughput_<form>.startup_seconds` says what
+   that was. `--throughput-only` runs this part alone; it also runs against an older checkout of
+   dipo_scale (records without start times are timed by their file times; an older pool is 1
+   actor of 1 CPU).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def config(assets: dict, *overrides: str):
 
 
 class PlainEngine:
-    """What `unlearn._micro_step` needs of a DeepSpeed engine, on one process."""
+    """What `unlearn.micro_step` needs of a DeepSpeed engine, on one process."""
 
     def __init__(self, model, lr=None):
         self.model = model
@@ -189,7 +193,7 @@ def quantised_kl(assets, cache_fp: Path, cache_q: Path) -> float:
 def step_times(assets, caches: dict, reps: int, micro: int) -> dict:
     from dipo_scale.prepare import read_blocks
     from dipo_scale.reference import ReferenceCache
-    from dipo_scale.unlearn import _micro_step
+    from dipo_scale.unlearn import micro_step
 
     torch.set_num_threads(2)
     engine = PlainEngine(load_model(assets["target"]).train(), lr=1e-4)
@@ -210,10 +214,10 @@ def step_times(assets, caches: dict, reps: int, micro: int) -> dict:
         for name, cfg in cfgs.items():
             t0 = time.perf_counter()
             if name == "online":
-                _micro_step(cfg, engine, ref_engine, batch, n_forget=micro)
+                micro_step(cfg, engine, ref_engine, batch, n_forget=micro)
             else:
                 cached = readers[name].references(None, forget=f_ids, retain=r_ids)
-                _micro_step(cfg, engine, None, batch, n_forget=micro, cached_ref=cached)
+                micro_step(cfg, engine, None, batch, n_forget=micro, cached_ref=cached)
             if rep:  # the first pair warms up
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -238,26 +242,49 @@ def throughput_assets(demo_dir: Path, assets: dict, num_docs: int) -> Path:
     return root / "prepared"
 
 
-def bare_forward(model_dir, prepared: Path, batch_size: int) -> dict:
-    """Tokens/s of the model's decoder trunk (to its final hidden states) over the forget blocks."""
+def _bare_worker(model_dir, prepared, batch_size: int, threads: int, part: int, parts: int, barrier, results):
+    """One process of `bare_forward`: its contiguous share of the forget blocks, timed after a
+    barrier (every process has loaded torch, the model and its blocks, and run one batch)."""
     from dipo_scale.prepare import read_blocks
 
-    torch.set_num_threads(os.cpu_count())
-    model = load_model(model_dir)
-    trunk = model.get_decoder()
+    torch.set_num_threads(threads)
+    trunk = load_model(model_dir).get_decoder()
     blocks = read_blocks(prepared, "forget")
-    n = len(blocks["input_ids"])
-    with torch.no_grad():  # warm-up: one batch
-        trunk(input_ids=torch.as_tensor(blocks["input_ids"][:batch_size]),
-              attention_mask=torch.as_tensor(blocks["attention_mask"][:batch_size]), use_cache=False)
-        t0 = time.perf_counter()
-        for s in range(0, n, batch_size):
-            trunk(input_ids=torch.as_tensor(blocks["input_ids"][s:s + batch_size]),
-                  attention_mask=torch.as_tensor(blocks["attention_mask"][s:s + batch_size]), use_cache=False)
-        seconds = time.perf_counter() - t0
-    tokens = int(blocks["attention_mask"].sum())
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "threads": torch.get_num_threads()}
+    batches = list(range(0, len(blocks["input_ids"]), batch_size))
+    mine = batches[part * len(batches) // parts:(part + 1) * len(batches) // parts]
+    run = lambda s: trunk(input_ids=torch.as_tensor(blocks["input_ids"][s:s + batch_size]),  # noqa: E731
+                          attention_mask=torch.as_tensor(blocks["attention_mask"][s:s + batch_size]), use_cache=False)
+    with torch.no_grad():
+        run(mine[0])  # warm-up
+        barrier.wait()
+        t0 = time.time()
+        for s in mine:
+            run(s)
+        t1 = time.time()
+    tokens = sum(int(blocks["attention_mask"][s:s + batch_size].sum()) for s in mine)
+    results.put((tokens, t0, t1))
+
+
+def bare_forward(model_dir, prepared: Path, batch_size: int, workers: int, threads: int) -> dict:
+    """Tokens/s of a bare forward of the model's decoder trunk (to its final hidden states, no
+    grad) over the forget blocks, in the precompute pool's configuration: `workers` processes of
+    `threads` torch threads each, over contiguous shares of the blocks, from the first start to
+    the last end (start-up excluded, as the precompute's computing span excludes it)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_bare_worker, args=(str(model_dir), str(prepared), batch_size, threads, i, workers,
+                                                     barrier, results)) for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    done = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    tokens = sum(d[0] for d in done)
+    seconds = max(d[2] for d in done) - min(d[1] for d in done)
+    return {"workers": workers, "threads": threads, "tokens": tokens, "seconds": seconds,
+            "tokens_per_second": tokens / seconds}
 
 
 def computing_span(cache: Path) -> tuple[float, float]:
@@ -271,7 +298,7 @@ def computing_span(cache: Path) -> tuple[float, float]:
     return min(starts), max(ends)
 
 
-def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int) -> dict:
+def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, pools: list[str]) -> dict:
     """Section 5 of the module docstring."""
     from dipo_scale.reference import precompute_reference
 
@@ -280,30 +307,45 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int) 
     out: dict = {"throughput_corpus": {"docs": num_docs, "prepared": str(prepared),
                                        "forget_blocks": json.loads((prepared / "manifest.json").read_text())
                                        ["splits"]["forget"]["blocks"]}}
-    bare = [bare_forward(assets["target"], prepared, batch)]
     forms = {"hidden": ["reference.form=hidden"], "topk": ["reference.form=topk", f"reference.k={k}"]}
-    for name, overrides in forms.items():
+    runs = {name: (None, overrides) for name, overrides in forms.items()}  # None: the default pool
+    for pool in pools:  # other pools than the default, e.g. 2x1: 2 actors of 1 CPU
+        workers, cpus = (int(x) for x in pool.split("x"))
+        runs.update({f"{name}_{pool}": ((workers, cpus), [*overrides, f"reference.num_workers={workers}",
+                                                          f"reference.cpus_per_worker={cpus}"])
+                     for name, overrides in forms.items()})
+    bare: dict = {}  # (workers, threads) -> [runs before and after the precompute runs]
+    for name, (pool, overrides) in runs.items():
+        if pool is not None and pool not in bare:
+            bare[pool] = [bare_forward(assets["target"], prepared, batch, *pool)]
         cache = work / f"throughput_{name}"
         t0 = time.time()
-        m = precompute_reference(config(assets, *overrides, f"reference.cache_dir={cache}", "loss.retain=gd",
-                                        f"data.prepared_dir={prepared}", f"reference.batch_size={batch}"))
+        m = precompute_reference(config({**assets, "prepared": prepared}, *overrides, f"reference.cache_dir={cache}",
+                                        "loss.retain=gd", f"reference.batch_size={batch}"))
         wall = time.time() - t0
         start, end = computing_span(cache)
         p = m["precompute"]
         tokens = p["tokens_computed"]
+        used = (p.get("num_workers") or 1, p.get("cpus_per_worker") or 1)  # an older checkout: 1 actor, 1 CPU
         out[f"throughput_{name}"] = {
             "tokens": tokens, "job_seconds": round(wall, 3), "computing_seconds": round(end - start, 3),
             "startup_seconds": round(start - t0, 3), "tokens_per_second_computing": tokens / (end - start),
-            "tokens_per_second_job": tokens / wall, "num_workers": p.get("num_workers"),
-            "cpus_per_worker": p.get("cpus_per_worker"), "shards": p["shards_computed"]}
+            "tokens_per_second_job": tokens / wall, "num_workers": used[0], "cpus_per_worker": used[1],
+            "shards": p["shards_computed"]}
+        if used not in bare:  # the default pool: known once it ran; its bare forward right after it
+            bare[used] = [bare_forward(assets["target"], prepared, batch, *used)]
         print(f"throughput {name}: {out[f'throughput_{name}']}", flush=True)
-    bare.append(bare_forward(assets["target"], prepared, batch))
-    forward = statistics.mean(b["tokens_per_second"] for b in bare)
-    out["bare_forward"] = {"runs": bare, "tokens_per_second_mean": forward}
+    for pool in bare:  # and once more at the end: the mean of the two brackets the precompute runs
+        bare[pool].append(bare_forward(assets["target"], prepared, batch, *pool))
+    forward = {pool: statistics.mean(b["tokens_per_second"] for b in runs_) for pool, runs_ in bare.items()}
+    out["bare_forward"] = {f"{w}x{t}": {"runs": bare[(w, t)], "tokens_per_second_mean": forward[(w, t)]}
+                           for w, t in bare}
+    pool_of = {name: (out[f"throughput_{name}"]["num_workers"], out[f"throughput_{name}"]["cpus_per_worker"])
+               for name in runs}
     out["precompute_over_forward_throughput"] = {
-        name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward for name in forms}
+        name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward[pool_of[name]] for name in runs}
     out["precompute_over_forward_throughput_wall"] = {
-        name: out[f"throughput_{name}"]["tokens_per_second_job"] / forward for name in forms}
+        name: out[f"throughput_{name}"]["tokens_per_second_job"] / forward[pool_of[name]] for name in runs}
     print("precompute_over_forward_throughput", out["precompute_over_forward_throughput"], flush=True)
     return out
 
@@ -322,6 +364,8 @@ def main(argv=None) -> int:
                         help="documents of the generated corpus of section 5 (0: skip it)")
     parser.add_argument("--throughput-k", type=int, default=32, help="K of the topk form in section 5")
     parser.add_argument("--throughput-only", action="store_true", help="run section 5 alone")
+    parser.add_argument("--throughput-pools", default="", help="section 5: other pools than the default, "
+                        "WORKERSxCPUS comma-separated (e.g. 2x1)")
     args = parser.parse_args(argv)
 
     import shutil
@@ -332,7 +376,11 @@ def main(argv=None) -> int:
     from dipo_scale.reference import precompute_reference
 
     t_start = time.time()
-    assets = demo_assets(Path(args.demo_dir).resolve())
+    models = Path(args.demo_dir).resolve() / "models"
+    if args.throughput_only and (models / "target" / "model.safetensors").is_file() and (models / "tokenizer").is_dir():
+        assets = {"target": models / "target", "tokenizer": models / "tokenizer"}  # all section 5 needs
+    else:
+        assets = demo_assets(Path(args.demo_dir).resolve())
     work = Path(args.work or Path(args.demo_dir) / "reference_bench").resolve()
     shutil.rmtree(work, ignore_errors=True)  # measure a precompute from nothing
     load_at_start = os.getloadavg()
@@ -342,7 +390,7 @@ def main(argv=None) -> int:
                                  "demo_dir": str(Path(args.demo_dir).resolve())}}
     if args.throughput_docs:
         result.update(throughput(assets, Path(args.demo_dir).resolve(), work, args.throughput_docs,
-                                 args.throughput_k))
+                                 args.throughput_k, [p for p in args.throughput_pools.split(",") if p]))
     if args.throughput_only:
         ray.shutdown()
         return _write(args, result, t_start, load_at_start)

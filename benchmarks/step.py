@@ -6,8 +6,8 @@ fine-tuning step, side by side on the same batch, on the local 2-worker ZeRO-3 c
 Setup: a small Llama (default 32k vocabulary, hidden 256, 4 layers: ~20M parameters, float32)
 and random-text blocks through the real `prepare` stage; the `hidden` reference cache is written
 by the real precompute (`dipo_scale.reference.precompute_reference`). One Ray Train run with 2
-workers builds the training engine and the online reference engine once (`unlearn._init_engines`),
-then times `unlearn._micro_step` (forward over [forget; retain], loss, backward, ZeRO-3 optimizer
+workers builds the training engine and the online reference engine once (`unlearn.init_engines`),
+then times `unlearn.micro_step` (forward over [forget; retain], loss, backward, ZeRO-3 optimizer
 step; with `gd` retain) for each variant in turn, round-robin, on the same global batch (one
 micro step per worker per step). Reading the cache rows is inside the timed region, as in
 training. Each timing is bracketed by barriers; the figure is the median over `--reps` rounds
@@ -73,7 +73,7 @@ def step_worker(config: dict) -> None:
     from dipo_scale.config import UnlearnConfig
     from dipo_scale.prepare import read_blocks
     from dipo_scale.reference import ReferenceCache
-    from dipo_scale.unlearn import _init_engines, _micro_step, load_ds_config
+    from dipo_scale.unlearn import init_engines, load_ds_config, micro_step
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     cfgs = {name: UnlearnConfig.model_validate(c) for name, c in config["cfgs"].items()}
@@ -82,7 +82,7 @@ def step_worker(config: dict) -> None:
     engines = {}  # fused or not -> (engine, online reference engine, fused reference head)
     for fused, name in ((False, "dipo_online"), (True, "dipo_online_fused")):
         torch.manual_seed(0)  # builds the training engine and the online reference engine
-        engines[fused] = _init_engines(cfgs[name], load_ds_config(cfgs[name], world))
+        engines[fused] = init_engines(cfgs[name], load_ds_config(cfgs[name], world))
     base = cfgs["dipo_online"]
     caches = {form: ReferenceCache(d) for form, d in config["caches"].items()}
     forget, retain = read_blocks(base.data.prepared_dir, "forget"), read_blocks(base.data.prepared_dir, "retain")
@@ -98,7 +98,7 @@ def step_worker(config: dict) -> None:
         rss, _ = _rss_bytes(), _reset_peak()
         t0 = time.perf_counter()
         cached = caches[source].references(forget=ids) if source in caches else None
-        _micro_step(cfg, engine, ref_engine if source == "online" else None, batch, n_forget=micro,
+        micro_step(cfg, engine, ref_engine if source == "online" else None, batch, n_forget=micro,
                     cached_ref=cached, ref_head=ref_head)
         dist.barrier()
         seconds = time.perf_counter() - t0

@@ -3,8 +3,8 @@ and with the 8-bit optimizer (bitsandbytes AdamW8bit).
 
     .venv/bin/python benchmarks/zero3_memory.py --json /tmp/zero3_memory.json
 
-Each setting is a real Ray Train run of `unlearn._init_engines` (the training engine, from the run
-config) on a small Llama, followed by one `unlearn._micro_step` so that gradients and optimizer
+Each setting is a real Ray Train run of `unlearn.init_engines` (the training engine, from the run
+config) on a small Llama, followed by one `unlearn.micro_step` so that gradients and optimizer
 states exist. Each worker then counts the bytes of the tensors DeepSpeed's ZeRO-3 optimizer keeps
 for it (unique storages only):
   params     its partition of the model's parameters (`param.ds_tensor`)
@@ -50,17 +50,17 @@ def memory_worker(config: dict) -> None:
 
     from dipo_scale.config import UnlearnConfig
     from dipo_scale.prepare import read_blocks
-    from dipo_scale.unlearn import _init_engines, _micro_step, load_ds_config
+    from dipo_scale.unlearn import init_engines, load_ds_config, micro_step
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     cfg = UnlearnConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    engine, *_ = _init_engines(cfg, load_ds_config(cfg, world))
+    engine, *_ = init_engines(cfg, load_ds_config(cfg, world))
     blocks = read_blocks(cfg.data.prepared_dir, "forget")
     rows = np.arange(rank * cfg.train.micro_batch_size, (rank + 1) * cfg.train.micro_batch_size)
     batch = {k: torch.as_tensor(blocks[k][rows]) for k in ("input_ids", "labels", "attention_mask")}
-    _micro_step(cfg, engine, None, batch, n_forget=len(rows))
+    micro_step(cfg, engine, None, batch, n_forget=len(rows))
 
     opt = engine.optimizer
     params = [p.ds_tensor for p in engine.module.parameters()]

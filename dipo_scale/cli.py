@@ -59,7 +59,7 @@ def _cmd_unlearn(args) -> None:
 
 def _cmd_reference(args) -> None:
     from dipo_scale.config import load_unlearn_config
-    from dipo_scale.reference import precompute_reference
+    from dipo_scale.reference.precompute import precompute_reference
 
     cfg = load_unlearn_config(args.config, args.set)
     m = precompute_reference(cfg)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dipo_scale.errors import UserInputError
 
@@ -49,8 +49,6 @@ class DataConfig(_Strict):
 
 
 class DipoConfig(_Strict):
-    from pydantic import field_validator  # used by this class only (removed from it below)
-
     select: Literal["topk", "label", "topp"] = "topk"
     k: int = Field(1, ge=1)
     p: float = 0.9      # in (0, 1]; 1 puts the whole vocabulary in S (the margin is then 0)
@@ -71,8 +69,6 @@ class DipoConfig(_Strict):
             raise ValueError(f"must be in (0, {high:g}], got {value}")
         return value
 
-    del field_validator
-
 
 class NpoConfig(_Strict):
     beta: float = Field(0.1, gt=0)
@@ -89,7 +85,9 @@ class LossConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    num_workers: int = Field(2, ge=1)
+    # N workers, or [min, max]: an elastic group that starts with what it can get, shrinks when a
+    # node is lost and grows back (the global batch, schedule and LR curve do not change)
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     ds_config: str = "zero3_cpu.json"      # a file in ds_configs/ (or a path)
     steps: int = Field(20, ge=1)
@@ -106,6 +104,28 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=-1)      # worker-group restarts from the last checkpoint (-1: unlimited)
     storage_path: Optional[str] = None       # Ray Train storage (shared on clusters); default <out_dir>/ray
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    resize_check_s: float = Field(60.0, gt=0)  # elastic: how often Ray looks for capacity to grow into
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if isinstance(low, bool) or isinstance(high, bool) or not 1 <= low <= high:
+            raise ValueError(f"expected N >= 1 or [min, max] with 1 <= min <= max, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _elastic_restarts(self):
+        if isinstance(self.num_workers, tuple) and self.max_failures == 0:
+            raise ValueError("max_failures: an elastic group (num_workers=[min, max]) restarts after a lost node; "
+                             "set train.max_failures > 0 (or -1, unlimited)")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed-size group."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else tuple(n)
 
 
 class LoggingConfig(_Strict):
@@ -136,7 +156,7 @@ class ReferenceConfig(_Strict):
     """Where the reference statistics come from (docs/DIPO.md, "Reference statistics").
 
     `online`: a frozen reference engine runs a forward every step. `hidden` / `topk`: read from a
-    cache written once by `dipo-scale reference` into `cache_dir` (dipo_scale/reference.py)."""
+    cache written once by `dipo-scale reference` into `cache_dir` (dipo_scale/reference/)."""
     form: Literal["online", "hidden", "topk"] = "online"
     k: int = Field(32, ge=1)                 # topk: logits kept per position
     cache_dir: Optional[str] = None          # hidden/topk: the cache (`dipo-scale reference` writes it)
@@ -145,7 +165,7 @@ class ReferenceConfig(_Strict):
     quantize: Literal["none", "8bit", "4bit"] = "none"  # load the reference with bitsandbytes
     mode: Literal["actors", "zero3"] = "actors"  # Ray Data actor pool, or ZeRO-3 workers (Ray Train)
     # actors, or ZeRO-3 workers, and the CPUs (torch threads) of each; unset: one worker per node
-    # using all its CPUs (one per GPU with train.use_gpu); see reference.pool_size
+    # using all its CPUs (one per GPU with train.use_gpu); see dipo_scale.reference.precompute.pool_size
     num_workers: Optional[int] = Field(None, ge=1)
     cpus_per_worker: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)         # blocks per reference forward

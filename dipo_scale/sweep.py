@@ -259,7 +259,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     base = absolute_paths(cfg.unlearn)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
-    check_resources(u.train.num_workers, use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
+    check_resources(u.train.worker_range[0], use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
                     extra_cpus=cfg.trial_cpus)
     mark_output_dir(out, "sweep")
     atomic_write_json(out / "config.json", cfg.model_dump(by_alias=True))

@@ -7,7 +7,7 @@ Driver side (`run_unlearning`) builds a `TorchTrainer` with N workers. Each work
    when the method needs one, the frozen reference as a second ZeRO-3 engine without optimizer
    (the "online" reference form). With `reference.form=hidden|topk` no reference engine is
    built: each micro step reads the reference statistics of its own block ids from the cache
-   (`dipo_scale.reference.ReferenceCache`; verified against the run by `validate_run`);
+   (`dipo_scale.reference.cache.ReferenceCache`; verified against the run by `validate_run`);
 2. a deterministic data schedule: global batch s is a fixed set of forget block ids (and as many
    retain block ids) that does not depend on the number of workers; worker r takes its slice,
    so 1 worker and 2 workers with the same global batch see the same data;
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dipo_scale import checkpoint
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_dir, atomic_write_json, check_output_dir, check_run_dir, claim_run_dir
@@ -192,20 +193,54 @@ def hf_state_dict(engine) -> dict | None:
     return state_dict
 
 
-def _init_engines(cfg: UnlearnConfig, ds_config: dict):
-    """The policy engine, and for the online reference its frozen engine and (fused) the gathered
-    reference head (weight, bias): frozen, so one read-only copy per worker, like the hidden cache's."""
+def init_distributed(cfg: UnlearnConfig) -> None:
+    """DeepSpeed's process group on a Ray Train worker (nccl with `train.use_gpu`, else gloo): Ray
+    Train has already formed it, DeepSpeed adopts it."""
     import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+
+
+def load_zero3_model(cfg: UnlearnConfig, ds_config: dict, path: str):
+    """The HF causal LM at `path` in `model.dtype`, loaded under ZeRO-3's `zero.Init` from
+    `ds_config` (each rank materialises only its partition of every parameter)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    # Ray Train already formed the process group; DeepSpeed adopts it.
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    load = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    fused = cfg.loss.fused
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (keeps zero.Init on for from_pretrained)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **load)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def inference_ds_config(ds_config: dict) -> dict:
+    """`ds_config` without optimizer and scheduler: the config of a frozen (inference-only) engine."""
+    return {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+
+
+def frozen_engine(module: torch.nn.Module, ds_config: dict):
+    """`module` frozen (no gradients, no optimizer) as a ZeRO-3 engine in eval mode: the online
+    reference of training, and the ZeRO-3 workers of the reference precompute."""
+    import deepspeed
+
+    module.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=inference_ds_config(ds_config))
+    engine.eval()
+    return engine
+
+
+def init_engines(cfg: UnlearnConfig, ds_config: dict):
+    """(engine, ref_engine, ref_head) of a training worker, from the run config and the filled
+    DeepSpeed config (`load_ds_config`): the policy's ZeRO-3 training engine (wrapped in
+    `FusedHeadModel` with `loss.fused`) with its optimizer (`make_optimizer`) and warm-up LR
+    schedule; for the online reference form, the frozen reference engine (`frozen_engine`) and,
+    fused, its gathered head (weight, bias): frozen, so one read-only copy per worker, like the
+    hidden cache's. `ref_engine` and `ref_head` are None when the reference comes from a cache or
+    the method needs none. Every rank calls it (ZeRO-3 set-up is collective)."""
+    import deepspeed
+
+    init_distributed(cfg)
+    fused = cfg.loss.fused
+    model = load_zero3_model(cfg, ds_config, cfg.model.path)
     optimizer = make_optimizer(cfg, model.parameters())
     if fused:
         model = FusedHeadModel(model)
@@ -219,9 +254,7 @@ def _init_engines(cfg: UnlearnConfig, ds_config: dict):
                                       config=ds_config)
     ref_engine, ref_head = None, None
     if cfg.needs_reference() and not cfg.reference_cached():
-        ref_config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-        hf_ref = HfDeepSpeedConfig(ref_config)  # noqa: F841
-        ref_model = AutoModelForCausalLM.from_pretrained(cfg.model.reference_path or cfg.model.path, **load)
+        ref_model = load_zero3_model(cfg, inference_ds_config(ds_config), cfg.model.reference_path or cfg.model.path)
         ref_model.requires_grad_(False)
         if fused:
             head = ref_model.get_output_embeddings()
@@ -229,8 +262,7 @@ def _init_engines(cfg: UnlearnConfig, ds_config: dict):
             with deepspeed.zero.GatheredParameters(params):  # collective, read-only
                 ref_head = tuple(p.detach().clone() for p in params)
             ref_model = FusedHeadModel(ref_model)
-        ref_engine, *_ = deepspeed.initialize(model=ref_model, config=ref_config)
-        ref_engine.eval()
+        ref_engine = frozen_engine(ref_model, ds_config)
     return engine, ref_engine, ref_head
 
 
@@ -285,12 +317,16 @@ def _start_wandb(cfg: UnlearnConfig, run_dir: Path):
                       mode=mode, config=safe_config, reinit="finish_previous")
 
 
-def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: int,
-                cached_ref: dict | None = None, ref_head: tuple | None = None) -> dict[str, float]:
-    """Forward over [forget; retain] rows, loss, backward, step. Returns the logged values.
+def micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: int,
+               cached_ref: dict | None = None, ref_head: tuple | None = None) -> dict[str, float]:
+    """One micro step of training: forward over the batch's rows ([forget; retain]: `batch` holds
+    `input_ids`, `labels`, `attention_mask` on the engine's device, the first `n_forget` rows the
+    forget ones), the loss of `cfg` (method, retain term, `loss.fused`), `engine.backward`,
+    `engine.step` (DeepSpeed steps the optimizer at the accumulation boundary). Returns the values
+    training logs (loss, forget/retain loss and NLL, DiPO margin or NPO log-ratio).
     The reference is the online `ref_engine`'s logits (fused: its final hidden states with the
-    gathered `ref_head`), or `cached_ref` {"forget": ..., "retain": ...} (cached forms,
-    `ReferenceCache.references`) for the batch's forget and retain rows."""
+    gathered `ref_head`; both from `init_engines`), or `cached_ref` {"forget": ..., "retain": ...}
+    (cached forms, `ReferenceCache.references`) for the batch's forget and retain rows."""
     targets = shift_targets(batch["labels"])
     f, r = slice(0, n_forget), slice(n_forget, None)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -325,114 +361,19 @@ def _micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: i
     return record
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-# Checkpoints. Every rank saves its DeepSpeed shard with a record of what it wrote
-# (`rank<r>.json`: step, world size, each file's size and sha256) and reports the directory through
-# `ray.train.report`; Ray merges the ranks' directories into `<storage>/<run_name>/checkpoint_step<N>`.
-# A checkpoint is complete when every rank's record is there and every file has its recorded size;
-# a rank checks its files' sha256 before loading them. Resume starts from the newest complete
-# checkpoint on disk (not the last one Ray registered: a driver stopped by SIGINT registers less
-# than its workers wrote), and the driver keeps `train.keep_checkpoints` of them on disk.
-CHECKPOINT_PREFIX = "checkpoint_step"
-
-
 def checkpoint_root(cfg: UnlearnConfig) -> Path:
-    """Where Ray Train stores this run's checkpoints."""
+    """Where Ray Train stores this run's checkpoints (dipo_scale/checkpoint.py)."""
     return Path(cfg.train.storage_path or run_dir_of(cfg) / "ray") / cfg.run_name
 
 
-def _rank_records(ckpt_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(ckpt_dir.glob("rank*.json")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            return []
-    return records
-
-
-def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, directory) of every complete checkpoint under `root`, oldest first."""
-    found = []
-    for ckpt_dir in Path(root).glob(f"{CHECKPOINT_PREFIX}*"):
-        records = _rank_records(ckpt_dir)
-        if not records or sorted(r.get("rank") for r in records) != list(range(records[0].get("world_size", 0))):
-            continue
-        files = {name: size for r in records for name, (size, _) in r["files"].items()}
-        if all((ckpt_dir / name).is_file() and (ckpt_dir / name).stat().st_size == size
-               for name, size in files.items()):
-            found.append((int(records[0]["step"]), ckpt_dir))
-    return sorted(found)
-
-
-def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and incomplete leftovers
-    (all of them this run's own). Ray's record of the checkpoints it registered goes too: resume
-    reads the disk, and the record would name removed directories."""
-    import shutil
-
-    root = Path(root)
-    kept = {path for _, path in complete_checkpoints(root)[-keep:]}
-    for ckpt_dir in root.glob(f"{CHECKPOINT_PREFIX}*"):
-        if ckpt_dir not in kept:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-    (root / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
-
-
-def _newest_checkpoint(cfg: UnlearnConfig) -> Path | None:
-    """Rank 0 picks the newest complete checkpoint; every rank gets its choice."""
-    import torch.distributed as dist
-
-    found = complete_checkpoints(checkpoint_root(cfg)) if dist.get_rank() == 0 else None
-    choice = [str(found[-1][1]) if found else None]
-    dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
-
-
-def _restore(engine, ckpt_dir: Path, rank: int) -> int:
-    """Verify this rank's files, then load model, optimizer, LR schedule and RNG states; returns
-    the number of finished steps."""
-    from dipo_scale.files import sha256_file
-
-    record = json.loads((ckpt_dir / f"rank{rank}.json").read_text())
-    for name, (size, sha) in record["files"].items():
-        if sha256_file(ckpt_dir / name) != sha:
-            raise UserInputError(f"{ckpt_dir / name}: checksum does not match {ckpt_dir.name}/rank{rank}.json "
-                                 f"(corrupt checkpoint); move {ckpt_dir} aside to resume from the one before")
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"checkpoint {ckpt_dir} could not be loaded by DeepSpeed")
-    _set_rng_state(client_state["rng"])
-    return int(client_state["step"])
-
-
-def _report_checkpoint(engine, step: int, metrics: dict) -> None:
-    """Every rank saves its DeepSpeed shard and its record; Ray merges them into one checkpoint."""
+def _report_checkpoint(cfg: UnlearnConfig, engine, step: int, metrics: dict) -> None:
+    """Every rank saves its part and its record; Ray merges them into one checkpoint."""
     import ray.train
-    import torch.distributed as dist
 
-    from dipo_scale.files import sha256_file
-
-    rank = dist.get_rank()
     with tempfile.TemporaryDirectory() as ckpt_dir:
-        engine.save_checkpoint(ckpt_dir, tag=f"step{step:07d}",
-                               client_state={"step": step, "rng": _rng_state()})
-        files = {str(p.relative_to(ckpt_dir)): (p.stat().st_size, sha256_file(p))
-                 for p in sorted(Path(ckpt_dir).rglob("*")) if p.is_file()}
-        atomic_write_json(Path(ckpt_dir) / f"rank{rank}.json",
-                          {"step": step, "rank": rank, "world_size": dist.get_world_size(), "files": files})
+        checkpoint.save(engine, Path(ckpt_dir), step, portable=cfg.train.optimizer == "adamw")
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:07d}")
+                         checkpoint_dir_name=f"{checkpoint.CHECKPOINT_PREFIX}{step:07d}")
 
 
 def _open_log(path: Path, finished_steps: int):
@@ -467,15 +408,15 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = run_dir_of(cfg)
     torch.manual_seed(cfg.train.seed)
-    engine, ref_engine, ref_head = _init_engines(cfg, load_ds_config(cfg, world))
-    checkpoint = _newest_checkpoint(cfg)
-    start = _restore(engine, checkpoint, rank) if checkpoint else 0
+    engine, ref_engine, ref_head = init_engines(cfg, load_ds_config(cfg, world))
+    resume_from = checkpoint.newest_checkpoint(checkpoint_root(cfg))
+    start, saved_world = checkpoint.load(engine, resume_from) if resume_from else (0, world)
 
     forget = read_blocks(cfg.data.prepared_dir, "forget")
     retain = read_blocks(cfg.data.prepared_dir, "retain") if cfg.loss.retain != "none" else None
     cache, cached_splits = None, []
     if cfg.reference_cached():
-        from dipo_scale.reference import ReferenceCache, needed_splits
+        from dipo_scale.reference.cache import ReferenceCache, needed_splits
 
         cache, cached_splits = ReferenceCache(cfg.reference.cache_dir), needed_splits(cfg)
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -492,8 +433,9 @@ def train_worker(config: dict) -> None:
     evaluator = Evaluator(cfg, run_dir, start, rank=rank, world=world) if cfg.eval.every else None
     every = cfg.train.checkpoint_every
     if rank == 0:
-        print(f"unlearn: {cfg.run_name}, {world} workers, " + (f"resuming after step {start} ({checkpoint.name})"
-              if start else "from the start"), flush=True)
+        print(f"unlearn: {cfg.run_name}, {world} workers, " + (
+            f"resuming after step {start} ({resume_from.name}, written by {saved_world} workers)"
+            if start else "from the start"), flush=True)
         progress = Progress("unlearn", total=cfg.train.steps, unit="steps", done=start)
 
     for step in range(start, cfg.train.steps):
@@ -510,12 +452,12 @@ def train_worker(config: dict) -> None:
             cached_ref = None if cache is None else cache.references(  # only this worker's rows
                 engine.device, forget=rows[0][1] if "forget" in cached_splits else None,
                 retain=rows[1][1] if "retain" in cached_splits else None)
-            record = _micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]), cached_ref=cached_ref,
+            record = micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]), cached_ref=cached_ref,
                                  ref_head=ref_head)
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v * micro / (G // world)
         metrics = _mean_over_ranks(sums)
-        metrics.update(step=step + 1, lr=engine.get_lr()[0], step_time_s=time.time() - t0)
+        metrics.update(step=step + 1, lr=engine.get_lr()[0], step_time_s=time.time() - t0, world_size=world)
         if rank == 0:
             log_file.write(json.dumps({**metrics, "forget_block_ids": forget_ids.tolist()}) + "\n")
             log_file.flush()
@@ -531,12 +473,13 @@ def train_worker(config: dict) -> None:
             ray.train.report({"step": step + 1, "eval": True,
                               **{k: v for k, v in record.items() if isinstance(v, (int, float))}})
         if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
-            _report_checkpoint(engine, step + 1, metrics)
+            _report_checkpoint(cfg, engine, step + 1, metrics)
 
     _export_hf(cfg, engine, rank, run_dir / "model", {"method": cfg.run_name, "source_model": cfg.model.path,
                                                       "prepared_dir": cfg.data.prepared_dir,
                                                       "config": cfg.model_dump(by_alias=True)})
-    _report_checkpoint(engine, cfg.train.steps, {"step": cfg.train.steps})
+    if start < cfg.train.steps:  # (a rerun of a finished run loaded that checkpoint: it stays as it is)
+        _report_checkpoint(cfg, engine, cfg.train.steps, {"step": cfg.train.steps})
     if rank == 0:
         progress.close()
         log_file.close()
@@ -590,13 +533,15 @@ def validate_run(cfg: UnlearnConfig) -> None:
     manifest = check_prepared(cfg.data.prepared_dir, model=model)
     if manifest["splits"]["forget"]["tokens"] == 0:
         raise UserInputError(f"{cfg.data.prepared_dir}: forget set is empty")
-    load_ds_config(cfg, cfg.train.num_workers)
+    low, high = cfg.train.worker_range
+    for world in range(low, high + 1):  # the batch must split over every size an elastic group may take
+        load_ds_config(cfg, world)
     if not cfg.train.use_gpu:  # a GPU run's optimizer is checked where its workers run (run_unlearning)
         check_optimizer(cfg)
     if cfg.loss.fused:
         check_fused_head(cfg)
     if cfg.reference_cached():
-        from dipo_scale.reference import check_cache
+        from dipo_scale.reference.cache import check_cache
 
         check_cache(cfg)  # fingerprints of the cache against this run, every shard's checksum
     if cfg.eval.every:
@@ -615,9 +560,12 @@ def _check_workers_can_run(cfg: UnlearnConfig) -> None:
 
     from dipo_scale.preflight import check_resources
 
-    check_resources(cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
+    check_resources(cfg.train.worker_range[0], use_gpu=cfg.train.use_gpu)  # an elastic group starts with its min
     if cfg.train.use_gpu and cfg.train.optimizer == "adamw_8bit":
-        ray.get(ray.remote(num_gpus=1, max_retries=0)(check_optimizer).remote(cfg))
+        try:
+            ray.get(ray.remote(num_gpus=1, max_retries=0)(check_optimizer).remote(cfg))
+        except UserInputError as e:  # a task's error carries its traceback: keep the cause's one line
+            raise UserInputError(str(getattr(e, "cause", e))) from None
 
 
 def _run_started(run_dir: Path) -> bool:
@@ -669,17 +617,21 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.out_dir)
     config = cfg.model_dump(by_alias=True)
-    check_run_dir(run_dir, config, "unlearn", started=_run_started)
+    # The run's identity: its config but the worker count (the same command with another
+    # train.num_workers resumes it: checkpoints load at any world size).
+    identity = {**config, "train": {k: v for k, v in config["train"].items() if k != "num_workers"}}
+    check_run_dir(run_dir, identity, "unlearn", started=_run_started)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
     _check_workers_can_run(cfg)
-    claim_run_dir(run_dir, config, "unlearn", started=_run_started)  # nothing is written before this
-    prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
+    claim_run_dir(run_dir, identity, "unlearn", started=_run_started)  # nothing is written before this
+    checkpoint.prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": config},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     placement_strategy=cfg.train.placement_strategy),
+                                     placement_strategy=cfg.train.placement_strategy,
+                                     elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run_name, storage_path=str(checkpoint_root(cfg).parent),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -694,5 +646,5 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
             raise UserInputError(str(user_error)) from None
         raise
     finally:
-        prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
+        checkpoint.prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
     return run_dir / "model"

@@ -61,7 +61,7 @@ def test_resumed_progress_counts_its_own_rate(monkeypatch):
 def test_reference_precompute_counts_the_shards_its_workers_record(tmp_path, capsys):
     """The driver's lines come from the shard records (.json) written while the block runs; a
     record left by an earlier run is not counted until it is rewritten."""
-    from dipo_scale.reference import _shard_progress
+    from dipo_scale.reference.precompute import _shard_progress
 
     todo = [{"file": f"forget/part-{i:05d}.safetensors"} for i in range(3)]
     (tmp_path / "forget").mkdir()

@@ -20,7 +20,8 @@ from dipo_scale.cli import main
 from dipo_scale.config import load_unlearn_config
 from dipo_scale.errors import UserInputError
 from dipo_scale.losses import HiddenReference, TopKReference
-from dipo_scale.reference import SLOW_ENV, ReferenceCache, _completed, precompute_reference
+from dipo_scale.reference import ReferenceCache, precompute_reference
+from dipo_scale.reference.precompute import SLOW_ENV, _completed
 from dipo_scale.unlearn import validate_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,3 +198,100 @@ def test_two_worker_zero3_training_reads_the_hidden_cache(tiny_assets, hidden_ca
     assert abs(log[0]["dipo_margin"]) < 1e-3
     assert abs(log[0]["retain_loss"]) < 1e-5
     assert log[1]["dipo_margin"] > 1e-3  # and it unlearns from there
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces of the precompute, without Ray
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shard_writer_streams_a_safetensors_file_with_its_sha256(tmp_path, dtype):
+    """Batches written as they arrive (the first tensor streamed, the others at the end), read
+    back by safetensors as written; the sha256 computed while writing is the file's."""
+    from safetensors import safe_open
+
+    from dipo_scale.files import sha256_file
+    from dipo_scale.reference.precompute import ShardWriter
+
+    data = {"topk_logits": torch.randn(5, 4, 3).to(dtype), "topk_ids": torch.randint(0, 9, (5, 4, 3), dtype=torch.int32),
+            "lse": torch.randn(5, 4)}
+    computed = {k: (v.dtype, tuple(v.shape)) for k, v in data.items()}
+    writer = ShardWriter(tmp_path / "s.safetensors", {"block_id": torch.arange(10, 15)}, computed, {"x": 1})
+    for s in range(0, 5, 2):
+        writer.put({k: v[s:s + 2] for k, v in data.items()})
+    sha, size = writer.close()
+    assert (sha, size) == (sha256_file(tmp_path / "s.safetensors"), (tmp_path / "s.safetensors").stat().st_size)
+    with safe_open(tmp_path / "s.safetensors", framework="pt") as f:
+        assert f.get_tensor("block_id").tolist() == list(range(10, 15))
+        assert f.metadata() == {"dipo_scale": '{"x": 1}'}
+        for k, v in data.items():
+            assert torch.equal(f.get_tensor(k), v) and torch.equal(f.get_slice(k)[1:3], v[1:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temporary file left
+
+    # fewer rows than the header promises: refused, nothing renamed into place, no temporary file
+    writer = ShardWriter(tmp_path / "short.safetensors", {}, {"hidden": (torch.float32, (2, 2))}, {})
+    writer.put({"hidden": torch.zeros(1, 2)})
+    with pytest.raises(RuntimeError, match="wrote 8 data bytes, the header says 16"):
+        writer.close()
+    writer = ShardWriter(tmp_path / "aborted.safetensors", {}, {"hidden": (torch.float32, (2, 2))}, {})
+    writer.put({"hidden": torch.zeros(1, 2)})
+    writer.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+
+
+def test_reference_forward_uses_the_trunk_only_where_it_is_the_heads_input(tiny_assets, one_thread):
+    """The trunk's output is bitwise the full forward's head input (hidden) and head(trunk) its
+    logits' statistics (topk); a model that rescales its logits after the head fails the probe
+    and keeps the full forward."""
+    from transformers import AutoModelForCausalLM
+
+    from dipo_scale.reference.precompute import ReferenceForward, probe_input
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["target"]).eval()
+    ids = torch.randint(0, 320, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    for form in ("hidden", "topk"):
+        forward = ReferenceForward(model, _cfg(tiny_assets, "/tmp/unused", f"reference.form={form}", "reference.k=7"))
+        with torch.no_grad():
+            assert bool(forward(**probe_input("cpu")))
+            fast = forward(input_ids=ids, attention_mask=mask)
+            forward.via_decoder = False
+            full = forward(input_ids=ids, attention_mask=mask)
+        assert fast.keys() == full.keys() and all(torch.equal(fast[k], full[k]) for k in fast)
+
+    class Rescaled(torch.nn.Module):  # a head input the trunk does not give
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_decoder(self):
+            return self.inner.get_decoder()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            hidden = self.inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+            return type("Out", (), {"logits": self.get_output_embeddings()(2 * hidden)})()
+
+    forward = ReferenceForward(Rescaled(model), _cfg(tiny_assets, "/tmp/unused"))
+    with torch.no_grad():
+        assert not bool(forward(**probe_input("cpu")))
+
+
+def test_pool_size_uses_the_cluster_cores_by_default(tiny_assets, monkeypatch):
+    import ray
+
+    from dipo_scale.reference.precompute import pool_size
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0}}, {"Alive": True, "Resources": {"CPU": 16.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    cfg = lambda *extra: _cfg(tiny_assets, "/tmp/unused", *extra)  # noqa: E731
+    assert pool_size(cfg(), items=10) == (2, 16)  # one actor per node, all its cores
+    assert pool_size(cfg(), items=1) == (1, 16)  # never more actors than shards
+    assert pool_size(cfg("reference.num_workers=4"), items=10) == (4, 4)
+    assert pool_size(cfg("reference.cpus_per_worker=8"), items=10) == (4, 8)
+    assert pool_size(cfg("reference.mode=zero3"), items=1) == (2, 16)  # every rank joins the forwards
+    nodes[0]["Resources"]["GPU"] = 2.0
+    assert pool_size(cfg("train.use_gpu=true"), items=10) == (2, 16)  # one per GPU
