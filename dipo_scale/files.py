@@ -160,6 +160,23 @@ def claim_run_dir(run_dir: str | Path, config: dict, command: str,
     atomic_write_json(Path(run_dir) / "config.json", config)
 
 
+def reopen_step_log(path: str | Path, finished_steps: int) -> tuple[list[dict], Any]:
+    """A JSON-lines log of records with a "step", cut back to the steps a restored checkpoint
+    holds (redone steps are logged again, so each step appears once; a line cut short by a crash
+    goes), and opened for appending. Returns (the kept records, the open file)."""
+    path, kept = Path(path), []
+    if finished_steps and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= finished_steps:
+                kept.append(record)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept, open(path, "a")
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

@@ -36,7 +36,8 @@ import torch
 from dipo_scale import checkpoint
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_dir, atomic_write_json, check_output_dir, check_run_dir, claim_run_dir
+from dipo_scale.files import (atomic_dir, atomic_write_json, check_output_dir, check_run_dir, claim_run_dir,
+                              reopen_step_log)
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
                                npo_loss, shift_targets)
 from dipo_scale.progress import Progress
@@ -376,24 +377,6 @@ def _report_checkpoint(cfg: UnlearnConfig, engine, step: int, metrics: dict) -> 
                          checkpoint_dir_name=f"{checkpoint.CHECKPOINT_PREFIX}{step:07d}")
 
 
-def _open_log(path: Path, finished_steps: int):
-    """The step log, cut back to the steps the restored checkpoint contains (redone steps are
-    logged again, so each step appears once)."""
-    kept = []
-    if finished_steps and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if record.get("step", 0) <= finished_steps:
-                kept.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return open(path, "a")
-
-
 def train_worker(config: dict) -> None:
     """Runs in every Ray Train worker process."""
     import ray.train
@@ -429,7 +412,7 @@ def train_worker(config: dict) -> None:
                        "node_ip": ray.util.get_node_ip_address(), "resumed_from_step": start,
                        **_partition_sizes(engine)})
     wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
-    log_file = _open_log(run_dir / "log.jsonl", start) if rank == 0 else None
+    log_file = reopen_step_log(run_dir / "log.jsonl", start)[1] if rank == 0 else None
     evaluator = Evaluator(cfg, run_dir, start, rank=rank, world=world) if cfg.eval.every else None
     every = cfg.train.checkpoint_every
     if rank == 0:

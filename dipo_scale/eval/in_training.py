@@ -6,11 +6,10 @@ checkpoint selection (`eval.select`) exporting the model a rule picks to
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from dipo_scale.config import UnlearnConfig
-from dipo_scale.files import atomic_write_json
+from dipo_scale.files import atomic_write_json, reopen_step_log
 
 
 def select_evaluation(rule: str, history: list[dict], *, retrain_knowmem_f: float | None = None,
@@ -26,24 +25,6 @@ def select_evaluation(rule: str, history: list[dict], *, retrain_knowmem_f: floa
         ok = [h for h in history if h["knowmem_f"] <= forget_target]
         return max(ok, key=lambda h: (h["knowmem_r"], -h["step"])) if ok else None
     return None
-
-
-def _open_history(path: Path, finished_steps: int) -> tuple[list[dict], object]:
-    """The evaluation records of the steps the restored checkpoint contains, and the log opened for
-    appending (cut back to those records: redone steps are evaluated and logged again)."""
-    kept = []
-    if finished_steps and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if record.get("step", 0) <= finished_steps:
-                kept.append(record)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
-    return kept, open(path, "a")
 
 
 def _gather(obj, world: int) -> list | None:
@@ -94,7 +75,7 @@ class Evaluator:
         self.share = self.items.share(rank, world)
         self.batches = self.items.batches(world, e.batch_size)  # the same on every rank
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        self.history, self.file = (_open_history(run_dir / "eval.jsonl", finished_steps) if rank == 0
+        self.history, self.file = (reopen_step_log(run_dir / "eval.jsonl", finished_steps) if rank == 0
                                    else ([], None))
 
     def run(self, step: int, model, export, wandb_run=None) -> dict:
