@@ -78,7 +78,8 @@ def _cmd_evaluate(args) -> None:
         retrain_model=args.retrain_model, retrain_auc=args.retrain_auc,
         retain_model=args.retain_model, retain_truth_ratios=args.retain_truth_ratios,
         forget=args.forget, retain=args.retain, limit=args.limit, batch_size=args.batch_size,
-        num_workers=args.num_workers, max_new_tokens=args.max_new_tokens,
+        num_workers=args.num_workers, max_new_tokens=args.max_new_tokens, device=args.device,
+        gpus_per_worker=args.gpus_per_worker,
     )
     for key, value in metrics.items():
         print(f"{key}: {value:.4g}")
@@ -166,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain", default=None,
                    help="TOFU retain split for utility (default retain_perturbed, TOFU's evaluation subset)")
     p.add_argument("--num-workers", type=int, default=1, help="MUSE: Ray actors evaluating shares of the items")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs each Ray actor asks for (> 0: the evaluation runs on actors, even with one worker)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA and bfloat16 where a GPU is visible (to each actor), else CPU and float32")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated tokens (defaults: VerbMem 128, KnowMem 32, TOFU 128)")
     p.set_defaults(func=_cmd_evaluate)

@@ -144,12 +144,31 @@ class EvalConfig(_Strict):
     select: Literal["none", "muse", "knowmem_r"] = "none"
     retrain_knowmem_f: Optional[float] = None  # `muse`: first evaluation with knowmem_f <= this
     forget_target: Optional[float] = None      # `knowmem_r`: best knowmem_r with knowmem_f <= this
+    # Where evaluations outside training run (`demo`, the sweep's target model, `sequential` /
+    # `scalability` after each request; dipo_scale/eval/workers.py). During unlearning the training
+    # workers evaluate on their own devices, inside their engines, and these do not apply.
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA + bfloat16 where a GPU is visible
+    num_workers: int = Field(1, ge=1)          # Ray actors, each scoring a share of the items
+    gpus_per_worker: float = Field(0.0, ge=0)  # GPUs each actor asks Ray for (> 0: actors even for 1)
+
+    @model_validator(mode="after")
+    def _placement(self):
+        if self.device == "cpu" and self.gpus_per_worker > 0:
+            raise ValueError(f"gpus_per_worker: {self.gpus_per_worker:g} GPUs with device=cpu would stay idle")
+        if self.device == "cuda" and self.gpus_per_worker == 0 and self.num_workers > 1:
+            raise ValueError("gpus_per_worker: device=cuda on Ray actors needs gpus_per_worker > 0 "
+                             "(Ray shows an actor a GPU only when it asks for one)")
+        return self
 
     def muse_settings(self) -> dict:
-        """The keyword arguments of `evaluate.evaluate_muse` these settings fix."""
+        """The keyword arguments of `eval.muse.evaluate_muse` these settings fix."""
         return dict(limit=self.limit, batch_size=self.batch_size,
                     verbmem_max_new_tokens=self.verbmem_max_new_tokens,
                     knowmem_max_new_tokens=self.knowmem_max_new_tokens)
+
+    def placement(self) -> dict:
+        """The keyword arguments of `eval.workers.muse_item_scores` that say where it runs."""
+        return dict(device=self.device, num_workers=self.num_workers, gpus_per_worker=self.gpus_per_worker)
 
 
 class ReferenceConfig(_Strict):

@@ -189,25 +189,30 @@ def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str,
 
 
 def _evaluate_tofu(models: dict, data: TofuData, ev) -> dict:
-    """TOFU's metrics of every model; forget quality against the retrain model's truth ratios."""
-    from dipo_scale.eval.generation import load_model_and_tokenizer
+    """TOFU's metrics of every model; forget quality against the retrain model's truth ratios. Each
+    model in this process, or in a Ray actor with `eval.gpus_per_worker` GPUs, on `eval.device`."""
     from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios
+    from dipo_scale.eval.workers import on_model
 
+    place = dict(device=ev.device, gpus_per_worker=ev.gpus_per_worker)
     _seed_torch()
-    reference, tok = load_model_and_tokenizer(str(models["retrain"]))
-    retain_ratios = tofu_forget_truth_ratios(reference, tok, data, batch_size=ev.batch_size, limit=ev.limit)
-    return _evaluate_each(models, lambda model, tok: evaluate_tofu(
-        model, tok, data, retain_truth_ratios=retain_ratios, batch_size=ev.batch_size, limit=ev.limit,
-        max_new_tokens=ev.knowmem_max_new_tokens).metrics)
+    retain_ratios = on_model(str(models["retrain"]), tofu_forget_truth_ratios, data, batch_size=ev.batch_size,
+                             limit=ev.limit, **place)
+    return _evaluate_each(models, lambda path: on_model(
+        path, evaluate_tofu, data, retain_truth_ratios=retain_ratios, batch_size=ev.batch_size, limit=ev.limit,
+        max_new_tokens=ev.knowmem_max_new_tokens, **place).metrics)
 
 
 # --- MUSE ------------------------------------------------------------------------------------------
 def _evaluate_muse(models: dict, data: MuseData, ev) -> dict:
-    from dipo_scale.eval.muse import evaluate_muse
+    """MUSE's metrics of every model, where `eval.device`, `eval.num_workers` and
+    `eval.gpus_per_worker` say (`eval.workers.muse_item_scores`)."""
+    from dipo_scale.eval.muse import muse_metrics
+    from dipo_scale.eval.workers import muse_item_scores
 
     _seed_torch()
-    return _evaluate_each(models, lambda model, tok: evaluate_muse(model, tok, data, **ev.muse_settings(),
-                                                                   mia=True))
+    return _evaluate_each(models, lambda path: muse_metrics(
+        muse_item_scores(path, data, mia=True, **ev.muse_settings(), **ev.placement())))
 
 
 def _muse_notes(metrics: dict, data_desc: str) -> tuple[list[str], list[str]]:
@@ -230,13 +235,11 @@ def _seed_torch() -> None:
 
 
 def _evaluate_each(models: dict, evaluate) -> dict:
-    """{name: evaluate(model, tokenizer)} for every model directory, a progress line after each."""
-    from dipo_scale.eval.generation import load_model_and_tokenizer
-
+    """{name: evaluate(model directory)} for every model, a progress line after each."""
     progress = Progress("demo: evaluate", total=len(models), unit="models", every_s=0)
     metrics = {}
     for name, path in models.items():
-        metrics[name] = evaluate(*load_model_and_tokenizer(str(path)))
+        metrics[name] = evaluate(str(path))
         progress.update(model=name)
     return metrics
 

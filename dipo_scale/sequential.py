@@ -76,16 +76,16 @@ def forget_sets(cfg: SeriesConfig, data, kind: str) -> list[tuple[str, list[str]
 
 
 def _evaluate(cfg: SeriesConfig, data, model_dir: str) -> dict[str, float]:
-    """MUSE metrics of one model: in this process, or across `eval_workers` Ray actors."""
-    from dipo_scale.eval.generation import load_model_and_tokenizer
-    from dipo_scale.eval.muse import evaluate_muse
-    from dipo_scale.eval.workers import evaluate_muse_parallel
+    """MUSE metrics of one model: in this process, or across `eval_workers` (or
+    `unlearn.eval.num_workers`) Ray actors, on `unlearn.eval.device` with
+    `unlearn.eval.gpus_per_worker` GPUs each (`eval.workers.muse_item_scores`)."""
+    from dipo_scale.eval.muse import muse_metrics
+    from dipo_scale.eval.workers import muse_item_scores
 
-    settings = dict(cfg.unlearn.eval.muse_settings(), mia=True)
-    if cfg.eval_workers > 1:
-        return evaluate_muse_parallel(model_dir, data, cfg.eval_workers, **settings)
-    model, tokenizer = load_model_and_tokenizer(model_dir, trust_remote_code=cfg.unlearn.model.trust_remote_code)
-    return evaluate_muse(model, tokenizer, data, **settings)
+    e = cfg.unlearn.eval
+    placement = {**e.placement(), "num_workers": cfg.eval_workers if cfg.eval_workers > 1 else e.num_workers}
+    return muse_metrics(muse_item_scores(model_dir, data, mia=True, trust_remote_code=cfg.unlearn.model.trust_remote_code,
+                                         **e.muse_settings(), **placement))
 
 
 def _prepare_request(cfg: SeriesConfig, data, docs: list[str], prepared: Path) -> dict:

@@ -135,12 +135,13 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
     if o.constraint is None or o.target_value is not None:
         return o.target_value
     from dipo_scale.data.muse import load_muse_dir
-    from dipo_scale.eval.generation import load_model_and_tokenizer
-    from dipo_scale.eval.muse import evaluate_muse
+    from dipo_scale.eval.muse import muse_metrics
+    from dipo_scale.eval.workers import muse_item_scores
 
-    u = cfg.unlearn
-    model, tokenizer = load_model_and_tokenizer(u.model.path, trust_remote_code=u.model.trust_remote_code)
-    metrics = evaluate_muse(model, tokenizer, load_muse_dir(u.eval.data_dir), **u.eval.muse_settings())
+    u = cfg.unlearn  # where: unlearn.eval.device, num_workers, gpus_per_worker
+    metrics = muse_metrics(muse_item_scores(u.model.path, load_muse_dir(u.eval.data_dir), mia=False,
+                                            trust_remote_code=u.model.trust_remote_code, **u.eval.muse_settings(),
+                                            **u.eval.placement()))
     if o.constraint not in metrics:
         raise UserInputError(f"objective.constraint: {o.constraint!r} is not an evaluation metric "
                              f"({', '.join(metrics)})")

@@ -450,3 +450,50 @@ def test_shards_are_contiguous_and_cover_everything():
     assert muse.shard(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
     assert sum(muse.shard([1], 3), []) == [1] and len(muse.shard([1], 3)) == 3
     assert sum(muse.shard(list(range(10)), 3), []) == list(range(10))
+
+
+# --- where the evaluation runs: --device, --gpus-per-worker, the config keys ---------------------------
+def test_device_options(monkeypatch, tmp_path, model_dir, capsys):
+    """auto is the CPU and float32 without a GPU (CUDA and bfloat16 with one); cuda without a GPU,
+    GPUs with --device cpu and cuda on GPU-less actors are refused in one line before any work; the
+    console says where the model was loaded. (The CUDA paths themselves need a GPU: not run here.)"""
+    import json
+
+    from dipo_scale.cli import main
+    from dipo_scale.config import load_unlearn_config
+    from dipo_scale.errors import UserInputError
+    from dipo_scale.eval.workers import check_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gen.resolve_device("auto") == ("cuda", torch.bfloat16)
+    assert gen.resolve_device("cpu") == ("cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gen.resolve_device("auto") == ("cpu", torch.float32)
+    with pytest.raises(UserInputError, match="--device cuda: no CUDA device"):
+        gen.resolve_device("cuda")
+    assert check_placement("auto", 1, 0.0) is False  # in this process
+    assert check_placement("auto", 2, 0.0) and check_placement("cuda", 1, 0.5)  # Ray actors
+    for args, message in ((("cpu", 1, 1.0), "would stay idle"), (("cuda", 2, 0.0), "needs --gpus-per-worker"),
+                          (("tpu", 1, 0.0), "choose one of")):
+        with pytest.raises(UserInputError, match=message):
+            check_placement(*args)
+
+    data = _write_muse_dir(tmp_path / "muse")
+    base = ["evaluate", "--model", str(model_dir), "--data", str(data), "--max-new-tokens", "2"]
+    for extra, message in ((["--device", "cuda"], "--device cuda: no CUDA device"),
+                           (["--device", "cpu", "--gpus-per-worker", "1"], "would stay idle"),
+                           (["--num-workers", "2", "--device", "cuda"], "needs --gpus-per-worker")):
+        assert main(base + ["--out", str(tmp_path / "refused"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "refused").exists()
+    assert main(base + ["--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert f"evaluate: {model_dir} on cpu (float32)" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "cpu" / "items.json").read_text())) == {"verbmem_f", "knowmem_f", "knowmem_r",
+                                                                               "mia"}
+
+    # The config-driven commands (demo, sweep, sequential, scalability) take the same options.
+    cfg = load_unlearn_config(None, ["eval.device=cuda", "eval.num_workers=2", "eval.gpus_per_worker=1"])
+    assert cfg.eval.placement() == {"device": "cuda", "num_workers": 2, "gpus_per_worker": 1.0}
+    with pytest.raises(UserInputError, match="--set eval.gpus_per_worker=1: .*would stay idle"):
+        load_unlearn_config(None, ["eval.device=cpu", "eval.gpus_per_worker=1"])

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dipo_scale.data.prompts import tofu_prompt
+from dipo_scale.errors import UserInputError
 from dipo_scale.progress import Progress
 
 _CRITERION: ContextVar[str | None] = ContextVar("criterion", default=None)
@@ -270,13 +271,37 @@ def qa_logprobs(model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: i
     return [float(lp.mean()) for lp in qa_token_logprobs(model, tokenizer, pairs, batch_size=batch_size)]
 
 
-def load_model_and_tokenizer(
-    path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-):
-    """A causal LM (in eval mode) and its tokenizer from a local dir or hub name."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
+    """(device, dtype) of an evaluation in this process: `auto` is CUDA with bfloat16 where a GPU is
+    visible here, else the CPU with float32; `cuda` where none is visible is an error."""
+    if device not in DEVICES:
+        raise UserInputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is visible to this process "
+                             "(use --device auto or cpu, or Ray actors with --gpus-per-worker)")
+    return device, torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def describe_device(device: str, dtype: torch.dtype) -> str:
+    """E.g. "cuda (NVIDIA H100 80GB HBM3, bfloat16)" or "cpu (float32)"."""
+    name = f"{torch.cuda.get_device_name()}, " if device == "cuda" else ""
+    return f"{device} ({name}{str(dtype).removeprefix('torch.')})"
+
+
+def load_model_and_tokenizer(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu",
+                             trust_remote_code: bool = False):
+    """A causal LM (in eval mode) and its tokenizer from a local dir or hub name, on `device` ("cpu"
+    or "cuda": loaded straight onto the GPU) in `dtype` (default: bfloat16 on CUDA, float32 on the
+    CPU)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    placement = {"device_map": device} if device.startswith("cuda") else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **placement)
     model.eval()
     return model, tokenizer

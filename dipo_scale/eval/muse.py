@@ -159,15 +159,18 @@ def shard(items: Sequence, num_shards: int) -> list[list]:
     return [list(items[bounds[i] : bounds[i + 1]]) for i in range(num_shards)]
 
 
-def muse_items(data: MuseData, *, limit: int | None = None, mia: bool = True) -> MuseItems:
+def muse_items(data: MuseData, *, limit: int | None = None, mia: bool = True, mia_only: bool = False) -> MuseItems:
     """The items of `data` an evaluation scores: the first `limit` of each list; the attack texts
-    (with `mia`, when the data has both forget and holdout texts)."""
-    forget_texts, holdout_texts = muse_mia_texts(data) if mia else ([], [])
+    (with `mia`, when the data has both forget and holdout texts). `mia_only`: the attack texts
+    alone."""
+    forget_texts, holdout_texts = muse_mia_texts(data) if mia or mia_only else ([], [])
     if not forget_texts or not holdout_texts:
         forget_texts = holdout_texts = []
     items = MuseItems(limited(data.verbmem, limit), limited(data.forget_qa, limit), limited(data.retain_qa, limit),
                       list(data.forget_qa_icl), list(data.retain_qa_icl), limited(forget_texts, limit),
                       limited(holdout_texts, limit))
+    if mia_only:
+        return replace(items, verbmem=[], forget_qa=[], retain_qa=[])
     if not items.verbmem:
         raise ValueError("verbmem: no items to evaluate")
     if not items.forget_qa or not items.retain_qa:

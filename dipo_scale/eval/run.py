@@ -8,11 +8,11 @@ import math
 from pathlib import Path
 
 from dipo_scale.errors import UserInputError
-from dipo_scale.eval.generation import load_model_and_tokenizer
-from dipo_scale.eval.muse import muse_items, muse_metrics, muse_mia_auc, score_muse_items
-from dipo_scale.eval.privacy import privleak
-from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_auc, truth_ratio_score
-from dipo_scale.eval.workers import evaluate_muse_items
+from dipo_scale.eval.generation import describe_device, load_model_and_tokenizer, resolve_device
+from dipo_scale.eval.muse import muse_items, muse_metrics, score_muse_items
+from dipo_scale.eval.privacy import auc_from_scores, privleak
+from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_scores, truth_ratio_score
+from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
 
 
 METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
@@ -73,13 +73,47 @@ def read_truth_ratios(path: str | Path) -> list[float]:
     return [float(v) for v in obj]
 
 
-def _load_checked(path: str, flag: str):
+def _load_checked(path: str, flag: str, device: str = "auto"):
+    """The model and tokenizer at `path` in this process, on `device` (a line says where)."""
+    on, dtype = resolve_device(device)
     try:
-        return load_model_and_tokenizer(path)
+        model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=on)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserInputError(f"{flag} {path}: cannot load the model or its tokenizer "
                              f"({type(e).__name__}: {first[:200]})") from None
+    print(f"evaluate: {path} on {describe_device(on, dtype)}", flush=True)
+    return model, tokenizer
+
+
+def _on(path: str, flag: str, fn, *args, device: str = "auto", gpus_per_worker: float = 0.0, **kwargs):
+    """`fn(model, tokenizer, *args, **kwargs)` for the model at `path`: in this process, or in a Ray
+    actor with `gpus_per_worker` GPUs (`workers.on_model`)."""
+    if gpus_per_worker > 0:
+        return on_model(path, fn, *args, device=device, gpus_per_worker=gpus_per_worker, **kwargs)
+    return fn(*_load_checked(path, flag, device), *args, **kwargs)
+
+
+def _score_muse(model, tokenizer, items, settings):
+    return score_muse_items(model, tokenizer, items, **settings)
+
+
+def _retain_model_stats(model, tokenizer, data, *, batch_size: int, limit: int | None):
+    """A TOFU retain model's forget-set truth ratios and its Min-K% scores (forget, holdout; None
+    without holdout)."""
+    return (tofu_forget_truth_ratios(model, tokenizer, data, batch_size=batch_size, limit=limit),
+            tofu_mia_scores(model, tokenizer, data, batch_size=batch_size, limit=limit))
+
+
+def _mia_scores(model, tokenizer, data, layout: str, *, batch_size: int, limit: int | None):
+    """The Min-K% scores (forget, holdout) of the attack texts of `data`; None without holdout."""
+    if layout == "tofu":
+        return tofu_mia_scores(model, tokenizer, data, batch_size=batch_size, limit=limit)
+    items = muse_items(data, limit=limit, mia_only=True)
+    if not items.mia_forget:
+        return None
+    scores = score_muse_items(model, tokenizer, items, batch_size=batch_size)["mia"]
+    return scores["forget"], scores["holdout"]
 
 
 def _ordered(metrics: dict[str, float]) -> dict[str, float]:
@@ -106,12 +140,20 @@ def run_evaluation(
     batch_size: int = 16,
     num_workers: int = 1,
     max_new_tokens: int | None = None,
+    device: str = "auto",
+    gpus_per_worker: float = 0.0,
 ) -> dict[str, float]:
     """What `dipo-scale evaluate` does: evaluate `model` on the MUSE or TOFU data `data`, write
     OUT/metrics.json, OUT/report.md (+ plots) and, for MUSE, OUT/items.json (the per-item results:
     generations, their ROUGE scores, the Min-K% scores of the attack texts) or, for TOFU,
     OUT/truth_ratios.json (the forget-set truth ratios, reusable as another run's
     --retain-truth-ratios). Returns the metrics.
+
+    Where it runs (`dipo_scale.eval.workers`): `device` "auto" is CUDA with bfloat16 where a GPU
+    is visible, else the CPU with float32 ("cpu", "cuda" force one). With one worker and no GPUs
+    asked for, in this process; else MUSE over `num_workers` Ray actors with `gpus_per_worker` GPUs
+    each (every actor on the device it sees), and TOFU in one actor with `gpus_per_worker` GPUs.
+    Each model's line on the console says where it was loaded.
 
     Every input is checked before a model is loaded; nothing is written unless all succeeds.
     """
@@ -129,6 +171,10 @@ def run_evaluation(
                         ("--max-new-tokens", max_new_tokens)):
         if value is not None and value < 1:
             raise UserInputError(f"{flag} {value}: must be >= 1")
+    actors = check_placement(device, num_workers, gpus_per_worker)
+    if not actors:
+        resolve_device(device)  # --device cuda without a GPU here: refused before any work
+    place = dict(device=device, gpus_per_worker=gpus_per_worker)
     layout = detect_layout(data)
     if layout == "muse" and (retain_model is not None or retain_truth_ratios is not None):
         raise UserInputError("--retain-model / --retain-truth-ratios are for TOFU data (MUSE: --retrain-model)")
@@ -154,45 +200,43 @@ def run_evaluation(
         notes += dataset.notes
         reference_ratios = read_truth_ratios(retain_truth_ratios) if retain_truth_ratios else None
 
-    references: dict[str, dict[str, float]] = {}
-    reference_auc = retrain_auc
+    references: dict[str, dict] = {}
+    reference_auc, reference_scores = retrain_auc, None  # the retrain model's AUC and Min-K% scores
     if retrain_model is not None:
-        ref, ref_tok = _load_checked(retrain_model, "--retrain-model")
-        mia = (muse_mia_auc if layout == "muse" else tofu_mia_auc)(
-            ref, ref_tok, dataset, batch_size=batch_size, limit=limit)
-        del ref
-        if mia is not None:
-            references[f"{_model_name(retrain_model)} (retrain)"] = {"mia_auc": mia}
-            reference_auc = mia
+        if layout == "muse" and actors:
+            scores = muse_item_scores(retrain_model, dataset, num_workers=num_workers, mia_only=True,
+                                      batch_size=batch_size, limit=limit, **place)["mia"]
+            reference_scores = (scores["forget"], scores["holdout"]) if scores["forget"] else None
+        else:
+            reference_scores = _on(retrain_model, "--retrain-model", _mia_scores, dataset, layout,
+                                   batch_size=batch_size, limit=limit, **place)
+        if reference_scores is not None:
+            reference_auc = auc_from_scores(*reference_scores)
+            references[f"{_model_name(retrain_model)} (retrain)"] = {"mia_auc": reference_auc}
     if retain_model is not None:
-        ref, ref_tok = _load_checked(retain_model, "--retain-model")
-        reference_ratios = tofu_forget_truth_ratios(ref, ref_tok, dataset, batch_size=batch_size, limit=limit)
+        reference_ratios, retain_mia = _on(retain_model, "--retain-model", _retain_model_stats, dataset,
+                                           batch_size=batch_size, limit=limit, **place)
         row = {"forget_truth_ratio": truth_ratio_score(reference_ratios, forget=True)}
-        if retrain_model is None and retrain_auc is None:  # the retain model is TOFU's retrained model
-            mia = tofu_mia_auc(ref, ref_tok, dataset, batch_size=batch_size, limit=limit)
-            if mia is not None:
-                row["mia_auc"] = reference_auc = mia
+        if retrain_model is None and retrain_auc is None and retain_mia is not None:  # TOFU's retrained model
+            row["mia_auc"] = reference_auc = auc_from_scores(*retain_mia)
         references[f"{_model_name(retain_model)} (retain)"] = row
-        del ref
 
     if layout == "muse":
         settings = dict(verbmem_max_new_tokens=cap(VERBMEM_MAX_NEW_TOKENS),
                         knowmem_max_new_tokens=cap(KNOWMEM_MAX_NEW_TOKENS), batch_size=batch_size, limit=limit)
-        if num_workers > 1:
-            item_scores = evaluate_muse_items(model, dataset, num_workers, mia=True, **settings)
+        if actors:
+            item_scores = muse_item_scores(model, dataset, num_workers=num_workers, mia=True, **settings, **place)
         else:
-            m, tok = _load_checked(model, "--model")
-            item_scores = score_muse_items(m, tok, muse_items(dataset, limit=limit, mia=True),
-                                           **{k: v for k, v in settings.items() if k != "limit"})
+            item_scores = _on(model, "--model", _score_muse, muse_items(dataset, limit=limit, mia=True),
+                              {k: v for k, v in settings.items() if k != "limit"}, **place)
         metrics = muse_metrics(item_scores)
         if "mia_auc" not in metrics:
             notes.append("no holdout texts (privleak/holdout.json or raw/holdout.*): no mia_auc / privleak")
     else:
         if num_workers > 1:
-            notes.append("--num-workers applies to MUSE data; TOFU was evaluated in one process")
-        m, tok = _load_checked(model, "--model")
-        result = evaluate_tofu(m, tok, dataset, retain_truth_ratios=reference_ratios, batch_size=batch_size,
-                               limit=limit, max_new_tokens=cap(TOFU_MAX_NEW_TOKENS))
+            notes.append("--num-workers applies to MUSE data; TOFU was evaluated by one worker")
+        result = _on(model, "--model", evaluate_tofu, dataset, retain_truth_ratios=reference_ratios,
+                     batch_size=batch_size, limit=limit, max_new_tokens=cap(TOFU_MAX_NEW_TOKENS), **place)
         metrics = result.metrics
         notes.append("TOFU has no verbatim-memorisation prompts: no verbmem_f; knowmem_f / knowmem_r are "
                      "TOFU's ROUGE-L recall (x100) on forget / retain; utility components are on 0..1")

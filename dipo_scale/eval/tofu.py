@@ -133,6 +133,7 @@ UTILITY_SPLITS = (("retain", "paraphrased"), ("real_authors", "answer"), ("world
 class TofuResult:
     metrics: dict[str, float]
     forget_truth_ratios: list[float]
+    mia_scores: tuple[list[float], list[float]] | None = None  # Min-K% of forget / holdout (with holdout)
 
 
 def evaluate_tofu(
@@ -184,18 +185,27 @@ def evaluate_tofu(
         metrics["model_utility"] = model_utility(list(components.values()))
     metrics.update(components)
 
-    if data.holdout:
-        metrics["mia_auc"] = tofu_mia_auc(model, tokenizer, data, k=k, batch_size=batch_size, limit=limit)
-    return TofuResult(metrics, ratios.tolist())
+    mia_scores = tofu_mia_scores(model, tokenizer, data, k=k, batch_size=batch_size, limit=limit)
+    if mia_scores is not None:
+        metrics["mia_auc"] = auc_from_scores(*mia_scores)
+    return TofuResult(metrics, ratios.tolist(), mia_scores)
 
 
-def tofu_mia_auc(model, tokenizer, data, *, k: float = MIN_K, batch_size: int = 16,
-                 limit: int | None = None) -> float | None:
-    """Min-K% Prob AUC on the answer tokens (given the question): forget vs holdoutXX."""
+def tofu_mia_scores(model, tokenizer, data, *, k: float = MIN_K, batch_size: int = 16,
+                    limit: int | None = None) -> tuple[list[float], list[float]] | None:
+    """Min-K% Prob of the answer tokens (given the question) of the forget and the holdoutXX pairs;
+    None without a holdout split."""
     if not data.holdout:
         return None
     forget = [(it.question, it.answer) for it in limited(data.forget, limit)]
     holdout = [(it.question, it.answer) for it in limited(data.holdout, limit)]
     with criterion("mia_auc"):
         scores = min_k_from_lists(qa_token_logprobs(model, tokenizer, forget + holdout, batch_size=batch_size), k)
-    return auc_from_scores(scores[: len(forget)], scores[len(forget) :])
+    return scores[: len(forget)], scores[len(forget) :]
+
+
+def tofu_mia_auc(model, tokenizer, data, *, k: float = MIN_K, batch_size: int = 16,
+                 limit: int | None = None) -> float | None:
+    """Min-K% Prob AUC on the answer tokens (given the question): forget vs holdoutXX."""
+    scores = tofu_mia_scores(model, tokenizer, data, k=k, batch_size=batch_size, limit=limit)
+    return None if scores is None else auc_from_scores(*scores)
