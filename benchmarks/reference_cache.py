@@ -45,7 +45,10 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
    records' times), i.e. without starting Ray's workers and loading the model into them (the
    bare forward's start-up is excluded likewise); `precompute_over_forward_throughput_wall`
    counts the whole job (start-up included) and `throughput_<form>.startup_seconds` says what
-   that was. `--throughput-only` runs this part alone; it also runs against an older checkout of
+   that was. `precompute_over_forward_tokens_per_cpu_second`: the same ratio per CPU second of
+   the worker processes (shard records' `cpu_seconds`, all threads; the bare forward's likewise),
+   what a token costs whatever the machine's load (threads spin-waiting count too).
+   `--throughput-only` runs this part alone; it also runs against an older checkout of
    dipo_scale (records without start times are timed by their file times; an older pool is 1
    actor of 1 CPU).
 """
@@ -257,12 +260,12 @@ def _bare_worker(model_dir, prepared, batch_size: int, threads: int, part: int, 
     with torch.no_grad():
         run(mine[0])  # warm-up
         barrier.wait()
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         for s in mine:
             run(s)
-        t1 = time.time()
+        t1, cpu = time.time(), time.process_time() - cpu0
     tokens = sum(int(blocks["attention_mask"][s:s + batch_size].sum()) for s in mine)
-    results.put((tokens, t0, t1))
+    results.put((tokens, t0, t1, cpu))
 
 
 def bare_forward(model_dir, prepared: Path, batch_size: int, workers: int, threads: int) -> dict:
@@ -283,19 +286,22 @@ def bare_forward(model_dir, prepared: Path, batch_size: int, workers: int, threa
         proc.join()
     tokens = sum(d[0] for d in done)
     seconds = max(d[2] for d in done) - min(d[1] for d in done)
+    cpu = sum(d[3] for d in done)
     return {"workers": workers, "threads": threads, "tokens": tokens, "seconds": seconds,
-            "tokens_per_second": tokens / seconds}
+            "tokens_per_second": tokens / seconds, "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu}
 
 
-def computing_span(cache: Path) -> tuple[float, float]:
-    """(first shard's start, last shard's end) from the shard records of a cache."""
-    starts, ends = [], []
+def computing_span(cache: Path) -> tuple[float, float, float | None]:
+    """(first shard's start, last shard's end, CPU seconds of the workers in their shard loops)
+    from the shard records of a cache (CPU: None for records without it)."""
+    starts, ends, cpu = [], [], []
     for record_path in cache.glob("*/part-*.json"):
         record = json.loads(record_path.read_text())
         end = record.get("finished", record_path.stat().st_mtime)
         starts.append(record.get("started", end - record["seconds"]))
         ends.append(end)
-    return min(starts), max(ends)
+        cpu.append(record.get("cpu_seconds"))
+    return min(starts), max(ends), (None if None in cpu else sum(cpu))
 
 
 def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, pools: list[str]) -> dict:
@@ -323,7 +329,7 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, 
         m = precompute_reference(config({**assets, "prepared": prepared}, *overrides, f"reference.cache_dir={cache}",
                                         "loss.retain=gd", f"reference.batch_size={batch}"))
         wall = time.time() - t0
-        start, end = computing_span(cache)
+        start, end, cpu = computing_span(cache)
         p = m["precompute"]
         tokens = p["tokens_computed"]
         used = (p.get("num_workers") or 1, p.get("cpus_per_worker") or 1)  # an older checkout: 1 actor, 1 CPU
@@ -331,7 +337,7 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, 
             "tokens": tokens, "job_seconds": round(wall, 3), "computing_seconds": round(end - start, 3),
             "startup_seconds": round(start - t0, 3), "tokens_per_second_computing": tokens / (end - start),
             "tokens_per_second_job": tokens / wall, "num_workers": used[0], "cpus_per_worker": used[1],
-            "shards": p["shards_computed"]}
+            "shards": p["shards_computed"], "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu if cpu else None}
         if used not in bare:  # the default pool: known once it ran; its bare forward right after it
             bare[used] = [bare_forward(assets["target"], prepared, batch, *used)]
         print(f"throughput {name}: {out[f'throughput_{name}']}", flush=True)
@@ -346,7 +352,15 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, 
         name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward[pool_of[name]] for name in runs}
     out["precompute_over_forward_throughput_wall"] = {
         name: out[f"throughput_{name}"]["tokens_per_second_job"] / forward[pool_of[name]] for name in runs}
+    # per CPU second (the workers' processes, all threads): what a token costs, whatever the
+    # machine's load; the pool's threads spin-waiting for each other count too
+    cpu_forward = {pool: statistics.mean(b["tokens_per_cpu_second"] for b in runs_) for pool, runs_ in bare.items()}
+    out["precompute_over_forward_tokens_per_cpu_second"] = {
+        name: (out[f"throughput_{name}"]["tokens_per_cpu_second"] or float("nan")) / cpu_forward[pool_of[name]]
+        for name in runs}
     print("precompute_over_forward_throughput", out["precompute_over_forward_throughput"], flush=True)
+    print("precompute_over_forward_tokens_per_cpu_second", out["precompute_over_forward_tokens_per_cpu_second"],
+          flush=True)
     return out
 
 

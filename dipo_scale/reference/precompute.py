@@ -327,14 +327,17 @@ def _shard_metadata(item: dict) -> dict:
 
 
 def _write_record(cache: Path, item: dict, sha256: str, size: int, tokens: int, started: float,
-                  delay: float = 0.0) -> None:
-    """The shard's .json (written after the shard: its presence means the shard is complete)."""
+                  delay: float = 0.0, cpu_started: float | None = None) -> None:
+    """The shard's .json (written after the shard: its presence means the shard is complete), with
+    its wall times and the CPU seconds of the worker process meanwhile (all its threads)."""
     path = cache / item["file"]
     finished = time.time()
+    cpu = None if cpu_started is None else round(time.process_time() - cpu_started, 4)
     atomic_write_json(path.with_suffix(".json"), {
         "file": item["file"], "split": item["split"], "first_block": item["first_block"],
         "rows": item["rows"], "key": item["key"], "sha256": sha256, "bytes": size, "tokens": tokens,
-        "seconds": round(finished - started, 4), "started": round(started, 4), "finished": round(finished, 4)})
+        "seconds": round(finished - started, 4), "started": round(started, 4), "finished": round(finished, 4),
+        "cpu_seconds": cpu})
     if delay:  # tests: widen the window in which a precompute can be killed midway
         time.sleep(delay)
 
@@ -355,7 +358,7 @@ def compute_shard(call, cfg: UnlearnConfig, item: dict, device, block_size: int,
     """Compute one shard's statistics, `reference.batch_size` blocks per forward of `call` (a
     `ReferenceForward`, or the ZeRO-3 engine wrapping one), each batch handed to a `ShardWriter`
     that writes it while the next batch runs; then the shard's record."""
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     blocks = read_block_range(cfg.data.prepared_dir, item["split"], item["first_block"], item["rows"], verified)
     rows = item["rows"]
     writer = ShardWriter(Path(cfg.reference.cache_dir) / item["file"],
@@ -373,7 +376,8 @@ def compute_shard(call, cfg: UnlearnConfig, item: dict, device, block_size: int,
         writer.abort()
         raise
     sha256, size = writer.close()
-    _write_record(Path(cfg.reference.cache_dir), item, sha256, size, int(blocks["attention_mask"].sum()), t0, delay)
+    _write_record(Path(cfg.reference.cache_dir), item, sha256, size, int(blocks["attention_mask"].sum()), t0, delay,
+                  cpu0)
 
 
 class ShardActor:
