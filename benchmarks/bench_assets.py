@@ -1,6 +1,12 @@
-"""A small Llama, a word-level tokenizer with a real-sized vocabulary, and packed blocks of random
-text: what benchmarks/step.py and benchmarks/zero3_memory.py run on (built here, nothing
-downloaded). The blocks go through the real `prepare` stage."""
+"""What the benchmarks run on and how they report (built here, nothing downloaded).
+
+* `build_bench_assets`: a small Llama, a word-level tokenizer with a real-sized vocabulary, and
+  packed blocks of random text (benchmarks/step.py, zero3_memory.py); the blocks go through the
+  real `prepare` stage.
+* `demo_assets`: the demo's corpus, tokenizer, target / retrain models and prepared blocks.
+* `machine_facts`, `write_doc_section`: the machine and date beside each figure, and a benchmark's
+  own section of docs/benchmarks.md rewritten from its run.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,56 @@ import random
 from pathlib import Path
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def demo_assets(demo_dir: Path) -> dict:
+    """The demo corpus, models and prepared blocks (built when missing, as `dipo-scale demo` does)."""
+    from transformers import AutoTokenizer
+
+    from dipo_scale.data.corpus import generate_corpus
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.demo import DEFAULT_CORPUS, MODEL_SETTINGS
+    from dipo_scale.models import build_models
+    from dipo_scale.prepare import prepare
+
+    corpus = demo_dir / "corpus"
+    if not (corpus / "world.json").is_file():
+        generate_corpus(corpus, **DEFAULT_CORPUS, seed=0)
+    data = load_muse_dir(corpus)
+    paths = build_models(data, demo_dir / "models", MODEL_SETTINGS)
+    if not (demo_dir / "prepared" / "manifest.json").is_file():
+        prepare(data, AutoTokenizer.from_pretrained(paths["tokenizer"]), demo_dir / "prepared",
+                block_size=MODEL_SETTINGS.block_size, with_qa=True, layout="per_sequence")
+    return {**paths, "prepared": demo_dir / "prepared", "corpus": corpus}
+
+
+def machine_facts(load_at_start: tuple[float, ...]) -> dict:
+    """The date and the machine a benchmark ran on (its load average at start and at the end)."""
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    return {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "cpus": os.cpu_count(),
+                        "load_average_at_start": list(load_at_start), "load_average": list(os.getloadavg())},
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_doc_section(path: Path, name: str, text: str) -> None:
+    """Replace the part of `path` between `<!-- name:begin -->` and `<!-- name:end -->` with `text`
+    (the markers appended at the end when absent); written to a temp file, then renamed."""
+    from dipo_scale.files import atomic_write_text
+
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = path.read_text() if path.is_file() else ""
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(path, doc)
 
 
 def word_level_tokenizer(vocab_size: int):

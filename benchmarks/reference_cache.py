@@ -66,34 +66,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
+from bench_assets import demo_assets  # noqa: E402
+
 DIPO = dict(alpha=5.0, beta=0.1, select="topk", k=1, reduction="sum")
-
-
-def demo_assets(demo_dir: Path) -> dict:
-    """The demo corpus, models and prepared blocks (built when missing, as `dipo-scale demo` does)."""
-    from transformers import AutoTokenizer
-
-    from dipo_scale.data.corpus import generate_corpus
-    from dipo_scale.data.muse import load_muse_dir
-    from dipo_scale.demo import DEFAULT_NUM_DOCS, MODEL_SETTINGS
-    from dipo_scale.models import build_models
-    from dipo_scale.prepare import prepare
-
-    corpus = demo_dir / "corpus"
-    if not (corpus / "world.json").is_file():
-        generate_corpus(corpus, num_docs=DEFAULT_NUM_DOCS, seed=0)
-    data = load_muse_dir(corpus)
-    paths = build_models(data, demo_dir / "models", MODEL_SETTINGS)
-    if not (demo_dir / "prepared" / "manifest.json").is_file():
-        prepare(data, AutoTokenizer.from_pretrained(paths["tokenizer"]), demo_dir / "prepared",
-                block_size=MODEL_SETTINGS.block_size, with_qa=True, layout="per_sequence")
-    return {**paths, "prepared": demo_dir / "prepared"}
 
 
 def config(assets: dict, *overrides: str):

@@ -1,6 +1,6 @@
 """The `dipo-scale` command: one subcommand per stage, plus the end-to-end demo.
 
-    dipo-scale generate --out DIR [--num-docs N] [--seed S]
+    dipo-scale generate --out DIR [--num-docs N | --scale X] [--forget-docs N] [--holdout-docs N] [--seed S]
     dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa] [--layout L]
     dipo-scale unlearn  [--config YAML] [--set key=value ...]
     dipo-scale reference [--config YAML] [--set key=value ...]   (reference.form=hidden|topk)
@@ -22,11 +22,15 @@ from dipo_scale.errors import UserInputError
 
 
 def _cmd_generate(args) -> None:
-    from dipo_scale.data.corpus import generate_corpus
+    from dipo_scale.data.corpus import docs_for_scale, generate_corpus
     from dipo_scale.files import check_output_dir
 
+    if args.scale is not None and args.num_docs is not None:
+        raise UserInputError("give --num-docs or --scale, not both")
+    num_docs = docs_for_scale(args.scale) if args.scale is not None else (args.num_docs or 40)
     check_output_dir(args.out, "generate")
-    print(generate_corpus(args.out, num_docs=args.num_docs, seed=args.seed))
+    print(generate_corpus(args.out, num_docs=num_docs, seed=args.seed, forget_docs=args.forget_docs,
+                          holdout_docs=args.holdout_docs))
 
 
 def _cmd_prepare(args) -> None:
@@ -82,7 +86,7 @@ def _cmd_evaluate(args) -> None:
         gpus_per_worker=args.gpus_per_worker,
     )
     for key, value in metrics.items():
-        print(f"{key}: {value:.4g}")
+        print(f"{key}: " + (f"[{value[0]:.4g}, {value[1]:.4g}]" if isinstance(value, list) else f"{value:.4g}"))
     print(f"report: {Path(args.out) / 'report.md'}")
 
 
@@ -101,7 +105,7 @@ def _cmd_series(args) -> None:
 
     cfg = load_config(args.config, args.set, SeriesConfig)
     for entry in run_series(cfg, kind=args.command)["requests"]:
-        metrics = " ".join(f"{k}={v:.1f}" for k, v in entry["metrics"].items())
+        metrics = " ".join(f"{k}={v:.1f}" for k, v in entry["metrics"].items() if isinstance(v, float))
         print(f"request {entry['request']}: {entry['forget_docs']} docs -> {entry['output_model']}  {metrics}")
 
 
@@ -109,7 +113,8 @@ def _cmd_demo(args) -> None:
     from dipo_scale.demo import run_demo
 
     run_demo(args.out, data_dir=args.data, overrides=args.set, num_docs=args.num_docs, forget=args.forget,
-             retain=args.retain, retain_limit=args.retain_limit, methods=tuple(args.methods.split(",")))
+             retain=args.retain, retain_limit=args.retain_limit, methods=tuple(args.methods.split(",")),
+             doc=args.doc, command="dipo-scale " + " ".join(args.argv))
 
 
 def _config_args(p: argparse.ArgumentParser, config_help: str, set_help: str) -> None:
@@ -125,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write the embedded fictitious news corpus (MUSE layout)")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-docs", type=int, default=40)
+    p.add_argument("--num-docs", type=int, default=None, help="documents in all (default 40)")
+    p.add_argument("--forget-docs", type=int, default=None, help="forget documents (default 30%% of all)")
+    p.add_argument("--holdout-docs", type=int, default=None, help="holdout documents (default 20%% of all)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="size the corpus to SCALE x MUSE-News's forget split (3.3 MB of forget text)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 
@@ -198,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", default=None, help="TOFU: the forget split to unlearn (default forget10)")
     p.add_argument("--retain", default=None,
                    help="TOFU: the retain split (default the complement of --forget: forget01 -> retain99)")
+    p.add_argument("--doc", default=None, metavar="FILE.md",
+                   help="also write the report, with the command, date and machine, to FILE.md (e.g. "
+                        "docs/demo.md; plots in <FILE>_files/); refused over a file this option did not write")
     p.add_argument("--methods", default="dipo,npo,ga", help="unlearning methods to run, comma-separated (dipo among them)")
     p.add_argument("--retain-limit", type=int, default=None, metavar="N",
                    help="TOFU: keep only N retain QA pairs (those of retain_perturbed first), for a small run")
@@ -209,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except UserInputError as e:

@@ -15,6 +15,7 @@ retrain model's truth ratios) and model utility.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -26,13 +27,15 @@ from dipo_scale.config import load_unlearn_config
 from dipo_scale.data.muse import QA, MuseData, is_hub_name
 from dipo_scale.data.tofu import TofuData, is_tofu_dir
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir
+from dipo_scale.files import atomic_write_json, atomic_write_text, check_output_dir, mark_output_dir
 from dipo_scale.models import TinyModelSettings
 from dipo_scale.progress import Progress
 from dipo_scale.report import write_report
 
 METHODS = ("dipo", "npo", "ga")
-DEFAULT_NUM_DOCS = 20
+# The generated corpus: 40 forget and 40 holdout documents, so that the membership attack's AUC
+# (and PrivLeak) rests on 40 x 40 pairs; --num-docs N splits N documents by the generator's fractions.
+DEFAULT_CORPUS = {"num_docs": 120, "forget_docs": 40, "holdout_docs": 40}
 
 # The unlearning settings the demo uses for every method (overridable with --set).
 DEMO_UNLEARN = {
@@ -188,8 +191,9 @@ def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str,
     return about_data, about_eval
 
 
-def _evaluate_tofu(models: dict, data: TofuData, ev) -> dict:
-    """TOFU's metrics of every model; forget quality against the retrain model's truth ratios. Each
+def _evaluate_tofu(models: dict, data: TofuData, ev) -> tuple[dict, dict]:
+    """TOFU's metrics and Min-K% scores (forget, holdout) of every model; forget quality against the
+    retrain model's truth ratios. Each
     model in this process, or in a Ray actor with `eval.gpus_per_worker` GPUs, on `eval.device`."""
     from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios
     from dipo_scale.eval.workers import on_model
@@ -198,21 +202,24 @@ def _evaluate_tofu(models: dict, data: TofuData, ev) -> dict:
     _seed_torch()
     retain_ratios = on_model(str(models["retrain"]), tofu_forget_truth_ratios, data, batch_size=ev.batch_size,
                              limit=ev.limit, **place)
-    return _evaluate_each(models, lambda path: on_model(
+    results = _evaluate_each(models, lambda path: on_model(
         path, evaluate_tofu, data, retain_truth_ratios=retain_ratios, batch_size=ev.batch_size, limit=ev.limit,
-        max_new_tokens=ev.knowmem_max_new_tokens, **place).metrics)
+        max_new_tokens=ev.knowmem_max_new_tokens, **place))
+    return {n: r.metrics for n, r in results.items()}, {n: r.mia_scores for n, r in results.items()}
 
 
 # --- MUSE ------------------------------------------------------------------------------------------
-def _evaluate_muse(models: dict, data: MuseData, ev) -> dict:
-    """MUSE's metrics of every model, where `eval.device`, `eval.num_workers` and
+def _evaluate_muse(models: dict, data: MuseData, ev) -> tuple[dict, dict]:
+    """MUSE's metrics and Min-K% scores (forget, holdout) of every model, where `eval.device`, `eval.num_workers` and
     `eval.gpus_per_worker` say (`eval.workers.muse_item_scores`)."""
     from dipo_scale.eval.muse import muse_metrics
     from dipo_scale.eval.workers import muse_item_scores
 
     _seed_torch()
-    return _evaluate_each(models, lambda path: muse_metrics(
-        muse_item_scores(path, data, mia=True, **ev.muse_settings(), **ev.placement())))
+    scores = _evaluate_each(models, lambda path: muse_item_scores(
+        path, data, mia=True, **ev.muse_settings(), **ev.placement()))
+    return ({n: muse_metrics(s) for n, s in scores.items()},
+            {n: (s["mia"]["forget"], s["mia"]["holdout"]) for n, s in scores.items()})
 
 
 def _muse_notes(metrics: dict, data_desc: str) -> tuple[list[str], list[str]]:
@@ -254,31 +261,35 @@ def _stage(name: str, timings: dict[str, float]):
     print(f"demo: {name}: done in {timings[name]:.1f} s", flush=True)
 
 
-def _add_privleak(metrics: dict) -> list[str]:
-    """PrivLeak of every model, relative to the retrain model's MIA AUC (when there is one); a
-    note when it is undefined."""
-    from dipo_scale.eval.privacy import privleak
+def _add_privleak(metrics: dict, mia_scores: dict) -> list[str]:
+    """PrivLeak of every model, relative to the retrain model's MIA AUC (when there is one), with
+    its bootstrap interval (both models scored on the same resamples of the texts); a note when it
+    is undefined. `mia_scores`: {model name: (forget, holdout) Min-K% scores}."""
+    from dipo_scale.eval.privacy import privleak, privleak_interval
 
     reference = metrics["retrain"].get("mia_auc")
     if reference is None:
         return []
     if not reference > 0:
         return ["the retrain model's MIA AUC is 0: PrivLeak is undefined"]
-    for m in metrics.values():
+    for name, m in metrics.items():
         m["privleak"] = privleak(m["mia_auc"], reference)
+        if (interval := privleak_interval(mia_scores[name], mia_scores["retrain"])) is not None:
+            m["privleak_ci"] = interval
     return []
 
 
 def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[str] | None = None,
              num_docs: int | None = None, forget: str | None = None, retain: str | None = None,
              retain_limit: int | None = None, model_settings: TinyModelSettings | None = None,
-             methods: tuple[str, ...] = METHODS) -> dict:
+             methods: tuple[str, ...] = METHODS, doc: str | None = None, command: str = "dipo-scale demo") -> dict:
     """The demo (module docstring) into `out`; returns {model name: metrics}.
 
     TOFU-layout `data_dir`: `forget` (default forget10) is unlearned, `retain` (default the
     complement, e.g. retain90) is kept, cut to `retain_limit` pairs. `model_settings` replaces
     MODEL_SETTINGS (the tiny models' size and training). `methods`: the unlearning methods to run
-    (dipo always among them)."""
+    (dipo always among them). `doc`: also write the report as a page of the docs (`write_doc`),
+    headed by `command`, the date and the machine."""
     import ray
 
     from dipo_scale.data.corpus import generate_corpus
@@ -298,6 +309,9 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     if retain_limit is not None and retain_limit < 1:
         raise UserInputError(f"--retain-limit {retain_limit}: must be >= 1")
     out = check_output_dir(out, "demo", inputs=[("--data", data_dir)])
+    if doc is not None:
+        check_doc_path(doc)
+    started, load_at_start = time.time(), os.getloadavg()
     timings: dict[str, float] = {}
     # Validate every method's config before any work starts (and, for TOFU, every data file).
     cfgs = {m: load_unlearn_config(None, overrides, base={**DEMO_UNLEARN, "method": m,
@@ -317,7 +331,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
             if data_dir is None:
                 corpus_dir = out / "corpus"
                 if not (corpus_dir / "world.json").is_file():
-                    generate_corpus(corpus_dir, num_docs=num_docs or DEFAULT_NUM_DOCS, seed=0)
+                    generate_corpus(corpus_dir, **({'num_docs': num_docs} if num_docs else DEFAULT_CORPUS), seed=0)
                 data_desc = f"embedded fictitious news corpus ({corpus_dir})"
             else:
                 corpus_dir = Path(data_dir)
@@ -352,19 +366,69 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
 
     ev = cfgs["dipo"].eval
     with _stage(f"evaluate {len(models)} models", timings):
-        metrics = _evaluate_tofu(models, tofu.eval, ev) if tofu else _evaluate_muse(models, data, ev)
-        eval_notes = _add_privleak(metrics)
+        metrics, mia_scores = _evaluate_tofu(models, tofu.eval, ev) if tofu else _evaluate_muse(models, data, ev)
+        eval_notes = _add_privleak(metrics, mia_scores)
     for name, m in metrics.items():
-        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
+        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
 
     atomic_write_json(out / "metrics.json", {"models": metrics})
     if tofu:
         about_data, about_eval = _tofu_notes(tofu, metrics, forget, retain, ev.knowmem_max_new_tokens)
-        shown = {name: {k: m[k] for k in TOFU_REPORT_KEYS if k in m} for name, m in metrics.items()}
+        shown = {name: {k: m[key] for key in TOFU_REPORT_KEYS for k in (key, f"{key}_ci") if k in m}
+                 for name, m in metrics.items()}
         title = f"dipo-scale demo report (TOFU protocol, {forget})"
     else:
         about_data, about_eval = _muse_notes(metrics, data_desc)
         shown, title = metrics, "dipo-scale demo report"
     write_report(out, shown, title, _notes(about_data, about_eval + eval_notes, timings, last_log, cfgs))
     print(f"report: {out / 'report.md'}")
+    if doc is not None:
+        write_doc(doc, out, command, started, load_at_start)
+        print(f"doc: {doc}")
     return metrics
+
+
+DOC_MARKER = "<!-- written by `dipo-scale demo --doc`; rerun it to update -->"
+
+
+def check_doc_path(doc: str | Path) -> None:
+    """--doc may write a new file or one it wrote before (its first line is DOC_MARKER), never
+    over anything else."""
+    path = Path(doc)
+    if path.is_dir():
+        raise UserInputError(f"--doc {doc}: is a directory")
+    if not path.parent.is_dir():
+        raise UserInputError(f"--doc {doc}: directory {path.parent} does not exist")
+    if path.exists():
+        with path.open(encoding="utf-8", errors="replace") as f:
+            if f.readline().rstrip("\n") != DOC_MARKER:
+                raise UserInputError(f"--doc {doc}: exists and was not written by `dipo-scale demo --doc`; "
+                                     "not overwriting it (choose another path or move it away)")
+
+
+def write_doc(doc: str | Path, out: Path, command: str, started: float, load_at_start: tuple) -> None:
+    """The run's report.md as a docs page: DOC_MARKER, then who wrote it (command, date, machine,
+    load, wall time), then the report with its plots copied to `<doc stem>_files/`."""
+    import datetime
+    import platform
+
+    path = Path(doc)
+    files = path.parent / f"{path.stem}_files"
+    files.mkdir(exist_ok=True)
+    body = (out / "report.md").read_text(encoding="utf-8").splitlines()
+    for png in ("criteria.png", "tradeoff.png"):
+        if (out / png).is_file():
+            shutil.copyfile(out / png, files / f".{png}.tmp")
+            os.replace(files / f".{png}.tmp", files / png)
+            body = [line.replace(f"]({png})", f"]({files.name}/{png})") for line in body]
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_end = os.getloadavg()
+    header = [
+        DOC_MARKER, "",
+        f"# Demo results", "",
+        f"Written by the run itself: `{command}`, {when}, on {platform.machine()} with {os.cpu_count()} CPUs "
+        f"(no GPU used), {time.time() - started:.0f} s in all; load average {load_at_start[0]:.1f} at the "
+        f"start and {load_end[0]:.1f} at the end (other jobs on the machine slow every stage). The "
+        f"figures are the run's metrics.json; the stage times are in the notes.", "",
+    ]
+    atomic_write_text(path, "\n".join(header + ["##" + body[0][1:]] + body[1:]) + "\n")

@@ -64,12 +64,21 @@ def _header(key: str) -> str:
     return f"{label} {direction}".strip()
 
 
+def _cell(metrics: dict, key: str) -> str:
+    """The value, with its bootstrap 95 % interval `<key>_ci` ([low, high]) where there is one."""
+    interval = metrics.get(f"{key}_ci")
+    if isinstance(interval, (list, tuple)) and len(interval) == 2:
+        return f"{_fmt(metrics.get(key))} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+    return _fmt(metrics.get(key))
+
+
 def markdown_table(metrics_by_model: dict[str, dict]) -> str:
+    """One row per model; a value in brackets after a metric is its bootstrap 95 % interval."""
     cols = _columns(metrics_by_model)
     lines = ["| model | " + " | ".join(_header(c) for c in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, metrics in metrics_by_model.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(c)) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics, c) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -208,6 +217,8 @@ def write_report(out_dir: str | Path, metrics_by_model: dict[str, dict], title: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", markdown_table(metrics_by_model), ""]
+    if any(k.endswith("_ci") for m in metrics_by_model.values() for k in m):
+        lines += ["[low, high]: bootstrap 95 % interval (1000 resamples of the forget and holdout items).", ""]
     if _plot_criteria(metrics_by_model, out / "criteria.png"):
         lines += ["![MUSE criteria per model](criteria.png)", ""]
     if _plot_tradeoff(metrics_by_model, out / "tradeoff.png"):

@@ -203,6 +203,6 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
         atomic_write_json(path, lineage)
         entry = lineage["requests"][-1]
         print(f"request {k}/{len(sets)}: done in {entry['seconds']:.0f} s, "
-              + ", ".join(f"{m}={v:.3g}" for m, v in entry["metrics"].items()), flush=True)
+              + ", ".join(f"{m}={v:.3g}" for m, v in entry["metrics"].items() if isinstance(v, float)), flush=True)
     _write_series_report(out, lineage, kind)
     return lineage

@@ -334,11 +334,12 @@ def test_evaluate_muse_with_mia(model, tokenizer, tmp_path):
 
     data = load_muse_dir(_write_muse_dir(tmp_path / "muse"))
     scores = muse.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=4, knowmem_max_new_tokens=4, mia=True)
-    assert list(scores) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc"]
+    assert list(scores) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "mia_auc_ci"]
     forget = privacy.min_k_scores(model, tokenizer, data.privleak_forget)
     holdout = privacy.min_k_scores(model, tokenizer, data.privleak_holdout)
     wins = sum((f > h) + 0.5 * (f == h) for f in forget for h in holdout)
     assert scores["mia_auc"] == pytest.approx(wins / (len(forget) * len(holdout)))
+    assert scores["mia_auc_ci"] == privacy.auc_interval(forget, holdout)
     assert muse.muse_mia_auc(model, tokenizer, data) == pytest.approx(scores["mia_auc"])
     assert "mia_auc" not in muse.evaluate_muse(model, tokenizer, data, verbmem_max_new_tokens=2,
                                              knowmem_max_new_tokens=2)  # off by default
@@ -390,7 +391,7 @@ def test_cli_evaluate_muse(tmp_path, model, tokenizer, model_dir, retrain_dir, c
     args = ["evaluate", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4"]
     assert main(args + ["--retrain-model", str(retrain_dir)]) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak"]
+    assert list(metrics) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "mia_auc_ci", "privleak", "privleak_ci"]
     # PrivLeak = (AUC - retrain AUC) / retrain AUC × 100, each AUC by hand on its own model.
     muse_data = load_muse_dir(data)
     auc = _auc_by_hand(model, tokenizer, muse_data)
@@ -398,13 +399,22 @@ def test_cli_evaluate_muse(tmp_path, model, tokenizer, model_dir, retrain_dir, c
     assert auc != retrain_auc and retrain_auc > 0  # (the model as its own retrained model: PrivLeak 0)
     assert metrics["mia_auc"] == pytest.approx(auc)
     assert metrics["privleak"] == pytest.approx((auc - retrain_auc) / retrain_auc * 100)
+    # Its interval: both models on the same resamples of the texts (the scores by hand as well).
+    retrain = gen.load_model_and_tokenizer(str(retrain_dir))[0]
+    by_hand = [tuple(privacy.min_k_scores(m, tokenizer, texts) for texts in
+                     (muse_data.privleak_forget, muse_data.privleak_holdout)) for m in (model, retrain)]
+    assert metrics["privleak_ci"] == pytest.approx(privacy.privleak_interval(*by_hand))
+    assert metrics["mia_auc_ci"] == pytest.approx(privacy.auc_interval(*by_hand[0]))
     report = (out / "report.md").read_text()
+    low, high = metrics["privleak_ci"]
+    assert low <= metrics["privleak"] <= high and "bootstrap 95 % interval" in report
     assert f"| {retrain_dir.name} (retrain) |" in report
     assert (out / "criteria.png").is_file() and (out / "tradeoff.png").is_file()
 
     assert main(args + ["--retrain-auc", "0.5", "--limit", "2"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["privleak"] == pytest.approx((metrics["mia_auc"] - 0.5) / 0.5 * 100)
+    assert metrics["privleak_ci"] == pytest.approx([(a - 0.5) / 0.5 * 100 for a in metrics["mia_auc_ci"]])
     capsys.readouterr()
 
     # A MUSE directory with an empty QA file: one line naming the file, exit 2, nothing written.
@@ -441,7 +451,7 @@ def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
     finally:
         if started:
             ray.shutdown()
-    assert list(parallel) == list(single) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc"]
+    assert list(parallel) == list(single) == ["verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "mia_auc_ci"]
     for key in single:
         assert parallel[key] == pytest.approx(single[key], abs=1e-9), key
 

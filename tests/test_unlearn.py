@@ -253,7 +253,9 @@ def test_two_worker_npo_and_ga_match_one_worker_and_select_checkpoints(case, tin
         assert [e["step"] for e in evals if "weights_fingerprint" in e] == [expected["step"]]
         selected = json.loads((out / "selected_model" / "dipo_scale.json").read_text())
         assert (selected["step"], selected["selection_rule"]) == (expected["step"], rule), evals
-        assert selected["metrics"] == {k: expected[k] for k in metric_keys}
+        assert {k: selected["metrics"][k] for k in (*metric_keys, "mia_auc_ci")} == \
+            {k: expected[k] for k in (*metric_keys, "mia_auc_ci")}
+        assert all(e["seconds"] > 0 for e in evals)
         # The export is what was evaluated: its fingerprint is recorded with the evaluation, and
         # `dipo-scale evaluate` of it gives that evaluation, item by item.
         assert selected["weights_fingerprint"] == expected["weights_fingerprint"] == \

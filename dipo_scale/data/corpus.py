@@ -779,10 +779,27 @@ def _value_suffixes(value: str) -> list[str]:
     return [value[m.start():] for m in _DIGIT.finditer(value)]
 
 
-def _split_sizes(num_docs: int) -> dict[str, int]:
-    forget = max(1, round(num_docs * SPLIT_FRACTIONS["forget"]))
-    holdout = max(1, round(num_docs * SPLIT_FRACTIONS["holdout"]))
+MUSE_NEWS_FORGET_BYTES = 3_300_000  # MUSE-News's forget split: ~3.3 MB of text (~1.7 M demo tokens)
+
+
+def _split_sizes(num_docs: int, forget_docs: int | None = None, holdout_docs: int | None = None) -> dict[str, int]:
+    """Documents per split: the given counts, else SPLIT_FRACTIONS of `num_docs`; retain gets the rest."""
+    forget = forget_docs if forget_docs is not None else max(1, round(num_docs * SPLIT_FRACTIONS["forget"]))
+    holdout = holdout_docs if holdout_docs is not None else max(1, round(num_docs * SPLIT_FRACTIONS["holdout"]))
     return {"forget": forget, "retain": num_docs - forget - holdout, "holdout": holdout}
+
+
+def docs_for_scale(scale: float) -> int:
+    """`num_docs` whose forget split (SPLIT_FRACTIONS) holds about `scale` x MUSE-News's forget text
+    (MUSE_NEWS_FORGET_BYTES), from the generator's mean document size (measured on 200 documents)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise UserInputError(f"scale must be a number > 0, got {scale!r}")
+    rng = random.Random(12345)
+    world = _World(rng, _reserved_prefixes())
+    with _gc_paused():
+        sample = [len(_write_document(world, rng.choice(_KINDS)).text.encode("utf-8")) + 2 for _ in range(200)]
+    forget_docs = scale * MUSE_NEWS_FORGET_BYTES / (sum(sample) / len(sample))
+    return max(3, round(forget_docs / SPLIT_FRACTIONS["forget"]))
 
 
 def _choose_qa(
@@ -844,8 +861,13 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def generate_corpus(out_dir: str | Path, *, num_docs: int, seed: int = 0) -> Path:
+def generate_corpus(out_dir: str | Path, *, num_docs: int, seed: int = 0, forget_docs: int | None = None,
+                    holdout_docs: int | None = None) -> Path:
     """Write a fictitious news corpus of `num_docs` documents in MUSE layout to `out_dir` (atomically).
+
+    Split sizes: `forget_docs` / `holdout_docs` where given, else SPLIT_FRACTIONS of `num_docs`;
+    retain gets the rest (at least one document). `docs_for_scale` sizes `num_docs` to a multiple
+    of MUSE-News's forget split.
 
     Layout: raw/{forget,retain,holdout}.txt (one document a line, blank line between),
     knowmem/{forget,retain}_qa.json (~3 QA per document) and *_qa_icl.json (3 few-shot pairs from
@@ -854,10 +876,16 @@ def generate_corpus(out_dir: str | Path, *, num_docs: int, seed: int = 0) -> Pat
     """
     if isinstance(num_docs, bool) or not isinstance(num_docs, int) or num_docs < 3:
         raise UserInputError(f"num_docs must be an integer >= 3 (one document per split at least), got {num_docs!r}")
+    for name, value in (("forget_docs", forget_docs), ("holdout_docs", holdout_docs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserInputError(f"{name} must be an integer >= 1, got {value!r}")
+    sizes = _split_sizes(num_docs, forget_docs, holdout_docs)
+    if sizes["retain"] < 1:
+        raise UserInputError(f"num_docs {num_docs} leaves no retain document after {sizes['forget']} forget "
+                             f"and {sizes['holdout']} holdout documents")
     out_dir = Path(out_dir)
     rng = random.Random(seed)
     world = _World(rng, _reserved_prefixes())
-    sizes = _split_sizes(num_docs)
     with _gc_paused():
         docs = {split: [_write_document(world, rng.choice(_KINDS)) for _ in range(n)]
                 for split, n in sizes.items()}

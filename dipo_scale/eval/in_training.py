@@ -56,7 +56,8 @@ class Evaluator:
     forward gathers each layer's parameters from all ranks as it runs, so every rank runs the same
     number of forwards (`MuseItems.batches`; shorter shares add dummy batches) and generation keeps
     the ranks in step until all are done (HF `synced_gpus`). Rank 0 gathers the per-item results
-    and computes the metrics: one line per evaluation in `<out_dir>/eval.jsonl`, the per-item
+    and computes the metrics: one line per evaluation in `<out_dir>/eval.jsonl` (with its wall
+`seconds`), the per-item
     results (generations, ROUGE, Min-K% scores) in `<out_dir>/eval_items/step<N>.json`, and wandb.
     When the selection rule picks this evaluation, the engine's weights, the ones just evaluated,
     are exported to `<out_dir>/selected_model` (a collective) and the export's weights fingerprint
@@ -88,6 +89,9 @@ class Evaluator:
         from dipo_scale.eval.generation import where
         from dipo_scale.eval.muse import merge_item_scores, muse_metrics, score_muse_items
 
+        import time
+
+        started = time.perf_counter()
         e = self.cfg.eval
         settings = {k: v for k, v in e.muse_settings().items() if k != "limit"}
         place = where(f"rank {self.rank} of {self.world}") if self.world > 1 else nullcontext()
@@ -110,6 +114,7 @@ class Evaluator:
             if self.rank == 0:
                 record.update(selected_model=str(self.run_dir / "selected_model"), weights_fingerprint=fingerprint)
         if self.rank == 0:
+            record["seconds"] = round(time.perf_counter() - started, 3)  # this evaluation's wall time
             self.history.append(record)
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()

@@ -22,7 +22,7 @@ from rouge_score import rouge_scorer
 from dipo_scale.data.muse import QA, MuseData, VerbMemItem
 from dipo_scale.data.prompts import knowmem_prompt
 from dipo_scale.eval.generation import criterion, greedy_generate, limited, num_batches
-from dipo_scale.eval.privacy import MIN_K, auc_from_scores, mia_auc, min_k_scores
+from dipo_scale.eval.privacy import MIN_K, auc_from_scores, auc_interval, mia_auc, min_k_scores
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"])
 
@@ -208,11 +208,15 @@ def merge_item_scores(parts: list[dict]) -> dict[str, dict[str, list]]:
             for key in parts[0]}
 
 
-def muse_metrics(scores: dict[str, dict[str, list]]) -> dict[str, float]:
-    """verbmem_f, knowmem_f, knowmem_r (mean x100) and, with attack scores, mia_auc."""
-    metrics = {key: _mean_percent(scores[key]["scores"]) for key in ("verbmem_f", "knowmem_f", "knowmem_r")}
-    if scores["mia"]["forget"] and scores["mia"]["holdout"]:
-        metrics["mia_auc"] = auc_from_scores(scores["mia"]["forget"], scores["mia"]["holdout"])
+def muse_metrics(scores: dict[str, dict[str, list]]) -> dict[str, float | list[float]]:
+    """verbmem_f, knowmem_f, knowmem_r (mean x100) and, with attack scores, mia_auc and its bootstrap
+    95 % interval mia_auc_ci ([low, high]; with at least two texts on each side)."""
+    metrics: dict = {key: _mean_percent(scores[key]["scores"]) for key in ("verbmem_f", "knowmem_f", "knowmem_r")}
+    forget, holdout = scores["mia"]["forget"], scores["mia"]["holdout"]
+    if forget and holdout:
+        metrics["mia_auc"] = auc_from_scores(forget, holdout)
+        if (interval := auc_interval(forget, holdout)) is not None:
+            metrics["mia_auc_ci"] = interval
     return metrics
 
 

@@ -4,9 +4,13 @@ its ROC AUC and MUSE's PrivLeak.
 
 The Min-K% score of a text is the mean of the lowest ``floor(K * n)`` (at least one) token
 log-probabilities of its n scored tokens; higher means "more likely a member". `mia_auc` is the
-ROC AUC (`sklearn.metrics.roc_auc_score`) of telling forget texts (label 1) from holdout texts
+ROC AUC (Mann-Whitney, as `sklearn.metrics.roc_auc_score`) of telling forget texts (label 1) from holdout texts
 (label 0) by that score, and ``privleak = (auc - retrain_auc) / retrain_auc * 100`` as in MUSE's
 `eval.py` (0 is ideal).
+
+Each of these set-level numbers comes with a percentile bootstrap 95 % interval (`<name>_ci`,
+`bootstrap_interval`): forget and holdout texts are resampled separately, and where two models are
+compared (PrivLeak: the model against the retrain model) both are scored on the same resample.
 """
 
 from __future__ import annotations
@@ -18,6 +22,39 @@ import torch
 from dipo_scale.eval.generation import text_token_logprobs
 
 MIN_K = 0.4  # MUSE's privleak key "forget_holdout_Min-40%"
+BOOTSTRAP_RESAMPLES = 1000
+CONFIDENCE_LEVEL = 0.95
+
+
+def bootstrap_interval(statistic, *sizes: int, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> list[float] | None:
+    """[low, high]: percentile bootstrap interval (CONFIDENCE_LEVEL) of `statistic(*indices)`, where
+    each index array is a resample with replacement of range(size) of its group of items, drawn
+    independently per group (`scipy.stats.bootstrap`); None when a group has fewer than two items.
+    The statistic indexes every model's per-item scores with the same arrays, so a comparison of
+    two models is paired. It is vectorised: each index array has the resamples on its leading axes
+    and the items on the last. Resamples where the statistic is undefined (NaN: PrivLeak against a
+    retrain AUC of 0) are left out; None when that is more than half of them."""
+    import warnings
+
+    import numpy as np
+    from scipy.stats import DegenerateDataWarning, bootstrap
+
+    if min(sizes) < 2:
+        return None
+    with warnings.catch_warnings():  # scipy's own interval (not used) warns on NaN resamples
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        result = bootstrap(tuple(np.arange(n) for n in sizes),
+                           lambda *idx, axis=-1: statistic(*(np.asarray(i).astype(int) for i in idx)),
+                           n_resamples=n_resamples, vectorized=True, paired=False, method="percentile",
+                           confidence_level=CONFIDENCE_LEVEL, random_state=np.random.default_rng(seed))
+    values = np.asarray(result.bootstrap_distribution, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) * 2 < n_resamples:
+        return None
+    tail = (1 - CONFIDENCE_LEVEL) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [float(low), float(high)]
 
 
 def min_k_percent(token_logprobs: torch.Tensor, mask: torch.Tensor, k: float = MIN_K) -> torch.Tensor:
@@ -54,14 +91,21 @@ def min_k_scores(model, tokenizer, texts: list[str], *, k: float = MIN_K, batch_
                                                 max_tokens=max_tokens, batches=batches), k)
 
 
-def auc_from_scores(member_scores: list[float], nonmember_scores: list[float]) -> float:
-    """ROC AUC of telling members (label 1) from non-members (label 0) by score."""
-    from sklearn.metrics import roc_auc_score
+def auc_from_scores(member_scores, nonmember_scores):
+    """ROC AUC of telling members (label 1) from non-members (label 0) by score: the Mann-Whitney
+    U statistic over n1 * n0 (midranks for ties, so a tie counts one half, as in
+    `sklearn.metrics.roc_auc_score`). Along the last axis, so a batch of resamples is one call;
+    a float for 1-D inputs."""
+    import numpy as np
+    from scipy.stats import rankdata
 
-    if not member_scores or not nonmember_scores:
+    member, nonmember = np.asarray(member_scores, dtype=np.float64), np.asarray(nonmember_scores, dtype=np.float64)
+    n1, n0 = member.shape[-1], nonmember.shape[-1]
+    if n1 == 0 or n0 == 0:
         raise ValueError("auc_from_scores: need at least one member and one non-member score")
-    labels = [1] * len(member_scores) + [0] * len(nonmember_scores)
-    return float(roc_auc_score(labels, list(member_scores) + list(nonmember_scores)))
+    ranks = rankdata(np.concatenate([member, nonmember], axis=-1), axis=-1)
+    auc = (ranks[..., :n1].sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return float(auc) if auc.ndim == 0 else auc
 
 
 def mia_auc(model, tokenizer, forget_texts: list[str], holdout_texts: list[str], *, k: float = MIN_K,
@@ -70,6 +114,34 @@ def mia_auc(model, tokenizer, forget_texts: list[str], holdout_texts: list[str],
     scores = min_k_scores(model, tokenizer, list(forget_texts) + list(holdout_texts), k=k,
                           batch_size=batch_size, max_tokens=max_tokens)
     return auc_from_scores(scores[: len(forget_texts)], scores[len(forget_texts) :])
+
+
+def auc_interval(member_scores: list[float], nonmember_scores: list[float]) -> list[float] | None:
+    """The bootstrap interval of `auc_from_scores` (members and non-members resampled separately)."""
+    import numpy as np
+
+    member, nonmember = np.asarray(member_scores), np.asarray(nonmember_scores)
+    return bootstrap_interval(lambda f, h: auc_from_scores(member[f], nonmember[h]), len(member), len(nonmember))
+
+
+def privleak_interval(scores: tuple[list[float], list[float]],
+                      retrain_scores: tuple[list[float], list[float]]) -> list[float] | None:
+    """The bootstrap interval of PrivLeak from both models' Min-K% scores (forget, holdout) of the
+    same texts: each resample scores the model and the retrain model on the same texts."""
+    import numpy as np
+
+    (f, h), (rf, rh) = (tuple(np.asarray(x) for x in pair) for pair in (scores, retrain_scores))
+    if (len(f), len(h)) != (len(rf), len(rh)):
+        raise ValueError(f"privleak_interval: the models were scored on different texts "
+                         f"({len(f)}/{len(h)} vs {len(rf)}/{len(rh)})")
+
+    def leak(fi, hi):
+        reference = np.asarray(auc_from_scores(rf[fi], rh[hi]))
+        auc = np.asarray(auc_from_scores(f[fi], h[hi]))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(reference > 0, (auc - reference) / reference * 100.0, np.nan)
+
+    return bootstrap_interval(leak, len(f), len(h))
 
 
 def privleak(auc: float, retrain_auc: float) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 from dipo_scale.errors import UserInputError
 from dipo_scale.eval.generation import describe_device, load_model_and_tokenizer, resolve_device
 from dipo_scale.eval.muse import muse_items, muse_metrics, score_muse_items
-from dipo_scale.eval.privacy import auc_from_scores, privleak
+from dipo_scale.eval.privacy import auc_from_scores, privleak, privleak_interval
 from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_scores, truth_ratio_score
 from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
 
@@ -18,6 +18,7 @@ from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
 METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
                 "model_utility", "forget_truth_ratio", "forget_prob")
 VERBMEM_MAX_NEW_TOKENS, KNOWMEM_MAX_NEW_TOKENS, TOFU_MAX_NEW_TOKENS = 128, 32, 128
+CI = "_ci"  # metrics.json: `<name>_ci` is [low, high], the bootstrap 95 % interval of <name>
 
 
 def detect_layout(source: str | Path) -> str:
@@ -116,9 +117,18 @@ def _mia_scores(model, tokenizer, data, layout: str, *, batch_size: int, limit: 
     return scores["forget"], scores["holdout"]
 
 
-def _ordered(metrics: dict[str, float]) -> dict[str, float]:
-    head = [k for k in METRIC_ORDER if k in metrics]
-    return {k: float(metrics[k]) for k in head + [k for k in metrics if k not in head]}
+def _model_mia_scores(scores) -> tuple[list[float], list[float]] | None:
+    """(forget, holdout) Min-K% scores from MUSE's per-item results or a TOFU result's pair."""
+    if isinstance(scores, dict):
+        scores = (scores["mia"]["forget"], scores["mia"]["holdout"])
+    return scores if scores and scores[0] and scores[1] else None
+
+
+def _ordered(metrics: dict) -> dict:
+    """METRIC_ORDER first, each followed by its interval (`<name>_ci`), then the rest."""
+    head = [key for k in METRIC_ORDER for key in (k, f"{k}{CI}") if key in metrics]
+    return {k: ([float(x) for x in metrics[k]] if k.endswith(CI) else float(metrics[k]))
+            for k in head + [k for k in metrics if k not in head]}
 
 
 def _model_name(path: str) -> str:
@@ -219,6 +229,7 @@ def run_evaluation(
         row = {"forget_truth_ratio": truth_ratio_score(reference_ratios, forget=True)}
         if retrain_model is None and retrain_auc is None and retain_mia is not None:  # TOFU's retrained model
             row["mia_auc"] = reference_auc = auc_from_scores(*retain_mia)
+            reference_scores = retain_mia
         references[f"{_model_name(retain_model)} (retain)"] = row
 
     if layout == "muse":
@@ -250,6 +261,16 @@ def run_evaluation(
             notes.append("privleak needs --retrain-model or --retrain-auc")
         elif reference_auc > 0:
             metrics["privleak"] = privleak(metrics["mia_auc"], reference_auc)
+            model_scores = _model_mia_scores(item_scores if layout == "muse" else result.mia_scores)
+            interval = None
+            if reference_scores is not None and model_scores is not None:
+                interval = privleak_interval(model_scores, reference_scores)
+            elif "mia_auc_ci" in metrics:  # a given retrain AUC: the model's own sampling error only
+                interval = [privleak(a, reference_auc) for a in metrics["mia_auc_ci"]]
+                notes.append("privleak_ci: from mia_auc_ci against the given retrain AUC (its own "
+                             "uncertainty is not included)")
+            if interval is not None:
+                metrics["privleak_ci"] = interval
         else:
             notes.append("the retrain model's AUC is 0: privleak is undefined")
     metrics = _ordered(metrics)

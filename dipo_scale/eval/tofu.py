@@ -25,7 +25,7 @@ from rouge_score import rouge_scorer
 
 from dipo_scale.data.prompts import tofu_prompt
 from dipo_scale.eval.generation import criterion, greedy_generate, limited, qa_logprobs, qa_token_logprobs
-from dipo_scale.eval.privacy import MIN_K, auc_from_scores, min_k_from_lists
+from dipo_scale.eval.privacy import MIN_K, auc_from_scores, auc_interval, bootstrap_interval, min_k_from_lists
 
 _TOFU_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # as locuslab/tofu
 
@@ -80,6 +80,17 @@ def forget_quality(unlearned_ratios: Sequence[float], retain_ratios: Sequence[fl
                           np.asarray(retain_ratios, dtype=np.float64)).pvalue)
 
 
+def forget_quality_interval(unlearned_ratios: Sequence[float], retain_ratios: Sequence[float]) -> list[float] | None:
+    """The bootstrap 95 % interval of `forget_quality`: the forget items resampled, the same items
+    for both models when both have one ratio per item (else each side on its own)."""
+    a, b = np.asarray(unlearned_ratios, dtype=np.float64), np.asarray(retain_ratios, dtype=np.float64)
+    from scipy.stats import ks_2samp
+
+    if len(a) == len(b):
+        return bootstrap_interval(lambda i: ks_2samp(a[i], b[i], axis=-1).pvalue, len(a))
+    return bootstrap_interval(lambda i, j: ks_2samp(a[i], b[j], axis=-1).pvalue, len(a), len(b))
+
+
 def model_utility(scores: Sequence[float]) -> float:
     """TOFU's model utility: the harmonic mean of its (nine) component scores."""
     from scipy.stats import hmean
@@ -131,7 +142,7 @@ UTILITY_SPLITS = (("retain", "paraphrased"), ("real_authors", "answer"), ("world
 
 @dataclass
 class TofuResult:
-    metrics: dict[str, float]
+    metrics: dict[str, float | list[float]]  # `<name>_ci`: [low, high] bootstrap 95 % intervals
     forget_truth_ratios: list[float]
     mia_scores: tuple[list[float], list[float]] | None = None  # Min-K% of forget / holdout (with holdout)
 
@@ -153,10 +164,11 @@ def evaluate_tofu(
     forget_prob, forget_truth_ratio (mean min(R, 1/R)), forget_quality (with
     `retain_truth_ratios`), mia_auc (Min-K% on the answer tokens, forget vs holdoutXX, when
     present), and with retain + real authors + world facts the nine utility components
-    (prob_*, rouge_*, truth_ratio_* on a 0..1 scale) and model_utility. `limit` caps each split
+    (prob_*, rouge_*, truth_ratio_* on a 0..1 scale) and model_utility. forget_quality and mia_auc
+    come with bootstrap 95 % intervals (forget_quality_ci, mia_auc_ci). `limit` caps each split
     (TOFU's `ds_size` is 300).
     """
-    metrics: dict[str, float] = {}
+    metrics: dict = {}
     with criterion("forget"):
         forget = tofu_split_stats(model, tokenizer, limited(data.forget, limit), base="paraphrased",
                                   batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -166,6 +178,8 @@ def evaluate_tofu(
     metrics["forget_truth_ratio"] = truth_ratio_score(ratios, forget=True)
     if retain_truth_ratios is not None:
         metrics["forget_quality"] = forget_quality(ratios, retain_truth_ratios)
+        if (interval := forget_quality_interval(ratios, retain_truth_ratios)) is not None:
+            metrics["forget_quality_ci"] = interval
 
     components: dict[str, float] = {}
     for name, base in UTILITY_SPLITS:
@@ -188,6 +202,8 @@ def evaluate_tofu(
     mia_scores = tofu_mia_scores(model, tokenizer, data, k=k, batch_size=batch_size, limit=limit)
     if mia_scores is not None:
         metrics["mia_auc"] = auc_from_scores(*mia_scores)
+        if (interval := auc_interval(*mia_scores)) is not None:
+            metrics["mia_auc_ci"] = interval
     return TofuResult(metrics, ratios.tolist(), mia_scores)
 
 

@@ -154,3 +154,22 @@ def test_round_trip_through_loader(corpus):
     assert len(data.forget_qa_icl) == len(data.retain_qa_icl) == 3
     assert data.forget_docs == _docs(corpus, "forget")
     assert data.forget_qa[0].answer == _json(corpus, "knowmem/forget_qa.json")[0]["answer"]
+
+
+def test_split_counts_and_scale(tmp_path):
+    from dipo_scale.data.corpus import MUSE_NEWS_FORGET_BYTES, SPLIT_FRACTIONS, docs_for_scale
+
+    root = generate_corpus(tmp_path / "c", num_docs=12, forget_docs=5, holdout_docs=4, seed=0)
+    assert [len(_docs(root, s)) for s in SPLITS] == [5, 3, 4]
+    assert len(json.loads((root / "privleak" / "holdout.json").read_text())) == 4
+    with pytest.raises(UserInputError, match="leaves no retain document"):
+        generate_corpus(tmp_path / "d", num_docs=9, forget_docs=5, holdout_docs=4)
+    with pytest.raises(UserInputError, match="forget_docs must be an integer >= 1"):
+        generate_corpus(tmp_path / "d", num_docs=9, forget_docs=0)
+    # docs_for_scale: the forget split of a corpus of that many documents holds about `scale` x
+    # MUSE-News's forget bytes (checked at a small scale, within 10 %).
+    num_docs = docs_for_scale(0.01)
+    root = generate_corpus(tmp_path / "s", num_docs=num_docs, seed=3)
+    forget_bytes = len((root / "raw" / "forget.txt").read_bytes())
+    assert round(num_docs * SPLIT_FRACTIONS["forget"]) == len(_docs(root, "forget"))
+    assert forget_bytes == pytest.approx(0.01 * MUSE_NEWS_FORGET_BYTES, rel=0.1)
