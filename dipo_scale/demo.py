@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dipo_scale.cluster import init_ray
 from dipo_scale.config import load_unlearn_config
 from dipo_scale.data.muse import QA, MuseData, is_hub_name
 from dipo_scale.data.tofu import TofuData, is_tofu_dir
@@ -34,8 +35,10 @@ from dipo_scale.report import write_report
 
 METHODS = ("dipo", "npo", "ga")
 # The generated corpus: 40 forget and 40 holdout documents, so that the membership attack's AUC
-# (and PrivLeak) rests on 40 x 40 pairs; --num-docs N splits N documents by the generator's fractions.
-DEFAULT_CORPUS = {"num_docs": 120, "forget_docs": 40, "holdout_docs": 40}
+# (and PrivLeak) rests on 40 x 40 pairs, and 20 retain documents (the holdout documents cost no
+# training, the others are what the target and retrain models learn within the demo's budget);
+# --num-docs N splits N documents by the generator's fractions.
+DEFAULT_CORPUS = {"num_docs": 100, "forget_docs": 40, "holdout_docs": 40}
 
 # The unlearning settings the demo uses for every method (overridable with --set).
 DEMO_UNLEARN = {
@@ -290,8 +293,6 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     MODEL_SETTINGS (the tiny models' size and training). `methods`: the unlearning methods to run
     (dipo always among them). `doc`: also write the report as a page of the docs (`write_doc`),
     headed by `command`, the date and the machine."""
-    import ray
-
     from dipo_scale.data.corpus import generate_corpus
     from dipo_scale.data.muse import load_muse_dir
     from dipo_scale.models import build_models
@@ -348,9 +349,8 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
         prepare(data, tokenizer, out / "prepared", block_size=settings.block_size, with_qa=True,
                 layout="per_sequence")
 
-    if not ray.is_initialized():  # log_to_driver: the workers' progress lines reach this console
-        ray.init(include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    # log_to_driver: the workers' progress lines reach this console
+    init_ray(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     models = {"target": paths["target"], "retrain": paths["retrain"]}
     last_log = {}
     for method, cfg in cfgs.items():
@@ -425,7 +425,7 @@ def write_doc(doc: str | Path, out: Path, command: str, started: float, load_at_
     load_end = os.getloadavg()
     header = [
         DOC_MARKER, "",
-        f"# Demo results", "",
+        "# Demo results", "",
         f"Written by the run itself: `{command}`, {when}, on {platform.machine()} with {os.cpu_count()} CPUs "
         f"(no GPU used), {time.time() - started:.0f} s in all; load average {load_at_start[0]:.1f} at the "
         f"start and {load_end[0]:.1f} at the end (other jobs on the machine slow every stage). The "

@@ -38,7 +38,7 @@ class TinyModelSettings(BaseModel):
     block_size: int = 256
     batch_size: int = 8
     lr: float = 3e-3
-    epochs: int = 70
+    epochs: int = 40
     seed: int = 0
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dipo_scale.cluster import init_ray
 from dipo_scale.config import SeriesConfig, UnlearnConfig
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json, check_output_dir, claim_run_dir, weights_fingerprint
@@ -150,8 +151,6 @@ def _write_series_report(out: Path, lineage: dict, kind: str) -> None:
 
 def run_series(cfg: SeriesConfig, kind: str) -> dict:
     """Run (or resume) a sequential or scalability series; returns lineage.json's content."""
-    import ray
-
     from dipo_scale.data.muse import load_muse
     from dipo_scale.unlearn import run_unlearning
 
@@ -169,8 +168,7 @@ def run_series(cfg: SeriesConfig, kind: str) -> dict:
     claim_run_dir(out, {"kind": kind, **cfg.model_dump(by_alias=True, exclude={"out_dir"})}, kind,
                   started=lambda run_dir: (run_dir / "lineage.json").is_file())
     path = out / "lineage.json"
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
+    init_ray()
     if path.is_file():
         lineage = json.loads(path.read_text())
         lineage["requests"] = [_verified(e) for e in lineage["requests"]]

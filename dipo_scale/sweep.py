@@ -37,6 +37,7 @@ import json
 import math
 from pathlib import Path
 
+from dipo_scale.cluster import init_ray
 from dipo_scale.config import ObjectiveConfig, SweepConfig, UnlearnConfig, _set_dotted
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json, atomic_write_text, check_output_dir, mark_output_dir
@@ -242,7 +243,6 @@ def _plot_pareto(rows: list[dict], cfg: SweepConfig, target_value: float | None,
 
 def run_sweep(cfg: SweepConfig) -> dict:
     """Run the sweep; returns best.json's content."""
-    import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -258,8 +258,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         ("unlearn.model.path", u.model.path), ("unlearn.data.prepared_dir", u.data.prepared_dir),
         ("unlearn.eval.data_dir", u.eval.data_dir)])
     base = absolute_paths(cfg.unlearn)
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
+    init_ray()
     check_resources(u.train.worker_range[0], use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
                     extra_cpus=cfg.trial_cpus)
     mark_output_dir(out, "sweep")

@@ -55,7 +55,8 @@ def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
     temp = Path("/tmp") / f"dipo_ray_{os.getpid()}"  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=True,
+    # address="local": a cluster of its own, never one that `ray start` left on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=True,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
     yield
     ray.shutdown()

@@ -444,7 +444,7 @@ def test_evaluate_muse_parallel_equals_single_process(tmp_path, model_dir):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/dipo_eval_ray_{os.getpid()}",  # this run's own
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/dipo_eval_ray_{os.getpid()}",  # this run's own
                  log_to_driver=False)
     try:
         parallel = workers.evaluate_muse_parallel(str(model_dir), data_dir, num_workers=2, **settings)

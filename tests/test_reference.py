@@ -119,7 +119,10 @@ def test_killed_precompute_resumes_and_equals_an_uninterrupted_one(tiny_assets, 
     assert not (cache_b / "manifest.json").exists(), "the precompute finished before it was killed"
     done_at_kill = len(list(cache_b.glob("*/part-*.json")))
     assert done_at_kill >= 1
-    time.sleep(3)  # Ray ends the dead driver's actors
+    # Ray ends the dead driver's actors: wait (with a deadline) until their CPUs are free again.
+    deadline = time.time() + 120
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.2)
 
     manifest_b = precompute_reference(_cfg(tiny_assets, cache_b, "reference.num_workers=2"))
     assert manifest_b["precompute"]["shards_reused"] >= done_at_kill  # finished shards not recomputed

@@ -131,7 +131,7 @@ def ray_with_state_api():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=True, _temp_dir=str(Path("/tmp") / f"dipo_tune_{os.getpid()}"),
+    ray.init(address="local", num_cpus=2, include_dashboard=True, _temp_dir=str(Path("/tmp") / f"dipo_tune_{os.getpid()}"),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
     yield
     ray.shutdown()

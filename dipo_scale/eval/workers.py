@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
+from dipo_scale.cluster import init_ray
 from dipo_scale.data.muse import MuseData
 from dipo_scale.errors import UserInputError
 from dipo_scale.eval.generation import DEVICES, describe_device, load_model_and_tokenizer, resolve_device, where
@@ -73,7 +74,7 @@ class _Ray:
 
         self.started = not ray.is_initialized()
         if self.started:
-            ray.init(include_dashboard=False, log_to_driver=True)  # the actors' progress lines
+            init_ray(include_dashboard=False, log_to_driver=True)  # the actors' progress lines
         return self
 
     def __exit__(self, *exc):

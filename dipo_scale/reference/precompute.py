@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir, sha256_file
@@ -607,8 +608,6 @@ def _model_sizes(model_dir: str) -> tuple[int, int]:
 
 def precompute_reference(cfg: UnlearnConfig) -> dict:
     """Write (or finish) the reference cache of `cfg` (module docstring); returns its manifest."""
-    import ray
-
     from dipo_scale.prepare import read_manifest
     from dipo_scale.unlearn import absolute_paths  # (unlearn never imports the precompute)
 
@@ -659,9 +658,8 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     t0 = time.time()
     workers = cpus = None
     if todo:
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}})
+        init_ray(include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}})
         workers, cpus = pool_size(cfg, len(todo))
         with _shard_progress(cache, todo):
             (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(
