@@ -18,7 +18,7 @@ here when missing, with the demo's settings):
    seconds (eval.jsonl `seconds`) over the run's wall seconds (`run_unlearning`, Ray started).
 
 `--doc` writes the figures into docs/benchmarks.md between `<!-- eval:begin -->` and
-`<!-- eval:end -->`.
+`<!-- eval:end -->` (`--from-json FILE` writes them from an earlier run's JSON, running nothing).
 """
 
 from __future__ import annotations
@@ -126,24 +126,30 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--doc", action="store_true", help="write the figures into docs/benchmarks.md")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="run nothing: write the docs section from an earlier run's JSON")
     args = parser.parse_args(argv)
+    command = "python benchmarks/eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "eval", doc_section(result, result["command"]))
+        return 0
 
     import ray
 
     load_at_start = os.getloadavg()
     assets = demo_assets(Path(args.demo_dir).resolve())
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     with tempfile.TemporaryDirectory(prefix="eval_bench_") as tmp:
         result = evaluation_times(assets, args.reps, Path(tmp))
         result.update(in_training_share(assets, args.steps, args.every, Path(tmp)))
     ray.shutdown()
-    result.update(machine_facts(load_at_start))
+    result.update(machine_facts(load_at_start), command=command)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
     if args.doc:
-        command = "python benchmarks/eval.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_doc_section(ROOT / "docs" / "benchmarks.md", "eval", doc_section(result, command))
     return 0
 

@@ -380,7 +380,7 @@ def main(argv=None) -> int:
     work = Path(args.work or Path(args.demo_dir) / "reference_bench").resolve()
     shutil.rmtree(work, ignore_errors=True)  # measure a precompute from nothing
     load_at_start = os.getloadavg()
-    ray.init(num_cpus=max(os.cpu_count(), args.actors), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count(), args.actors), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     result: dict = {"settings": {"dipo": DIPO, "actors": args.actors, "reps": args.reps, "micro": args.micro,
                                  "demo_dir": str(Path(args.demo_dir).resolve())}}

@@ -152,7 +152,7 @@ def main() -> None:
     for name, (overrides, source) in VARIANTS.items():
         extra = [f"reference.cache_dir={caches[source]}"] if source in caches else []
         cfgs[name] = load_unlearn_config(None, common + overrides + extra)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,  # mmap threshold: see the docstring
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,  # mmap threshold: see the docstring
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}})
     precompute = {}
     for name in ("dipo_cached", "dipo_topk"):

@@ -110,7 +110,7 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="zero3_memory_"))
     assets = build_bench_assets(work / "assets", vocab_size=args.vocab, hidden_size=args.hidden,
                                 num_layers=args.layers, block_size=64, num_blocks=4)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     runs = {f"{o}_{w}w": measure(assets, w, o, work / f"run_{o}_{w}")
             for o in ("adamw", "adamw_8bit") for w in (1, 2)}
