@@ -10,7 +10,9 @@ Driver side (`run_unlearning`) builds a `TorchTrainer` with N workers. Each work
    (`dipo_scale.reference.cache.ReferenceCache`; verified against the run by `validate_run`);
 2. a deterministic data schedule: global batch s is a fixed set of forget block ids (and as many
    retain block ids) that does not depend on the number of workers; worker r takes its slice,
-   so 1 worker and 2 workers with the same global batch see the same data;
+   so 1 worker and 2 workers with the same global batch see the same data. A worker reads only
+   the blocks of its own slices (`StepBlocks`, a window of steps at a time, from the parquet
+   shards that hold them, each shard verified once), never whole splits;
 3. per step: one forward over [forget; retain] blocks, the loss from `dipo_scale.losses`,
    `engine.backward`, `engine.step`; rank 0 logs to `log.jsonl` and wandb (offline by default).
    With `loss.fused` the engine wraps the model in `FusedHeadModel`, whose forward runs the decoder
@@ -125,6 +127,56 @@ def batch_schedule(num_blocks: int, global_batch: int, step: int, seed: int) -> 
         out.append(perm[lo:hi])
         epoch += 1
     return np.concatenate(out)
+
+
+class StepBlocks:
+    """One rank's blocks of one prepared split, step by step: `get(step)` gives the global
+    batch's block ids (`batch_schedule`) and this rank's rows of it (`rank_rows`, a slice of the
+    global batch), as int64 arrays [len(rows), block_size] in batch order.
+
+    Only the blocks of this rank's own steps are read (`prepare.BlockReader`: from the shards that
+    hold them, each shard's sha256 checked once before it is trusted), a window of steps at a time
+    (as many steps as fill `window_rows` rows, at least one, up to `last_step`): each shard a
+    window touches is read once per window, and at most one window's rows are in memory."""
+
+    def __init__(self, reader, global_batch: int, seed: int, rank_rows: slice, last_step: int,
+                 window_rows: int = 1024):
+        self.reader, self.global_batch, self.seed, self.rank_rows = reader, global_batch, seed, rank_rows
+        self.last_step = last_step
+        per_step = len(range(global_batch)[rank_rows])
+        self.window = max(1, window_rows // max(1, per_step))
+        self._first = self._stop = None
+        self._ids: dict[int, np.ndarray] = {}
+        self._rows: dict[str, np.ndarray] = {}
+        self._position: dict[int, int] = {}
+
+    def step_ids(self, step: int) -> np.ndarray:
+        """The block ids of global batch `step`."""
+        return batch_schedule(self.reader.num_blocks, self.global_batch, step, self.seed)
+
+    def _load(self, step: int) -> None:
+        stop = max(step + 1, min(step + self.window, self.last_step))
+        self._ids = {s: self.step_ids(s) for s in range(step, stop)}
+        needed = np.unique(np.concatenate([ids[self.rank_rows] for ids in self._ids.values()]))
+        self._rows = self.reader.read(needed)
+        self._position = {b: i for i, b in enumerate(needed.tolist())}
+        self._first, self._stop = step, stop
+
+    def get(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if self._first is None or not self._first <= step < self._stop:
+            self._load(step)
+        ids = self._ids[step]
+        index = np.asarray([self._position[b] for b in ids[self.rank_rows].tolist()], dtype=np.int64)
+        return ids, {k: v[index] for k, v in self._rows.items()}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (getrusage; Linux reports KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def run_dir_of(cfg: UnlearnConfig) -> Path:
@@ -385,7 +437,7 @@ def train_worker(config: dict) -> None:
     if not cfg.train.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     from dipo_scale.eval.in_training import Evaluator
-    from dipo_scale.prepare import read_blocks
+    from dipo_scale.prepare import BlockReader, read_manifest
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -395,22 +447,26 @@ def train_worker(config: dict) -> None:
     resume_from = checkpoint.newest_checkpoint(checkpoint_root(cfg))
     start, saved_world = checkpoint.load(engine, resume_from) if resume_from else (0, world)
 
-    forget = read_blocks(cfg.data.prepared_dir, "forget")
-    retain = read_blocks(cfg.data.prepared_dir, "retain") if cfg.loss.retain != "none" else None
+    G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    mine = slice(rank * (G // world), (rank + 1) * (G // world))  # this worker's rows of a global batch
+    # Only the blocks of this worker's own steps are read (StepBlocks), never whole splits.
+    manifest = read_manifest(cfg.data.prepared_dir)
+    forget = StepBlocks(BlockReader(cfg.data.prepared_dir, "forget", manifest=manifest), G, cfg.train.seed, mine,
+                        cfg.train.steps)
+    retain = (StepBlocks(BlockReader(cfg.data.prepared_dir, "retain", manifest=manifest), G, cfg.train.seed + 1,
+                         mine, cfg.train.steps) if cfg.loss.retain != "none" else None)
     cache, cached_splits = None, []
     if cfg.reference_cached():
         from dipo_scale.reference.cache import ReferenceCache, needed_splits
 
         cache, cached_splits = ReferenceCache(cfg.reference.cache_dir), needed_splits(cfg)
-    G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    mine = slice(rank * (G // world), (rank + 1) * (G // world))  # this worker's rows of a global batch
 
     (run_dir / "ranks").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "ranks" / f"rank{rank}.json",
-                      {"rank": rank, "world_size": world, "pid": os.getpid(),
-                       "node_id": ray.get_runtime_context().get_node_id(),
-                       "node_ip": ray.util.get_node_ip_address(), "resumed_from_step": start,
-                       **_partition_sizes(engine)})
+    rank_record = {"rank": rank, "world_size": world, "pid": os.getpid(),
+                   "node_id": ray.get_runtime_context().get_node_id(),
+                   "node_ip": ray.util.get_node_ip_address(), "resumed_from_step": start,
+                   **_partition_sizes(engine)}
+    atomic_write_json(run_dir / "ranks" / f"rank{rank}.json", rank_record)
     wandb_run = _start_wandb(cfg, run_dir) if rank == 0 else None
     log_file = reopen_step_log(run_dir / "log.jsonl", start)[1] if rank == 0 else None
     evaluator = Evaluator(cfg, run_dir, start, rank=rank, world=world) if cfg.eval.every else None
@@ -423,20 +479,19 @@ def train_worker(config: dict) -> None:
 
     for step in range(start, cfg.train.steps):
         t0 = time.time()
-        forget_ids = batch_schedule(len(forget["input_ids"]), G, step, cfg.train.seed)
-        retain_ids = batch_schedule(len(retain["input_ids"]), G, step, cfg.train.seed + 1) if retain else None
+        forget_ids, forget_rows = forget.get(step)
+        retain_ids, retain_rows = retain.get(step) if retain is not None else (None, None)
+        parts = [forget_rows] + ([retain_rows] if retain is not None else [])
         sums: dict[str, float] = {}
         for m in range(0, G // world, micro):
-            rows = [(forget, forget_ids[mine][m:m + micro])]
-            if retain is not None:
-                rows.append((retain, retain_ids[mine][m:m + micro]))
-            batch = {k: torch.as_tensor(np.concatenate([split[k][ids] for split, ids in rows])).to(engine.device)
+            rows = slice(m, m + micro)  # of this worker's share of the global batch
+            batch = {k: torch.as_tensor(np.concatenate([part[k][rows] for part in parts])).to(engine.device)
                      for k in ("input_ids", "labels", "attention_mask")}
             cached_ref = None if cache is None else cache.references(  # only this worker's rows
-                engine.device, forget=rows[0][1] if "forget" in cached_splits else None,
-                retain=rows[1][1] if "retain" in cached_splits else None)
-            record = micro_step(cfg, engine, ref_engine, batch, n_forget=len(rows[0][1]), cached_ref=cached_ref,
-                                 ref_head=ref_head)
+                engine.device, forget=forget_ids[mine][rows] if "forget" in cached_splits else None,
+                retain=retain_ids[mine][rows] if "retain" in cached_splits else None)
+            record = micro_step(cfg, engine, ref_engine, batch, n_forget=len(forget_ids[mine][rows]),
+                                cached_ref=cached_ref, ref_head=ref_head)
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v * micro / (G // world)
         metrics = _mean_over_ranks(sums)
@@ -463,6 +518,8 @@ def train_worker(config: dict) -> None:
                                                       "config": cfg.model_dump(by_alias=True)})
     if start < cfg.train.steps:  # (a rerun of a finished run loaded that checkpoint: it stays as it is)
         _report_checkpoint(cfg, engine, cfg.train.steps, {"step": cfg.train.steps})
+    # the worker process's peak RSS over the run (the scale benchmark compares it across corpus sizes)
+    atomic_write_json(run_dir / "ranks" / f"rank{rank}.json", {**rank_record, "peak_rss_bytes": peak_rss_bytes()})
     if rank == 0:
         progress.close()
         log_file.close()

@@ -222,3 +222,39 @@ def test_block_reader_reads_only_the_shards_of_the_asked_blocks(sharded):
         fresh.read([25])
     with pytest.raises(ValueError, match="outside"):
         fresh.read([fresh.num_blocks])
+
+
+def test_a_worker_reads_only_the_blocks_of_its_steps(sharded):
+    """StepBlocks (what each training worker reads): the global batch's ids of each step as
+    batch_schedule gives them and this rank's rows of them, read from the shards that hold those
+    rows only; a corrupt shard none of its steps needs does not stop it."""
+    from dipo_scale.prepare import BlockReader
+    from dipo_scale.unlearn import StepBlocks, batch_schedule
+
+    whole = read_blocks(sharded, "forget")
+    n, G, steps, seed = len(whole["input_ids"]), 4, 3, 0
+    for rank in (0, 1):
+        mine = slice(rank * 2, rank * 2 + 2)
+        needed = {int(b) for s in range(steps) for b in batch_schedule(n, G, s, seed)[mine]}
+        reader = BlockReader(sharded, "forget")
+        shards_needed = {reader.shards[i]["file"] for i in reader.shard_of(sorted(needed))}
+        assert len(shards_needed) < len(reader.shards)
+        idle = next(s for s in reader.shards if s["file"] not in shards_needed)["file"]
+        backup = (sharded / idle).read_bytes()
+        _corrupt(sharded / idle)
+        try:
+            blocks = StepBlocks(reader, G, seed, mine, last_step=steps, window_rows=2)  # a window per step
+            for step in range(steps):
+                ids, rows = blocks.get(step)
+                assert (ids == batch_schedule(n, G, step, seed)).all()
+                for k in ("input_ids", "labels", "attention_mask"):
+                    assert (rows[k] == whole[k][ids[mine]]).all()
+        finally:
+            (sharded / idle).write_bytes(backup)
+        assert set(reader.shards_opened) == shards_needed
+        # one window for all steps: each shard read once
+        reader = BlockReader(sharded, "forget")
+        blocks = StepBlocks(reader, G, seed, mine, last_step=steps)
+        assert [(blocks.get(s)[1]["input_ids"] == whole["input_ids"][batch_schedule(n, G, s, seed)[mine]]).all()
+                for s in range(steps)] == [True] * steps
+        assert sorted(reader.shards_opened) == sorted(shards_needed)
