@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-doc test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	DS_ACCELERATOR=cpu $(VENV)/bin/dipo-scale demo --out $(DEMO_OUT)
+
+# docs/demo.md is written by the demo run itself (from its metrics.json), with the command and date.
+demo-doc: setup
+	DS_ACCELERATOR=cpu $(VENV)/bin/dipo-scale demo --out $(DEMO_OUT) --doc docs/demo.md
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests

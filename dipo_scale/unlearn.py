@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from dipo_scale import checkpoint
+from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import (atomic_dir, atomic_write_json, check_output_dir, check_run_dir, claim_run_dir,
@@ -646,7 +647,6 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     `callbacks`: Ray Train callbacks (the sweep passes one that forwards evaluations to Ray Tune).
     Returns the HF export directory.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -661,8 +661,7 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     # train.num_workers resumes it: checkpoints load at any world size).
     identity = {**config, "train": {k: v for k, v in config["train"].items() if k != "num_workers"}}
     check_run_dir(run_dir, identity, "unlearn", started=_run_started)
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster of `ray job submit` / RAY_ADDRESS, else starts a local one
+    init_ray()
     _check_workers_can_run(cfg)
     claim_run_dir(run_dir, identity, "unlearn", started=_run_started)  # nothing is written before this
     checkpoint.prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
