@@ -356,7 +356,8 @@ def test_cli_evaluate_tofu(tmp_path, model, tokenizer, model_dir, reference_dir,
             "--forget", "forget01", "--max-new-tokens", "4", "--batch-size", "4"]
     assert main(args + ["--retain-model", str(reference_dir)]) == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
-    assert list(metrics)[:6] == ["knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality", "model_utility"]
+    assert list(metrics)[:9] == ["knowmem_f", "knowmem_r", "mia_auc", "mia_auc_ci", "privleak", "privleak_ci",
+                                 "forget_quality", "forget_quality_ci", "model_utility"]
     expected, ratios = _tofu_by_hand(model, tokenizer, _tofu_data(holdout=HOLDOUT), max_new_tokens=4)
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
@@ -367,6 +368,10 @@ def test_cli_evaluate_tofu(tmp_path, model, tokenizer, model_dir, reference_dir,
     assert max(ratios) < min(ref_ratios) or min(ratios) > max(ref_ratios), (ratios, ref_ratios)
     assert metrics["forget_quality"] == pytest.approx(ks_2samp(ratios, ref_ratios).pvalue)
     assert metrics["forget_quality"] == pytest.approx(1 / 3)
+    # Its bootstrap interval resamples the forget items, the same items for both models.
+    from dipo_scale.eval.tofu import forget_quality_interval
+
+    assert metrics["forget_quality_ci"] == pytest.approx(forget_quality_interval(ratios, ref_ratios))
     # PrivLeak: relative to the retain model's AUC (the model against itself would give 0).
     assert expected["mia_auc"] != ref_expected["mia_auc"]
     assert metrics["privleak"] == pytest.approx((expected["mia_auc"] - ref_expected["mia_auc"]) / ref_expected["mia_auc"] * 100)
