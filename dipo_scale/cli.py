@@ -27,6 +27,8 @@ def _cmd_generate(args) -> None:
 
     if args.scale is not None and args.num_docs is not None:
         raise UserInputError("give --num-docs or --scale, not both")
+    if args.scale is not None and not args.scale > 0:
+        raise UserInputError(f"--scale {args.scale:g}: must be > 0 (a multiple of MUSE-News's forget size)")
     num_docs = docs_for_scale(args.scale) if args.scale is not None else (args.num_docs or 40)
     check_output_dir(args.out, "generate")
     print(generate_corpus(args.out, num_docs=num_docs, seed=args.seed, forget_docs=args.forget_docs,

@@ -107,6 +107,11 @@ CASES = [
     ("generate-under-proc", lambda t, a: ["generate", "--out", "/proc/dipo_scale_x"],
      ["--out /proc/dipo_scale_x", "cannot create"]),
     ("generate-too-few-docs", lambda t, a: ["generate", "--out", "new", "--num-docs", "2"], ["num_docs", ">= 3"]),
+    ("generate-num-docs-and-scale", lambda t, a: ["generate", "--out", "new", "--num-docs", "9", "--scale", "1"],
+     ["--num-docs or --scale"]),
+    ("generate-scale-zero", lambda t, a: ["generate", "--out", "new", "--scale", "0"], ["--scale 0", "> 0"]),
+    ("generate-no-retain-left", lambda t, a: ["generate", "--out", "new", "--num-docs", "6", "--forget-docs", "3",
+                                              "--holdout-docs", "3"], ["no retain document"]),
     # --- prepare --------------------------------------------------------------------------------
     ("prepare-onto-its-corpus", lambda t, a: ["prepare", "--data", "corpus", "--tokenizer", "tokenizer",
                                               "--out", "corpus"], ["--out corpus", "is the input --data"]),
@@ -181,6 +186,9 @@ CASES = [
      ["--out model", "is the input --model"]),
     ("evaluate-mistyped-relative-model", lambda t, a: ["evaluate", "--model", "corpus/modle", "--data", "corpus",
                                                        "--out", "ev"], ["--model corpus/modle", "no such directory"]),
+    ("demo-doc-over-a-user-file", lambda t, a: ((t / "notes.md").write_text("mine"),
+                                                ["demo", "--out", "new", "--doc", "notes.md"])[1],
+     ["--doc notes.md", "not overwriting"]),
     ("demo-into-a-user-dir", lambda t, a: (_user_dir(t, "demo"), ["demo", "--out", "demo"])[1],
      ["--out demo", "not empty"]),
 ]
