@@ -230,6 +230,7 @@ class _SplitWriter:
             self.buffer.add([], [])  # an empty split is one padding block, as pack_blocks gives
         if self.buffer.n:
             self._flush()
+        self.buffer = None  # (freed before the next split's buffer is made)
         return {"blocks": self.blocks, "tokens": self.tokens, "loss_tokens": self.loss_tokens, "shards": self.shards}
 
 
