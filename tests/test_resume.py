@@ -184,7 +184,9 @@ def test_elastic_group_shrinks_when_a_node_is_lost(tiny_assets, uninterrupted, t
         ray.shutdown()
         cluster.shutdown()
     sizes = [r["world_size"] for r in _log(out)]
-    assert sizes[:3] == [2, 2, 2] and 1 in sizes, sizes  # started with two, went on with one
+    # Started with two, went on with one: the steps after the last checkpoint before the loss are
+    # redone by the smaller group (how many depends on when the node goes relative to the checkpoint).
+    assert sizes[0] == 2 and sizes[-1] == 1 and sizes == sorted(sizes, reverse=True), sizes
     print(f"elastic: world sizes per step {sizes}; {events['shrunk'] - events['lost']:.1f} s from node loss "
           "to the first step of the smaller group")
     _assert_close_to(out, uninterrupted, tiny_assets["target"])
