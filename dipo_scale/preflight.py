@@ -23,7 +23,6 @@ import zipfile
 from pathlib import Path
 
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import sha256_file
 
 SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 
@@ -170,17 +169,13 @@ def max_positions(config: dict) -> int | None:
 def check_prepared(prepared_dir: str | Path, *, flag: str = "data.prepared_dir", model: dict | None = None) -> dict:
     """Check a prepared directory, and (given `check_model`'s result) that it was made with the
     model's tokenizer and fits its positions. Returns the manifest."""
-    from dipo_scale.prepare import SPLITS, read_manifest, tokenizer_fingerprint
+    from dipo_scale.prepare import SPLITS, read_manifest, tokenizer_fingerprint, verified_shard
 
     root = Path(prepared_dir)
     manifest = read_manifest(root)
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
-            path = root / shard["file"]
-            if not path.is_file():
-                raise UserInputError(f"{path}: shard listed in manifest.json is missing")
-            if sha256_file(path) != shard["sha256"]:
-                raise UserInputError(f"{path}: checksum does not match manifest.json (corrupt or modified shard)")
+            verified_shard(root, shard)
     if model is not None:
         tokenizer = model.get("_tokenizer")
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:

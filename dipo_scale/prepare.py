@@ -286,18 +286,24 @@ def read_manifest(prepared_dir: str | Path) -> dict:
     return manifest
 
 
+def verified_shard(root: Path, shard: dict, *, verify: bool = True) -> Path:
+    """The path of a manifest's shard entry under `root`, refused in one line when it is missing
+    or (with `verify`) its sha256 is not the manifest's."""
+    path = root / shard["file"]
+    if not path.is_file():
+        raise UserInputError(f"{path}: shard listed in manifest.json is missing")
+    if verify and sha256_file(path) != shard["sha256"]:
+        raise UserInputError(f"{path}: checksum does not match manifest.json (corrupt or modified shard)")
+    return path
+
+
 def read_blocks(prepared_dir: str | Path, split: str, *, verify: bool = True) -> dict[str, np.ndarray]:
     """All blocks of a split as int32 arrays [N, block_size] (+ block_id [N]); shards are verified."""
     root = Path(prepared_dir)
     manifest = read_manifest(root)
     tables = []
     for shard in manifest["splits"][split]["shards"]:
-        path = root / shard["file"]
-        if not path.is_file():
-            raise UserInputError(f"{path}: shard listed in manifest.json is missing")
-        if verify and sha256_file(path) != shard["sha256"]:
-            raise UserInputError(f"{path}: checksum does not match manifest.json (corrupt or modified shard)")
-        tables.append(pq.read_table(path))
+        tables.append(pq.read_table(verified_shard(root, shard, verify=verify)))
     table = pa.concat_tables(tables)
     out = {"block_id": table.column("block_id").to_numpy()}
     for key in ("input_ids", "labels", "attention_mask"):
@@ -339,13 +345,8 @@ class BlockReader:
         return np.searchsorted(self.starts, np.asarray(block_ids, dtype=np.int64), side="right") - 1
 
     def _verified_path(self, shard: dict) -> Path:
-        path = self.root / shard["file"]
-        if shard["file"] not in self._verified:
-            if not path.is_file():
-                raise UserInputError(f"{path}: shard listed in manifest.json is missing")
-            if sha256_file(path) != shard["sha256"]:
-                raise UserInputError(f"{path}: checksum does not match manifest.json (corrupt or modified shard)")
-            self._verified.add(shard["file"])
+        path = verified_shard(self.root, shard, verify=shard["file"] not in self._verified)
+        self._verified.add(shard["file"])
         return path
 
     def read(self, block_ids) -> dict[str, np.ndarray]:

@@ -68,7 +68,7 @@ def read_block_range(prepared_dir: str | Path, split: str, first: int, rows: int
     hold them (each shard's sha256 is checked once per `verified` set)."""
     import pyarrow.parquet as pq
 
-    from dipo_scale.prepare import read_manifest
+    from dipo_scale.prepare import read_manifest, verified_shard
 
     root = Path(prepared_dir)
     manifest = read_manifest(root)
@@ -78,11 +78,8 @@ def read_block_range(prepared_dir: str | Path, split: str, first: int, rows: int
     for shard in manifest["splits"][split]["shards"]:
         lo, hi = max(first, start), min(first + rows, start + shard["rows"])
         if lo < hi:
-            path = root / shard["file"]
-            if shard["file"] not in verified:
-                if not path.is_file() or sha256_file(path) != shard["sha256"]:
-                    raise UserInputError(f"{path}: missing or checksum does not match manifest.json")
-                verified.add(shard["file"])
+            path = verified_shard(root, shard, verify=shard["file"] not in verified)
+            verified.add(shard["file"])
             if _LAST_TABLE.get("key") != (path, shard["sha256"]):  # a worker's consecutive shards share one
                 _LAST_TABLE.update(key=(path, shard["sha256"]),
                                    table=pq.read_table(path, columns=["input_ids", "attention_mask"]))
