@@ -83,13 +83,6 @@ def run_stage(cmd: list[str], log: Path) -> dict:
             "last_line": lines[-1] if lines else ""}
 
 
-def vm_hwm_bytes() -> int:
-    """This process's peak RSS: VmHWM, the high-water mark of its own memory since exec
-    (getrusage's ru_maxrss would also count its parent's RSS at the fork)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 def prepare_stage_main(argv: list[str]) -> None:
     """`scale.py _prepare ...`: what `dipo-scale prepare` does, timed, in this (fresh) process."""
     import importlib.util
@@ -105,6 +98,7 @@ def prepare_stage_main(argv: list[str]) -> None:
     from transformers import AutoTokenizer
 
     from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.memory import peak_rss_bytes
 
     if a.module:
         spec = importlib.util.spec_from_file_location("other_prepare", a.module)
@@ -116,13 +110,13 @@ def prepare_stage_main(argv: list[str]) -> None:
     data = load_muse_dir(a.data)
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
     t2 = time.monotonic()
-    rss_before, cpu0 = vm_hwm_bytes(), time.process_time()
+    rss_before, cpu0 = peak_rss_bytes(), time.process_time()
     manifest = module.prepare(data, tokenizer, a.out, block_size=a.block_size, layout="concat")
     t3, cpu = time.monotonic(), time.process_time() - cpu0
     print(json.dumps({"import_seconds": round(t1 - t0, 3), "load_seconds": round(t2 - t1, 3),
                       "prepare_seconds": round(t3 - t2, 3), "prepare_cpu_seconds": round(cpu, 3),
                       "peak_rss_before_prepare_bytes": rss_before,
-                      "peak_rss_bytes": vm_hwm_bytes(),
+                      "peak_rss_bytes": peak_rss_bytes(),
                       "text_bytes": sum(len(d.encode()) for d in data.forget_docs + data.retain_docs),
                       "data_fingerprint": manifest["data_fingerprint"]}))
 

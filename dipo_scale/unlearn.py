@@ -43,6 +43,7 @@ from dipo_scale.files import (atomic_dir, atomic_write_json, check_output_dir, c
                               reopen_step_log)
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
                                npo_loss, shift_targets)
+from dipo_scale.memory import peak_rss_bytes
 from dipo_scale.progress import Progress
 
 
@@ -169,24 +170,6 @@ class StepBlocks:
         ids = self._ids[step]
         index = np.asarray([self._position[b] for b in ids[self.rank_rows].tolist()], dtype=np.int64)
         return ids, {k: v[index] for k, v in self._rows.items()}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far: Linux's VmHWM (the high-water mark of this
-    program's own memory; getrusage's ru_maxrss also counts the RSS of the process it was forked
-    from, carried over exec), else getrusage (macOS: bytes)."""
-    import resource
-    import sys
-
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def run_dir_of(cfg: UnlearnConfig) -> Path:
