@@ -38,8 +38,8 @@ What runs, in one process and one Ray Train run (nothing downloaded):
    `--max-new-tokens`) / Σ seconds of the `(generate)` loops, from the progress lines evaluate
    prints (whole seconds under 90 s; an upper bound if a batch stopped early at EOS, which a
    random model's greedy output rarely does);
-5. the JSON (`--json`) and docs/benchmarks.md's "GPU check" section rewritten from it (`--docs`;
-   the rest of the file is kept).
+5. the JSON (`--json`) and docs/benchmarks.md's "GPU check" section rewritten from it (`--docs`:
+   between `<!-- gpu_check:begin -->` and `<!-- gpu_check:end -->`; the rest of the file is kept).
 
 `--dry-run`: CPU (`DS_ACCELERATOR=cpu`, gloo, `zero3_cpu.json`, float32), the sizes above scaled
 down, one warm-up and two timed rounds, `evaluate --device cpu`; memory is not measured (no CUDA
@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_assets import build_bench_assets, num_parameters  # noqa: E402
+from bench_assets import build_bench_assets, num_parameters, write_doc_section  # noqa: E402
 
 SIZES = {
     "gpu": dict(vocab=32000, hidden=2048, layers=18, intermediate=5632, block=1024, rows=4, warmup=2, reps=5,
@@ -246,19 +246,6 @@ def render_section(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace the "GPU check" section of `path` (up to the next `## ` heading), or append it."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == DOCS_HEADING), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, sizes scaled down")
@@ -361,7 +348,7 @@ def main(argv=None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     if args.docs:
-        write_docs(Path(args.docs), render_section(result))
+        write_doc_section(Path(args.docs), "gpu_check", render_section(result))
     print(json.dumps({k: result[k] for k in ("variants", "ratios", "evaluate", "wall_seconds")}, indent=1))
     return 0
 

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run_writes_its_json_and_the_docs_section(tmp_path):
     docs = tmp_path / "benchmarks.md"
-    docs.write_text("# Benchmarks\n\n## Loss\n\nkept\n\n## GPU check\n\nold text\n\n## After\n\nkept too\n")
+    docs.write_text("# Benchmarks\n\n## Loss\n\nkept\n\n<!-- gpu_check:begin -->\n## GPU check\n\nold text\n"
+                    "<!-- gpu_check:end -->\n\n## After\n\nkept too\n")
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("RAY_ADDRESS", None)
@@ -71,6 +72,6 @@ def test_the_gpu_section_renders_a_gpu_run(tmp_path):
     assert "`fused_over_logits_dipo_step_peak_memory` = **0.49**" in text and "46.50 GiB" in text
     assert "**2,355 tokens/s**" in text and "| **DiPO, fused head, hidden cache** | 0.300 s | 27,307 | 33.3 % | 3.20 |" in text
     docs = tmp_path / "b.md"
-    docs.write_text("# Benchmarks\n\n## GPU check\n\nold\n")  # the section last in the file
-    gpu_check.write_docs(docs, text)
-    assert docs.read_text() == "# Benchmarks\n\n" + text
+    docs.write_text("# Benchmarks\n\n<!-- gpu_check:begin -->\n## GPU check\n\nold\n<!-- gpu_check:end -->\n")
+    gpu_check.write_doc_section(docs, "gpu_check", text)
+    assert docs.read_text() == f"# Benchmarks\n\n<!-- gpu_check:begin -->\n{text.rstrip()}\n<!-- gpu_check:end -->\n"
