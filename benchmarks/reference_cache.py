@@ -56,10 +56,8 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -73,7 +71,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from bench_assets import demo_assets  # noqa: E402
+from bench_assets import demo_assets, machine_facts  # noqa: E402
 
 DIPO = dict(alpha=5.0, beta=0.1, select="topk", k=1, reduction="sum")
 
@@ -441,10 +439,7 @@ def main(argv=None) -> int:
 
 
 def _write(args, result: dict, t_start: float, load_at_start) -> int:
-    result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                         "torch": torch.__version__, "cpus": os.cpu_count(),
-                         "load_average_at_start": load_at_start, "load_average": os.getloadavg()}
-    result["date_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    result.update(machine_facts(load_at_start))
     result["wall_seconds"] = round(time.time() - t_start, 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
