@@ -4,7 +4,8 @@
     dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa] [--layout L]
     dipo-scale unlearn  [--config YAML] [--set key=value ...]
     dipo-scale reference [--config YAML] [--set key=value ...]   (reference.form=hidden|topk)
-    dipo-scale evaluate --model PATH --data DIR --out OUT
+    dipo-scale evaluate --model PATH --data DIR --out OUT [--attacks quantize,relearn] [--set relearn.steps=N]
+    dipo-scale attack   --model PATH --data DIR --out OUT --kind quantize,relearn [--set relearn.KEY=VALUE]
     dipo-scale sweep    [--config YAML] [--set key=value ...]
     dipo-scale sequential | scalability [--config YAML] [--set key=value ...]
     dipo-scale demo     --out DIR [--data DIR [--forget S --retain S --retain-limit N]] [--set key=value ...]
@@ -77,6 +78,15 @@ def _cmd_reference(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
+    from dipo_scale.config import AttackConfig, load_config
+    from dipo_scale.eval.attacks import parse_attacks
+
+    kinds = args.kind if args.command == "attack" else args.attacks
+    attacks = parse_attacks(kinds, "--kind" if args.command == "attack" else "--attacks") if kinds else []
+    if (args.config or args.set) and "relearn" not in attacks:
+        raise UserInputError("--config / --set set the relearning attack (relearn.*): name it with "
+                             f"{'--kind' if args.command == 'attack' else '--attacks'} relearn")
+    relearn = load_config(args.config, args.set, AttackConfig).relearn
     from dipo_scale.eval import run_evaluation
 
     metrics = run_evaluation(
@@ -85,7 +95,7 @@ def _cmd_evaluate(args) -> None:
         retain_model=args.retain_model, retain_truth_ratios=args.retain_truth_ratios,
         forget=args.forget, retain=args.retain, limit=args.limit, batch_size=args.batch_size,
         num_workers=args.num_workers, max_new_tokens=args.max_new_tokens, device=args.device,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, attacks=attacks, relearn=relearn,
     )
     for key, value in metrics.items():
         print(f"{key}: " + (f"[{value[0]:.4g}, {value[1]:.4g}]" if isinstance(value, list) else f"{value:.4g}"))
@@ -125,6 +135,31 @@ def _config_args(p: argparse.ArgumentParser, config_help: str, set_help: str) ->
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `evaluate` and `attack`."""
+    p.add_argument("--model", required=True, help="model directory or hub name")
+    p.add_argument("--data", required=True,
+                   help="MUSE- or TOFU-layout directory (detected), or a hub name (locuslab/TOFU, muse-bench/MUSE-News)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each set")
+    p.add_argument("--retrain-model", default=None, help="model never trained on the forget set: its MIA AUC gives privleak")
+    p.add_argument("--retrain-auc", type=float, default=None, help="the retrained model's MIA AUC, if known")
+    p.add_argument("--retain-model", default=None, help="TOFU: the retain model, for forget quality")
+    p.add_argument("--retain-truth-ratios", default=None, metavar="FILE.json",
+                   help="TOFU: the retain model's forget-set truth ratios (a JSON list, or a truth_ratios.json)")
+    p.add_argument("--forget", default="forget10", help="TOFU forget split (forget01, forget05, forget10)")
+    p.add_argument("--retain", default=None,
+                   help="TOFU retain split for utility (default retain_perturbed, TOFU's evaluation subset)")
+    p.add_argument("--num-workers", type=int, default=1, help="MUSE: Ray actors evaluating shares of the items")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs each Ray actor asks for (> 0: the evaluation runs on actors, even with one worker)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA and bfloat16 where a GPU is visible (to each actor), else CPU and float32")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens (defaults: VerbMem 128, KnowMem 32, TOFU 128)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dipo-scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,30 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
                  "dotted override, e.g. --set reference.form=topk --set reference.k=32 (repeatable)")
     p.set_defaults(func=_cmd_reference)
 
-    p = sub.add_parser("evaluate", help="MUSE (VerbMem, KnowMem, PrivLeak) or TOFU (forget quality, "
-                       "model utility) metrics of a model; writes OUT/metrics.json and OUT/report.md")
-    p.add_argument("--model", required=True, help="model directory or hub name")
-    p.add_argument("--data", required=True,
-                   help="MUSE- or TOFU-layout directory (detected), or a hub name (locuslab/TOFU, muse-bench/MUSE-News)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items of each set")
-    p.add_argument("--retrain-model", default=None, help="model never trained on the forget set: its MIA AUC gives privleak")
-    p.add_argument("--retrain-auc", type=float, default=None, help="the retrained model's MIA AUC, if known")
-    p.add_argument("--retain-model", default=None, help="TOFU: the retain model, for forget quality")
-    p.add_argument("--retain-truth-ratios", default=None, metavar="FILE.json",
-                   help="TOFU: the retain model's forget-set truth ratios (a JSON list, or a truth_ratios.json)")
-    p.add_argument("--forget", default="forget10", help="TOFU forget split (forget01, forget05, forget10)")
-    p.add_argument("--retain", default=None,
-                   help="TOFU retain split for utility (default retain_perturbed, TOFU's evaluation subset)")
-    p.add_argument("--num-workers", type=int, default=1, help="MUSE: Ray actors evaluating shares of the items")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPUs each Ray actor asks for (> 0: the evaluation runs on actors, even with one worker)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CUDA and bfloat16 where a GPU is visible (to each actor), else CPU and float32")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="cap on generated tokens (defaults: VerbMem 128, KnowMem 32, TOFU 128)")
-    p.set_defaults(func=_cmd_evaluate)
+    for name, text in (("evaluate", "MUSE (VerbMem, KnowMem, PrivLeak) or TOFU (forget quality, model utility) "
+                                    "metrics of a model; writes OUT/metrics.json and OUT/report.md"),
+                       ("attack", "the evaluation after attacks that undo hidden forgetting (bitsandbytes "
+                                  "8-/4-bit quantization, relearning on a slice of the forget set): "
+                                  "<metric>@<attack> and <metric>@<attack>_recovery in OUT/metrics.json")):
+        p = sub.add_parser(name, help=text)
+        _evaluate_args(p)
+        if name == "attack":
+            p.add_argument("--kind", required=True, metavar="KINDS",
+                           help="comma-separated: quantize (= quantize8,quantize4), quantize8, quantize4, relearn")
+        else:
+            p.add_argument("--attacks", default=None, metavar="KINDS",
+                           help="also rerun the criteria after these attacks (as `dipo-scale attack --kind`)")
+        _config_args(p, "YAML with a relearn: section (the relearning attack's settings)",
+                     "relearning setting, e.g. --set relearn.steps=40 --set relearn.fraction=0.2 (repeatable)")
+        p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sweep", help="Ray Tune over α, β, lr (...): one unlearning run per trial; "
                        "writes sweep.csv, best.json, pareto.png")

@@ -192,7 +192,8 @@ class ReferenceConfig(_Strict):
 
 
 class UnlearnConfig(_Strict):
-    method: Literal["dipo", "npo", "ga"] = "dipo"
+    # relearn: gradient descent on the forget blocks' NLL, the relearning attack (dipo_scale/eval/attacks.py)
+    method: Literal["dipo", "npo", "ga", "relearn"] = "dipo"
     out_dir: str = "runs/unlearn"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -374,6 +375,36 @@ def load_unlearn_config(path: str | Path | None, overrides: list[str] | None = N
                         base: dict | None = None) -> UnlearnConfig:
     """`load_config` for unlearning runs, with the model-dependent check (k ≤ vocab)."""
     return load_config(path, overrides, UnlearnConfig, base, raw_checks=_vocab_checks)
+
+
+class RelearnConfig(_Strict):
+    """The relearning attack (`dipo-scale attack --kind relearn`, `evaluate --attacks relearn`):
+    fine-tune the model for `steps` steps on a slice of its forget set, then rerun the criteria on
+    the rest (dipo_scale/eval/attacks.py). The engine is unlearning's (Ray Train + ZeRO-3,
+    method=relearn); the last six keys are its `train.*` settings."""
+    steps: int = Field(20, ge=1)
+    fraction: float = 0.1                  # of the forget documents (TOFU: QA pairs) relearned, in (0, 1)
+    data: Optional[str] = None             # a related set to relearn on instead (a raw file: .txt/.jsonl/.json/.parquet)
+    seed: int = 0                          # which documents make the slice
+    block_size: int = Field(256, gt=1)
+    lr: float = Field(1e-5, gt=0)
+    global_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    ds_config: str = "zero3_cpu.json"
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"must be in (0, 1), got {value}")
+        return value
+
+
+class AttackConfig(_Strict):
+    """`--set relearn.KEY=VALUE` of `dipo-scale attack` / `evaluate --attacks`."""
+    relearn: RelearnConfig = RelearnConfig()
 
 
 # ------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import load_unlearn_config
-from dipo_scale.data.muse import QA, MuseData, is_hub_name
-from dipo_scale.data.tofu import TofuData, is_tofu_dir
+from dipo_scale.data.muse import MuseData, is_hub_name
+from dipo_scale.data.tofu import TofuData, is_tofu_dir, qa_pairs_as_muse
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json, atomic_write_text, check_output_dir, mark_output_dir
 from dipo_scale.models import TinyModelSettings
@@ -127,17 +127,6 @@ def _limit_retain(train: list, evaluated: list | None, limit: int) -> tuple[list
     return kept, evaluated
 
 
-def _qa_data(source: str, forget: list, retain: list) -> MuseData:
-    """QA pairs as the MuseData that `build_models` and `prepare` take: no documents, no few-shot
-    examples, so each pair is trained in TOFU's prompt (`dipo_scale.data.prompts.tofu_prompt`)."""
-    def qa(items):
-        return [QA(it.question, it.answer) for it in items]
-
-    return MuseData(root=Path(source), forget_docs=[], retain_docs=[], holdout_docs=[],
-                    forget_qa=qa(forget), retain_qa=qa(retain), forget_qa_icl=[], retain_qa_icl=[],
-                    verbmem=[], privleak_forget=[], privleak_holdout=[])
-
-
 def load_tofu_demo(source: str, forget: str, retain: str, retain_limit: int | None = None) -> TofuDemoData:
     """The demo's view of a TOFU-layout directory (or hub name); every file is checked here.
 
@@ -156,8 +145,8 @@ def load_tofu_demo(source: str, forget: str, retain: str, retain_limit: int | No
     background = (data.real_authors or []) + (data.world_facts or [])
     desc = (f"TOFU-layout {source}: {forget} ({len(forget_items)} QA pairs) is unlearned, {retain} "
             f"({len(retain_items)} of {total} QA pairs) is kept")
-    return TofuDemoData(eval=data, models=_qa_data(source, forget_items, retain_items + background),
-                        unlearn=_qa_data(source, forget_items, retain_items), desc=desc)
+    return TofuDemoData(eval=data, models=qa_pairs_as_muse(source, forget_items, retain_items + background),
+                        unlearn=qa_pairs_as_muse(source, forget_items, retain_items), desc=desc)
 
 
 def _tofu_notes(tofu: TofuDemoData, metrics: dict, forget: str, retain: str,

@@ -7,7 +7,8 @@ the same directory, then a rename):
 * `criteria.png`: MUSE's criteria side by side across models (grouped bars: VerbMem / KnowMem on a
   0..100 scale, PrivLeak on its own axis), when any model has them;
 * `tradeoff.png`: forget vs utility, one point per model: TOFU's forget quality (log scale) vs
-  model utility when the models have both, else KnowMem forget vs KnowMem retain.
+  model utility when the models have both, else KnowMem forget vs KnowMem retain;
+* `attacks_<model>.png`: with attacks, each criterion of a model before and after each attack.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from dipo_scale.files import atomic_write_text
+
+CI = "_ci"  # metrics: `<name>_ci` is [low, high], the bootstrap 95 % interval of <name>
 
 # key -> (column header, direction)
 LABELS = {
@@ -66,7 +69,7 @@ def _header(key: str) -> str:
 
 def _cell(metrics: dict, key: str) -> str:
     """The value, with its bootstrap 95 % interval `<key>_ci` ([low, high]) where there is one."""
-    interval = metrics.get(f"{key}_ci")
+    interval = metrics.get(f"{key}{CI}")
     if isinstance(interval, (list, tuple)) and len(interval) == 2:
         return f"{_fmt(metrics.get(key))} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
     return _fmt(metrics.get(key))
@@ -207,17 +210,69 @@ def series_section(out_dir: str | Path, name: str, x_key: str, records: list[dic
     return [f"## {name}", "", table, "", f"![{name}]({slug}.png)", ""]
 
 
+ATTACKED = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality", "model_utility")
+
+
+def _signed(value: Any) -> str:
+    return "–" if not _is_number(value) else ("+" if value >= 0 else "") + _fmt(value)
+
+
+def _plot_attacks(name: str, before: dict, attacked: dict[str, dict], keys: list[str], path: Path) -> None:
+    """One panel per criterion: the model's value before and after each attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 1, 3.6), squeeze=False)
+    labels = ["before", *attacked]
+    for ax, key in zip(axes[0], keys):
+        values = [before.get(key)] + [attacked[a].get(key, (None, None))[0] for a in attacked]
+        ax.bar(range(len(labels)), [float(v) if _is_number(v) else math.nan for v in values],
+               color=["tab:gray"] + ["tab:red"] * len(attacked))
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize="small")
+        ax.set_title(_header(key), fontsize="medium")
+        if key == "forget_quality":
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{name}: criteria after each attack")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def attacks_section(out_dir: str | Path, name: str, before: dict, attacked: dict[str, dict]) -> list[str]:
+    """The robustness of one model: a table (criterion, before, after each attack with its
+    recovery, after - before) and `attacks_<name>.png`. `attacked`: {attack: {metric: (after,
+    recovery)}}. Returns the section's lines."""
+    keys = [k for k in ATTACKED if _is_number(before.get(k)) and any(k in m for m in attacked.values())]
+    if not keys:
+        return []
+    slug = "".join(c if c.isalnum() else "_" for c in name)
+    _plot_attacks(name, before, attacked, keys, Path(out_dir) / f"attacks_{slug}.png")
+    lines = [f"### {name}", "", "| criterion | before | " + " | ".join(f"{a} (recovery)" for a in attacked) + " |",
+             "|---|---|" + "---|" * len(attacked)]
+    for key in keys:
+        cells = [f"{_fmt(after)} ({_signed(recovery)})" for after, recovery in
+                 (attacked[a].get(key, (None, None)) for a in attacked)]
+        lines.append(f"| {_header(key)} | {_fmt(before[key])} | " + " | ".join(cells) + " |")
+    return lines + ["", f"![{name} under attack](attacks_{slug}.png)", ""]
+
+
 def write_report(out_dir: str | Path, metrics_by_model: dict[str, dict], title: str,
-                 notes: list[str], series: dict[str, tuple[str, list[dict]]] | None = None) -> None:
+                 notes: list[str], series: dict[str, tuple[str, list[dict]]] | None = None,
+                 attacks: dict[str, dict[str, dict]] | None = None) -> None:
     """report.md (a table of every numeric metric per model, the notes) and the plots in `out_dir`.
 
     `series` adds sections such as {"Scalability": ("forget_size", [{...metrics}, ...]),
-    "Sustainability": ("request", [...])}, each with its table and plot.
+    "Sustainability": ("request", [...])}, each with its table and plot. `attacks` ({model name:
+    {attack: {metric: (after, recovery)}}}, `eval.attacks.split_metrics`) adds a robustness
+    section: per model, a table and `attacks_<model>.png`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", "", markdown_table(metrics_by_model), ""]
-    if any(k.endswith("_ci") for m in metrics_by_model.values() for k in m):
+    if any(k.endswith(CI) for m in metrics_by_model.values() for k in m):
         lines += ["[low, high]: bootstrap 95 % interval (1000 resamples of the forget and holdout items).", ""]
     if _plot_criteria(metrics_by_model, out / "criteria.png"):
         lines += ["![MUSE criteria per model](criteria.png)", ""]
@@ -227,6 +282,12 @@ def write_report(out_dir: str | Path, metrics_by_model: dict[str, dict], title: 
               "0..100; TOFU's forget quality, model utility and its components on 0..1.", ""]
     for name, (x_key, records) in (series or {}).items():
         lines += series_section(out, name, x_key, records)
+    if attacks:
+        lines += ["## Robustness to attacks", "",
+                  "Each criterion after the attack, and in parentheses its recovery (after − before; for "
+                  "forget criteria, a rise towards the target model's value is knowledge coming back).", ""]
+        for name, attacked in attacks.items():
+            lines += attacks_section(out, name, metrics_by_model[name], attacked)
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))

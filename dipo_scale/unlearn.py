@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 import time
 from contextlib import contextmanager
@@ -319,7 +318,8 @@ def _partition_sizes(engine) -> dict:
 
 
 def _forget_loss(cfg: UnlearnConfig, logits, ref_logits, targets):
-    """Forget term, its extra statistic (DiPO margin or NPO log-ratio, per row; None for GA) and
+    """Forget term, its extra statistic (DiPO margin or NPO log-ratio, per row; None for GA and
+    relearn) and
     the forget NLL, all from the loss's own chunks (no second pass over the logits)."""
     chunk = cfg.loss.chunk_size
     if cfg.method == "dipo":
@@ -328,6 +328,9 @@ def _forget_loss(cfg: UnlearnConfig, logits, ref_logits, targets):
                          p=d.p, reduction=d.reduction, source=d.source, chunk_size=chunk, with_nll=True)
     if cfg.method == "npo":
         return npo_loss(logits, ref_logits, targets, beta=cfg.npo.beta, chunk_size=chunk, with_nll=True)
+    if cfg.method == "relearn":  # the relearning attack: descend the forget NLL
+        nll = nll_loss(logits, targets, chunk_size=chunk)
+        return nll, None, nll.detach()
     loss, nll = ga_loss(logits, targets, chunk_size=chunk, with_nll=True)
     return loss, None, nll
 

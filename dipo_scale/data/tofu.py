@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dipo_scale.data.muse import RECORD_EXTENSIONS, _load_items, _one_line, is_hub_name, note, string_field
+from dipo_scale.data.muse import QA, RECORD_EXTENSIONS, MuseData, _load_items, _one_line, is_hub_name, note, string_field
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_dir
 
@@ -234,6 +234,18 @@ def load_tofu(source: str | Path, *, forget: str = "forget10", retain: str | Non
         note(line)
     return TofuData(source=src.source, forget_name=forget, forget=forget_items, retain=retain_items,
                     real_authors=real, world_facts=world, holdout=holdout, notes=notes)
+
+
+def qa_pairs_as_muse(source: str | Path, forget: list, retain: list) -> MuseData:
+    """QA pairs (anything with `question` and `answer`) as the MuseData that `build_models` and
+    `prepare` take: no documents, no few-shot examples, so each pair is trained in TOFU's prompt
+    (`dipo_scale.data.prompts.tofu_prompt`)."""
+    def qa(items):
+        return [QA(it.question, it.answer) for it in items]
+
+    return MuseData(root=Path(source), forget_docs=[], retain_docs=[], holdout_docs=[],
+                    forget_qa=qa(forget), retain_qa=qa(retain), forget_qa_icl=[], retain_qa_icl=[],
+                    verbmem=[], privleak_forget=[], privleak_holdout=[])
 
 
 # --- a generated TOFU-layout directory (tests, the demo) ----------------------------------------

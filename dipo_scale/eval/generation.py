@@ -7,6 +7,8 @@ on stdout (`dipo_scale.progress`); `criterion(name)` labels the loops run inside
 
 from __future__ import annotations
 
+import logging
+import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Sequence
@@ -293,15 +295,46 @@ def describe_device(device: str, dtype: torch.dtype) -> str:
     return f"{device} ({name}{str(dtype).removeprefix('torch.')})"
 
 
+def quantization_config(bits: str, compute_dtype: torch.dtype):
+    """transformers' bitsandbytes config for `bits` "8bit" (LLM.int8) or "4bit" (NF4, computing
+    in `compute_dtype`); a one-line error where bitsandbytes is not installed."""
+    try:
+        import importlib
+
+        from transformers import BitsAndBytesConfig
+
+        importlib.import_module("bitsandbytes")
+    except ImportError as e:
+        raise UserInputError(f"{bits} quantization: bitsandbytes is not available ({e})") from None
+    if bits == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_model_and_tokenizer(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu",
-                             trust_remote_code: bool = False):
+                             trust_remote_code: bool = False, quantize: str | None = None):
     """A causal LM (in eval mode) and its tokenizer from a local dir or hub name, on `device` ("cpu"
     or "cuda": loaded straight onto the GPU) in `dtype` (default: bfloat16 on CUDA, float32 on the
-    CPU)."""
+    CPU). `quantize` "8bit" / "4bit": its linear layers in bitsandbytes' 8-bit / 4-bit NF4 (the
+    quantization attack); a backend that cannot load them here is a one-line error."""
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     placement = {"device_map": device} if device.startswith("cuda") else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **placement)
+    if quantize is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **placement)
+    else:
+        # bitsandbytes' 8-bit matmul casts float32 inputs to float16, and says so at every call
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code,
+                quantization_config=quantization_config(quantize, dtype), **placement)
+        except (RuntimeError, ValueError, NotImplementedError, ImportError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserInputError(f"{path}: bitsandbytes cannot load it in {quantize} on {device} here "
+                                 f"({first[:200]})") from None
     model.eval()
     return model, tokenizer

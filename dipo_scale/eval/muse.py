@@ -22,7 +22,7 @@ from rouge_score import rouge_scorer
 from dipo_scale.data.muse import QA, MuseData, VerbMemItem
 from dipo_scale.data.prompts import knowmem_prompt
 from dipo_scale.eval.generation import criterion, greedy_generate, limited, num_batches
-from dipo_scale.eval.privacy import MIN_K, auc_from_scores, auc_interval, mia_auc, min_k_scores
+from dipo_scale.eval.privacy import CI, MIN_K, auc_from_scores, auc_interval, mia_auc, min_k_scores
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"])
 
@@ -123,6 +123,12 @@ def muse_mia_texts(data: MuseData) -> tuple[list[str], list[str]]:
     return (data.privleak_forget or data.forget_docs, data.privleak_holdout or data.holdout_docs)
 
 
+def mia_pair(item_scores: dict) -> tuple[list[float], list[float]] | None:
+    """The (forget, holdout) Min-K% scores of `score_muse_items`'s results; None without both."""
+    forget, holdout = item_scores["mia"]["forget"], item_scores["mia"]["holdout"]
+    return (forget, holdout) if forget and holdout else None
+
+
 # --- a MUSE evaluation as items: shares, per-item scores, metrics ---------------------------------
 @dataclass
 class MuseItems:
@@ -212,11 +218,11 @@ def muse_metrics(scores: dict[str, dict[str, list]]) -> dict[str, float | list[f
     """verbmem_f, knowmem_f, knowmem_r (mean x100) and, with attack scores, mia_auc and its bootstrap
     95 % interval mia_auc_ci ([low, high]; with at least two texts on each side)."""
     metrics: dict = {key: _mean_percent(scores[key]["scores"]) for key in ("verbmem_f", "knowmem_f", "knowmem_r")}
-    forget, holdout = scores["mia"]["forget"], scores["mia"]["holdout"]
-    if forget and holdout:
+    if (pair := mia_pair(scores)) is not None:
+        forget, holdout = pair
         metrics["mia_auc"] = auc_from_scores(forget, holdout)
         if (interval := auc_interval(forget, holdout)) is not None:
-            metrics["mia_auc_ci"] = interval
+            metrics[f"mia_auc{CI}"] = interval
     return metrics
 
 

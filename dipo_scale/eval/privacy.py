@@ -20,6 +20,7 @@ import math
 import torch
 
 from dipo_scale.eval.generation import text_token_logprobs
+from dipo_scale.report import CI  # metrics: `<name>_ci` is [low, high], the bootstrap 95 % interval of <name>
 
 MIN_K = 0.4  # MUSE's privleak key "forget_holdout_Min-40%"
 BOOTSTRAP_RESAMPLES = 1000
@@ -149,3 +150,26 @@ def privleak(auc: float, retrain_auc: float) -> float:
     if not retrain_auc > 0:
         raise ValueError(f"privleak: retrain AUC must be > 0, got {retrain_auc}")
     return (auc - retrain_auc) / retrain_auc * 100.0
+
+
+def add_privleak(metrics: dict, retrain_auc: float | None, scores: tuple[list[float], list[float]] | None = None,
+                 retrain_scores: tuple[list[float], list[float]] | None = None) -> list[str]:
+    """Add `privleak` (and `privleak_ci`) to the `metrics` of a model that has a `mia_auc`, relative
+    to the retrain model's AUC. The interval is paired (`privleak_interval`) when both models'
+    Min-K% scores (forget, holdout) are given; else, from `mia_auc_ci` against the given AUC, it
+    covers the model's own sampling error only. Returns the notes the report should carry."""
+    if "mia_auc" not in metrics or retrain_auc is None:
+        return []
+    if not retrain_auc > 0:
+        return ["the retrain model's MIA AUC is 0: privleak is undefined"]
+    metrics["privleak"] = privleak(metrics["mia_auc"], retrain_auc)
+    notes, interval = [], None
+    if scores is not None and retrain_scores is not None:
+        interval = privleak_interval(scores, retrain_scores)
+    elif f"mia_auc{CI}" in metrics:
+        interval = [privleak(a, retrain_auc) for a in metrics[f"mia_auc{CI}"]]
+        notes.append(f"privleak{CI}: from mia_auc{CI} against the given retrain AUC (its own uncertainty "
+                     "is not included)")
+    if interval is not None:
+        metrics[f"privleak{CI}"] = interval
+    return notes

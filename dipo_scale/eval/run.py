@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Sequence
 
+from dipo_scale.config import RelearnConfig
 from dipo_scale.errors import UserInputError
+from dipo_scale.eval.attacks import (ATTACKS, QUANTIZE_BITS, attack_keys, check_quantization, check_relearn,
+                                     relearn_model, split_metrics, split_relearn)
 from dipo_scale.eval.generation import describe_device, load_model_and_tokenizer, resolve_device
-from dipo_scale.eval.muse import muse_items, muse_metrics, score_muse_items
-from dipo_scale.eval.privacy import auc_from_scores, privleak, privleak_interval
+from dipo_scale.eval.muse import mia_pair, muse_items, muse_metrics, score_muse_items
+from dipo_scale.eval.privacy import CI, add_privleak, auc_from_scores
 from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_scores, truth_ratio_score
 from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
 
@@ -18,7 +22,6 @@ from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
 METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
                 "model_utility", "forget_truth_ratio", "forget_prob")
 VERBMEM_MAX_NEW_TOKENS, KNOWMEM_MAX_NEW_TOKENS, TOFU_MAX_NEW_TOKENS = 128, 32, 128
-CI = "_ci"  # metrics.json: `<name>_ci` is [low, high], the bootstrap 95 % interval of <name>
 
 
 def detect_layout(source: str | Path) -> str:
@@ -74,25 +77,26 @@ def read_truth_ratios(path: str | Path) -> list[float]:
     return [float(v) for v in obj]
 
 
-def _load_checked(path: str, flag: str, device: str = "auto"):
+def _load_checked(path: str, flag: str, device: str = "auto", quantize: str | None = None):
     """The model and tokenizer at `path` in this process, on `device` (a line says where)."""
     on, dtype = resolve_device(device)
     try:
-        model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=on)
+        model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=on, quantize=quantize)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserInputError(f"{flag} {path}: cannot load the model or its tokenizer "
                              f"({type(e).__name__}: {first[:200]})") from None
-    print(f"evaluate: {path} on {describe_device(on, dtype)}", flush=True)
+    print(f"evaluate: {path}{f' in {quantize}' if quantize else ''} on {describe_device(on, dtype)}", flush=True)
     return model, tokenizer
 
 
-def _on(path: str, flag: str, fn, *args, device: str = "auto", gpus_per_worker: float = 0.0, **kwargs):
+def _on(path: str, flag: str, fn, *args, device: str = "auto", gpus_per_worker: float = 0.0,
+        quantize: str | None = None, **kwargs):
     """`fn(model, tokenizer, *args, **kwargs)` for the model at `path`: in this process, or in a Ray
     actor with `gpus_per_worker` GPUs (`workers.on_model`)."""
     if gpus_per_worker > 0:
-        return on_model(path, fn, *args, device=device, gpus_per_worker=gpus_per_worker, **kwargs)
-    return fn(*_load_checked(path, flag, device), *args, **kwargs)
+        return on_model(path, fn, *args, device=device, gpus_per_worker=gpus_per_worker, quantize=quantize, **kwargs)
+    return fn(*_load_checked(path, flag, device, quantize), *args, **kwargs)
 
 
 def _score_muse(model, tokenizer, items, settings):
@@ -113,15 +117,7 @@ def _mia_scores(model, tokenizer, data, layout: str, *, batch_size: int, limit: 
     items = muse_items(data, limit=limit, mia_only=True)
     if not items.mia_forget:
         return None
-    scores = score_muse_items(model, tokenizer, items, batch_size=batch_size)["mia"]
-    return scores["forget"], scores["holdout"]
-
-
-def _model_mia_scores(scores) -> tuple[list[float], list[float]] | None:
-    """(forget, holdout) Min-K% scores from MUSE's per-item results or a TOFU result's pair."""
-    if isinstance(scores, dict):
-        scores = (scores["mia"]["forget"], scores["mia"]["holdout"])
-    return scores if scores and scores[0] and scores[1] else None
+    return mia_pair(score_muse_items(model, tokenizer, items, batch_size=batch_size))
 
 
 def _ordered(metrics: dict) -> dict:
@@ -133,6 +129,26 @@ def _ordered(metrics: dict) -> dict:
 
 def _model_name(path: str) -> str:
     return Path(path).name or str(path)
+
+
+def _check_attacks(attacks: list[str], relearn: RelearnConfig, model: str, device: str, gpus_per_worker: float,
+                   actors: bool) -> None:
+    """Before any model loads: each quantization runs where the model will load (here, or in a
+    Ray task with the actors' GPUs), the relearning run's settings are valid."""
+    for attack in attacks:
+        if attack in QUANTIZE_BITS:
+            if actors and gpus_per_worker > 0:
+                import ray
+
+                from dipo_scale.eval.workers import _get, _Ray
+
+                with _Ray():
+                    task = ray.remote(num_gpus=gpus_per_worker, max_retries=0)(check_quantization)
+                    _get(task.remote(attack, "cuda" if device != "cpu" else "cpu"))
+            else:
+                check_quantization(attack, resolve_device(device)[0])
+    if "relearn" in attacks:
+        check_relearn(relearn, model)
 
 
 def run_evaluation(
@@ -152,12 +168,19 @@ def run_evaluation(
     max_new_tokens: int | None = None,
     device: str = "auto",
     gpus_per_worker: float = 0.0,
+    attacks: Sequence[str] = (),
+    relearn: RelearnConfig | None = None,
 ) -> dict[str, float]:
-    """What `dipo-scale evaluate` does: evaluate `model` on the MUSE or TOFU data `data`, write
-    OUT/metrics.json, OUT/report.md (+ plots) and, for MUSE, OUT/items.json (the per-item results:
-    generations, their ROUGE scores, the Min-K% scores of the attack texts) or, for TOFU,
-    OUT/truth_ratios.json (the forget-set truth ratios, reusable as another run's
+    """What `dipo-scale evaluate` (and `dipo-scale attack`) does: evaluate `model` on the MUSE or
+    TOFU data `data`, write OUT/metrics.json, OUT/report.md (+ plots) and, for MUSE, OUT/items.json
+    (the per-item results: generations, their ROUGE scores, the Min-K% scores of the attack texts)
+    or, for TOFU, OUT/truth_ratios.json (the forget-set truth ratios, reusable as another run's
     --retain-truth-ratios). Returns the metrics.
+
+    `attacks` (`dipo_scale.eval.attacks.ATTACKS`): rerun every criterion on the model after each
+    attack, into `<metric>@<attack>` and `<metric>@<attack>_recovery`; the relearning run (settings
+    `relearn`) goes to OUT/relearn/, and with it every criterion is measured on the forget set less
+    the relearned slice (OUT/relearn/slice.json says which items).
 
     Where it runs (`dipo_scale.eval.workers`): `device` "auto" is CUDA with bfloat16 where a GPU
     is visible, else the CPU with float32 ("cpu", "cuda" force one). With one worker and no GPUs
@@ -165,7 +188,8 @@ def run_evaluation(
     each (every actor on the device it sees), and TOFU in one actor with `gpus_per_worker` GPUs.
     Each model's line on the console says where it was loaded.
 
-    Every input is checked before a model is loaded; nothing is written unless all succeeds.
+    Every input is checked before a model is loaded; nothing is written unless all succeeds (but
+    the relearning run, which is resumable).
     """
     from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir
     from dipo_scale.preflight import check_model
@@ -181,6 +205,10 @@ def run_evaluation(
                         ("--max-new-tokens", max_new_tokens)):
         if value is not None and value < 1:
             raise UserInputError(f"{flag} {value}: must be >= 1")
+    attacks = list(attacks)
+    if unknown := [a for a in attacks if a not in ATTACKS]:
+        raise UserInputError(f"attack {unknown[0]!r}: choose from {', '.join(ATTACKS)}")
+    relearn = relearn or RelearnConfig()
     actors = check_placement(device, num_workers, gpus_per_worker)
     if not actors:
         resolve_device(device)  # --device cuda without a GPU here: refused before any work
@@ -193,6 +221,7 @@ def run_evaluation(
     out = check_output_dir(out, "evaluate", inputs=[("--data", data), *((f, p) for p, f in models)])
     for path, flag in models:  # complete, loadable models before any is loaded
         check_model(path, flag)
+    _check_attacks(attacks, relearn, model, device, gpus_per_worker, actors)
 
     def cap(default: int) -> int:
         return default if max_new_tokens is None else min(default, max_new_tokens)
@@ -201,7 +230,7 @@ def run_evaluation(
     if layout == "muse":
         from dipo_scale.data.muse import load_muse
 
-        dataset = load_muse(data, need_raw=False)
+        dataset = load_muse(data, need_raw="relearn" in attacks and relearn.data is None)
         reference_ratios = None
     else:
         from dipo_scale.data.tofu import load_tofu
@@ -209,14 +238,25 @@ def run_evaluation(
         dataset = load_tofu(data, forget=forget, retain=retain)
         notes += dataset.notes
         reference_ratios = read_truth_ratios(retain_truth_ratios) if retain_truth_ratios else None
+    relearn_split = None
+    if "relearn" in attacks:
+        relearn_split = split_relearn(dataset, relearn)
+        if relearn.data is None:
+            if reference_ratios is not None:  # the stored ratios of the items still evaluated
+                if len(reference_ratios) != len(dataset.forget):
+                    raise UserInputError(f"--retain-truth-ratios {retain_truth_ratios}: {len(reference_ratios)} "
+                                         f"ratios for {len(dataset.forget)} forget items")
+                reference_ratios = [reference_ratios[i] for i in relearn_split.record["evaluated"]["forget"]]
+            notes.append(f"relearn: every criterion is measured on the forget set less the relearned slice "
+                         f"({relearn.fraction:g} of it; {out / 'relearn' / 'slice.json'} lists both)")
+        dataset = relearn_split.evaluate
 
     references: dict[str, dict] = {}
     reference_auc, reference_scores = retrain_auc, None  # the retrain model's AUC and Min-K% scores
     if retrain_model is not None:
         if layout == "muse" and actors:
-            scores = muse_item_scores(retrain_model, dataset, num_workers=num_workers, mia_only=True,
-                                      batch_size=batch_size, limit=limit, **place)["mia"]
-            reference_scores = (scores["forget"], scores["holdout"]) if scores["forget"] else None
+            reference_scores = mia_pair(muse_item_scores(retrain_model, dataset, num_workers=num_workers,
+                                                         mia_only=True, batch_size=batch_size, limit=limit, **place))
         else:
             reference_scores = _on(retrain_model, "--retrain-model", _mia_scores, dataset, layout,
                                    batch_size=batch_size, limit=limit, **place)
@@ -232,55 +272,59 @@ def run_evaluation(
             reference_scores = retain_mia
         references[f"{_model_name(retain_model)} (retain)"] = row
 
-    if layout == "muse":
-        settings = dict(verbmem_max_new_tokens=cap(VERBMEM_MAX_NEW_TOKENS),
-                        knowmem_max_new_tokens=cap(KNOWMEM_MAX_NEW_TOKENS), batch_size=batch_size, limit=limit)
-        if actors:
-            item_scores = muse_item_scores(model, dataset, num_workers=num_workers, mia=True, **settings, **place)
+    def evaluate(path: str, flag: str, quantize: str | None = None) -> tuple[dict, object]:
+        """The metrics of one model (and its per-item results), PrivLeak against the references."""
+        if layout == "muse":
+            settings = dict(verbmem_max_new_tokens=cap(VERBMEM_MAX_NEW_TOKENS),
+                            knowmem_max_new_tokens=cap(KNOWMEM_MAX_NEW_TOKENS), batch_size=batch_size, limit=limit)
+            if actors:
+                per_item = muse_item_scores(path, dataset, num_workers=num_workers, mia=True, quantize=quantize,
+                                            **settings, **place)
+            else:
+                per_item = _on(path, flag, _score_muse, muse_items(dataset, limit=limit, mia=True),
+                               {k: v for k, v in settings.items() if k != "limit"}, quantize=quantize, **place)
+            metrics, mia = muse_metrics(per_item), mia_pair(per_item)
+            if "mia_auc" not in metrics:
+                notes.append("no holdout texts (privleak/holdout.json or raw/holdout.*): no mia_auc / privleak")
         else:
-            item_scores = _on(model, "--model", _score_muse, muse_items(dataset, limit=limit, mia=True),
-                              {k: v for k, v in settings.items() if k != "limit"}, **place)
-        metrics = muse_metrics(item_scores)
-        if "mia_auc" not in metrics:
-            notes.append("no holdout texts (privleak/holdout.json or raw/holdout.*): no mia_auc / privleak")
-    else:
-        if num_workers > 1:
-            notes.append("--num-workers applies to MUSE data; TOFU was evaluated by one worker")
-        result = _on(model, "--model", evaluate_tofu, dataset, retain_truth_ratios=reference_ratios,
-                     batch_size=batch_size, limit=limit, max_new_tokens=cap(TOFU_MAX_NEW_TOKENS), **place)
-        metrics = result.metrics
-        notes.append("TOFU has no verbatim-memorisation prompts: no verbmem_f; knowmem_f / knowmem_r are "
-                     "TOFU's ROUGE-L recall (x100) on forget / retain; utility components are on 0..1")
-        if reference_ratios is None:
-            notes.append("forget_quality needs --retain-model or --retain-truth-ratios")
-        if "mia_auc" not in metrics:
-            notes.append(f"no holdout split for {forget}: no mia_auc / privleak")
-
-    if "mia_auc" in metrics:
-        if reference_auc is None:
+            if num_workers > 1:
+                notes.append("--num-workers applies to MUSE data; TOFU was evaluated by one worker")
+            per_item = _on(path, flag, evaluate_tofu, dataset, retain_truth_ratios=reference_ratios,
+                           batch_size=batch_size, limit=limit, max_new_tokens=cap(TOFU_MAX_NEW_TOKENS),
+                           quantize=quantize, **place)
+            metrics, mia = per_item.metrics, per_item.mia_scores
+            notes.append("TOFU has no verbatim-memorisation prompts: no verbmem_f; knowmem_f / knowmem_r are "
+                         "TOFU's ROUGE-L recall (x100) on forget / retain; utility components are on 0..1")
+            if reference_ratios is None:
+                notes.append("forget_quality needs --retain-model or --retain-truth-ratios")
+            if "mia_auc" not in metrics:
+                notes.append(f"no holdout split for {forget}: no mia_auc / privleak")
+        if "mia_auc" in metrics and reference_auc is None:
             notes.append("privleak needs --retrain-model or --retrain-auc")
-        elif reference_auc > 0:
-            metrics["privleak"] = privleak(metrics["mia_auc"], reference_auc)
-            model_scores = _model_mia_scores(item_scores if layout == "muse" else result.mia_scores)
-            interval = None
-            if reference_scores is not None and model_scores is not None:
-                interval = privleak_interval(model_scores, reference_scores)
-            elif "mia_auc_ci" in metrics:  # a given retrain AUC: the model's own sampling error only
-                interval = [privleak(a, reference_auc) for a in metrics["mia_auc_ci"]]
-                notes.append("privleak_ci: from mia_auc_ci against the given retrain AUC (its own "
-                             "uncertainty is not included)")
-            if interval is not None:
-                metrics["privleak_ci"] = interval
+        notes.extend(add_privleak(metrics, reference_auc, mia, reference_scores))
+        return metrics, per_item
+
+    metrics, per_item = evaluate(model, "--model")
+    after: dict[str, dict] = {}
+    for attack in attacks:
+        print(f"evaluate: attack {attack} on {model}", flush=True)
+        if attack == "relearn":
+            mark_output_dir(out, "evaluate")
+            relearned = relearn_model(model, relearn_split, relearn, out / "relearn")
+            after[attack] = evaluate(str(relearned), "relearned model")[0]
         else:
-            notes.append("the retrain model's AUC is 0: privleak is undefined")
-    metrics = _ordered(metrics)
+            after[attack] = evaluate(model, "--model", quantize=QUANTIZE_BITS[attack])[0]
+    metrics = _ordered({**metrics, **attack_keys(metrics, after)})
 
     mark_output_dir(out, "evaluate")
     if layout == "tofu":
-        atomic_write_json(out / "truth_ratios.json", {"forget": forget, "forget_truth_ratios": result.forget_truth_ratios})
+        atomic_write_json(out / "truth_ratios.json", {"forget": forget,
+                                                      "forget_truth_ratios": per_item.forget_truth_ratios})
     else:
-        atomic_write_json(out / "items.json", item_scores)
+        atomic_write_json(out / "items.json", per_item)
     atomic_write_json(out / "metrics.json", metrics)
-    write_report(out, {_model_name(model): metrics, **references},
-                 title=f"dipo-scale evaluation: {_model_name(model)} on {data}", notes=notes)
+    plain, attacked = split_metrics(metrics)
+    write_report(out, {_model_name(model): plain, **references},
+                 title=f"dipo-scale evaluation: {_model_name(model)} on {data}", notes=list(dict.fromkeys(notes)),
+                 attacks={_model_name(model): attacked} if attacked else None)
     return metrics

@@ -25,7 +25,7 @@ from rouge_score import rouge_scorer
 
 from dipo_scale.data.prompts import tofu_prompt
 from dipo_scale.eval.generation import criterion, greedy_generate, limited, qa_logprobs, qa_token_logprobs
-from dipo_scale.eval.privacy import MIN_K, auc_from_scores, auc_interval, bootstrap_interval, min_k_from_lists
+from dipo_scale.eval.privacy import CI, MIN_K, auc_from_scores, auc_interval, bootstrap_interval, min_k_from_lists
 
 _TOFU_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # as locuslab/tofu
 
@@ -179,7 +179,7 @@ def evaluate_tofu(
     if retain_truth_ratios is not None:
         metrics["forget_quality"] = forget_quality(ratios, retain_truth_ratios)
         if (interval := forget_quality_interval(ratios, retain_truth_ratios)) is not None:
-            metrics["forget_quality_ci"] = interval
+            metrics[f"forget_quality{CI}"] = interval
 
     components: dict[str, float] = {}
     for name, base in UTILITY_SPLITS:
@@ -203,7 +203,7 @@ def evaluate_tofu(
     if mia_scores is not None:
         metrics["mia_auc"] = auc_from_scores(*mia_scores)
         if (interval := auc_interval(*mia_scores)) is not None:
-            metrics["mia_auc_ci"] = interval
+            metrics[f"mia_auc{CI}"] = interval
     return TofuResult(metrics, ratios.tolist(), mia_scores)
 
 

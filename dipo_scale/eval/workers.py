@@ -25,12 +25,14 @@ class ModelWorker:
     """One model on this process's device (a Ray actor's, or the driver's): scores shares of MUSE
     items, or runs a function of (model, tokenizer)."""
 
-    def __init__(self, model_path: str, device: str = "auto", trust_remote_code: bool = False, name: str = ""):
+    def __init__(self, model_path: str, device: str = "auto", trust_remote_code: bool = False, name: str = "",
+                 quantize: str | None = None):
         on, dtype = resolve_device(device)
         self.name = name
         self.model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=on,
-                                                              trust_remote_code=trust_remote_code)
-        print(f"evaluate: {model_path} on {describe_device(on, dtype)}" + (f", {name}" if name else ""), flush=True)
+                                                              trust_remote_code=trust_remote_code, quantize=quantize)
+        print(f"evaluate: {model_path}{f' in {quantize}' if quantize else ''} on {describe_device(on, dtype)}"
+              + (f", {name}" if name else ""), flush=True)
 
     def score_muse(self, share: MuseItems, settings: dict[str, Any]) -> dict[str, dict[str, list]]:
         with where(self.name) if self.name else nullcontext():
@@ -58,12 +60,29 @@ def check_placement(device: str, num_workers: int, gpus_per_worker: float) -> bo
     return actors
 
 
-def _actors(model_path: str, num_workers: int, gpus_per_worker: float, device: str, trust_remote_code: bool):
+def _actors(model_path: str, num_workers: int, gpus_per_worker: float, device: str, trust_remote_code: bool,
+            quantize: str | None):
     import ray
 
     cls = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(ModelWorker)
-    return [cls.remote(str(model_path), device, trust_remote_code, f"worker {i + 1} of {num_workers}")
+    return [cls.remote(str(model_path), device, trust_remote_code, f"worker {i + 1} of {num_workers}", quantize)
             for i in range(num_workers)]
+
+
+def _get(refs):
+    """`ray.get`, with an actor's one-line input error (e.g. a quantization its backend cannot
+    run) raised as itself rather than inside a remote traceback."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None) or e.__cause__
+        while cause is not None and not isinstance(cause, UserInputError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is None:
+            raise
+        raise UserInputError(str(cause)) from None
 
 
 class _Ray:
@@ -99,11 +118,12 @@ def muse_item_scores(
     mia: bool = True,
     mia_only: bool = False,
     k: float = MIN_K,
+    quantize: str | None = None,
 ) -> dict[str, dict[str, list]]:
     """The per-item results of `score_muse_items` for the model at `model_path`: in this process
     (one worker, no GPUs asked for), else over `num_workers` Ray actors (`num_cpus=1` and
     `gpus_per_worker` GPUs each), each scoring a share of every item list. `mia_only`: the attack
-    scores only (a retrain model's, for PrivLeak)."""
+    scores only (a retrain model's, for PrivLeak). `quantize`: "8bit" / "4bit" (bitsandbytes)."""
     from dipo_scale.data.muse import load_muse
 
     actors = check_placement(device, num_workers, gpus_per_worker)
@@ -112,14 +132,14 @@ def muse_item_scores(
     settings = {"batch_size": batch_size, "verbmem_max_new_tokens": verbmem_max_new_tokens,
                 "knowmem_max_new_tokens": knowmem_max_new_tokens, "k": k}
     if not actors:
-        return ModelWorker(str(model_path), device, trust_remote_code).score_muse(items, settings)
+        return ModelWorker(str(model_path), device, trust_remote_code, quantize=quantize).score_muse(items, settings)
     import ray
 
     with _Ray():
-        workers = _actors(str(model_path), num_workers, gpus_per_worker, device, trust_remote_code)
+        workers = _actors(str(model_path), num_workers, gpus_per_worker, device, trust_remote_code, quantize)
         try:
-            results = ray.get([w.score_muse.remote(items.share(i, num_workers), settings)
-                               for i, w in enumerate(workers)])
+            results = _get([w.score_muse.remote(items.share(i, num_workers), settings)
+                            for i, w in enumerate(workers)])
         finally:
             for w in workers:
                 ray.kill(w)
@@ -127,18 +147,18 @@ def muse_item_scores(
 
 
 def on_model(model_path: str | Path, fn: Callable, *args, gpus_per_worker: float = 0.0, device: str = "auto",
-             trust_remote_code: bool = False, **kwargs):
-    """`fn(model, tokenizer, *args, **kwargs)` with the model at `model_path` loaded in this process,
-    or, with `gpus_per_worker` > 0, in one Ray actor with that many GPUs."""
+             trust_remote_code: bool = False, quantize: str | None = None, **kwargs):
+    """`fn(model, tokenizer, *args, **kwargs)` with the model at `model_path` (in `quantize`, if
+    given) loaded in this process, or, with `gpus_per_worker` > 0, in one Ray actor with that many GPUs."""
     actors = check_placement(device, 1, gpus_per_worker)
     if not actors:
-        return ModelWorker(str(model_path), device, trust_remote_code).call(fn, args, kwargs)
+        return ModelWorker(str(model_path), device, trust_remote_code, quantize=quantize).call(fn, args, kwargs)
     import ray
 
     with _Ray():
-        [worker] = _actors(str(model_path), 1, gpus_per_worker, device, trust_remote_code)
+        [worker] = _actors(str(model_path), 1, gpus_per_worker, device, trust_remote_code, quantize)
         try:
-            return ray.get(worker.call.remote(fn, args, kwargs))
+            return _get(worker.call.remote(fn, args, kwargs))
         finally:
             ray.kill(worker)
 

@@ -98,16 +98,12 @@ def load_reference_model(cfg: UnlearnConfig):
     load: dict[str, Any] = dict(dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.reference.quantize != "none":
-        try:
-            from transformers import BitsAndBytesConfig
+        from dipo_scale.eval.generation import quantization_config
 
-            import bitsandbytes  # noqa: F401
-        except ImportError as e:
-            raise UserInputError(f"reference.quantize={cfg.reference.quantize}: bitsandbytes is not "
-                                 f"available ({e})") from None
-        load["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if cfg.reference.quantize == "8bit"
-                                       else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                               bnb_4bit_compute_dtype=load["dtype"]))
+        try:
+            load["quantization_config"] = quantization_config(cfg.reference.quantize, load["dtype"])
+        except UserInputError as e:
+            raise UserInputError(f"reference.quantize={cfg.reference.quantize}: {e}") from None
         if cfg.train.use_gpu:
             load["device_map"] = {"": 0}
     try:
