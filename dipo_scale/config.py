@@ -433,13 +433,61 @@ class SearchSpace(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    """What the sweep minimises: `metric` (e.g. knowmem_f), among trials whose `constraint`
-    metric keeps at least `min_fraction` of the target model's value (MUSE: utility kept)."""
+    """What the sweep optimises: `metric` (mode min or max), among trials whose `constraint` metric
+    keeps at least `min_fraction` of the target model's value and (MUSE, optional) whose |privleak|
+    is at most `max_abs_privleak`.
+
+    kind=muse (default): the lowest knowmem_f with knowmem_r >= 0.9 x the target's. kind=tofu: TOFU's
+    reading, the highest forget_quality with model_utility >= 0.95 x the target's (these defaults
+    apply to the keys not given). `after: quantize4` (quantize8, relearn) ranks by the metric after
+    that attack (`<metric>@<attack>`, dipo_scale/eval/attacks.py) instead of the plain one.
+
+    Trials are ranked by the evaluations made during unlearning (`unlearn.eval`, MUSE data), or,
+    with `data_dir`, by one evaluation of each finished trial's model on that MUSE or TOFU data
+    (`dipo-scale evaluate`'s code, with `reference_model`: TOFU's retain model for forget quality,
+    MUSE's retrain model for privleak). TOFU, `after` and `max_abs_privleak` need `data_dir`."""
+    kind: Literal["muse", "tofu"] = "muse"
     metric: str = "knowmem_f"
     mode: Literal["min", "max"] = "min"
     constraint: Optional[str] = "knowmem_r"
     min_fraction: float = Field(0.9, ge=0)
     target_value: Optional[float] = None   # the target model's `constraint` value (None: evaluated first)
+    max_abs_privleak: Optional[float] = Field(None, gt=0)
+    after: Literal["none", "quantize8", "quantize4", "relearn"] = "none"
+    data_dir: Optional[str] = None         # evaluate each finished trial's model on this data
+    reference_model: Optional[str] = None  # TOFU: the retain model; MUSE: the retrain model
+    forget: str = "forget10"               # TOFU: the forget split evaluated
+    relearn: RelearnConfig = RelearnConfig()  # after=relearn: the attack's settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tofu_defaults(cls, data):
+        if isinstance(data, dict) and data.get("kind") == "tofu":
+            data = {"metric": "forget_quality", "mode": "max", "constraint": "model_utility", "min_fraction": 0.95,
+                    **data}
+        return data
+
+    @model_validator(mode="after")
+    def _needs(self):
+        needs = [why for why, given in (("kind=tofu", self.kind == "tofu"), (f"after={self.after}", self.after != "none"),
+                                        ("max_abs_privleak", self.max_abs_privleak is not None)) if given]
+        if needs and not self.data_dir:
+            raise ValueError(f"data_dir: {needs[0]} ranks trials by an evaluation of each finished model; "
+                             "set objective.data_dir (MUSE or TOFU data)")
+        if (self.kind == "tofu" or self.max_abs_privleak is not None) and not self.reference_model:
+            what = "forget quality needs the retain model" if self.kind == "tofu" else "privleak needs the retrain model"
+            raise ValueError(f"reference_model: {what}; set objective.reference_model")
+        return self
+
+    @property
+    def final_evaluation(self) -> bool:
+        """Trials are ranked by one evaluation of their finished model (not during unlearning)."""
+        return self.data_dir is not None
+
+    @property
+    def metric_key(self) -> str:
+        """The metrics key ranked by: `metric`, or `metric@after`."""
+        return self.metric if self.after == "none" else f"{self.metric}@{self.after}"
 
 
 class AshaConfig(_Strict):
@@ -492,9 +540,13 @@ class SweepConfig(_Strict):
             if self.search == "grid" and values.grid is None:
                 raise ValueError(f"space.{key}: search=grid needs a grid list (or use search=random/optuna)")
         e = self.unlearn.eval
-        if not e.every or not e.data_dir:
+        if self.objective.final_evaluation:
+            if self.scheduler == "asha":
+                raise ValueError("scheduler: asha stops trials on the evaluations made during unlearning; with "
+                                 "objective.data_dir each trial is evaluated once, at its end: use scheduler=fifo")
+        elif not e.every or not e.data_dir:
             raise ValueError("unlearn.eval.every and unlearn.eval.data_dir: a sweep ranks trials by the "
-                             "evaluations made during unlearning; set both")
+                             "evaluations made during unlearning; set both (or objective.data_dir)")
         return self
 
 

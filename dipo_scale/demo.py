@@ -31,7 +31,7 @@ from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json, atomic_write_text, check_output_dir, mark_output_dir
 from dipo_scale.models import TinyModelSettings
 from dipo_scale.progress import Progress
-from dipo_scale.report import write_report
+from dipo_scale.report import CI, write_report
 
 METHODS = ("dipo", "npo", "ga")
 # The generated corpus: 40 forget and 40 holdout documents, so that the membership attack's AUC
@@ -204,14 +204,14 @@ def _evaluate_tofu(models: dict, data: TofuData, ev) -> tuple[dict, dict]:
 def _evaluate_muse(models: dict, data: MuseData, ev) -> tuple[dict, dict]:
     """MUSE's metrics and Min-K% scores (forget, holdout) of every model, where `eval.device`, `eval.num_workers` and
     `eval.gpus_per_worker` say (`eval.workers.muse_item_scores`)."""
-    from dipo_scale.eval.muse import muse_metrics
+    from dipo_scale.eval.muse import mia_pair, muse_metrics
     from dipo_scale.eval.workers import muse_item_scores
 
     _seed_torch()
     scores = _evaluate_each(models, lambda path: muse_item_scores(
         path, data, mia=True, **ev.muse_settings(), **ev.placement()))
     return ({n: muse_metrics(s) for n, s in scores.items()},
-            {n: (s["mia"]["forget"], s["mia"]["holdout"]) for n, s in scores.items()})
+            {n: mia_pair(s) for n, s in scores.items()})
 
 
 def _muse_notes(metrics: dict, data_desc: str) -> tuple[list[str], list[str]]:
@@ -255,20 +255,14 @@ def _stage(name: str, timings: dict[str, float]):
 
 def _add_privleak(metrics: dict, mia_scores: dict) -> list[str]:
     """PrivLeak of every model, relative to the retrain model's MIA AUC (when there is one), with
-    its bootstrap interval (both models scored on the same resamples of the texts); a note when it
-    is undefined. `mia_scores`: {model name: (forget, holdout) Min-K% scores}."""
-    from dipo_scale.eval.privacy import privleak, privleak_interval
+    its paired bootstrap interval (`eval.privacy.add_privleak`). `mia_scores`: {model name:
+    (forget, holdout) Min-K% scores}. Returns the report's notes."""
+    from dipo_scale.eval.privacy import add_privleak
 
     reference = metrics["retrain"].get("mia_auc")
-    if reference is None:
-        return []
-    if not reference > 0:
-        return ["the retrain model's MIA AUC is 0: PrivLeak is undefined"]
-    for name, m in metrics.items():
-        m["privleak"] = privleak(m["mia_auc"], reference)
-        if (interval := privleak_interval(mia_scores[name], mia_scores["retrain"])) is not None:
-            m["privleak_ci"] = interval
-    return []
+    notes = [n for name, m in metrics.items()
+             for n in add_privleak(m, reference, mia_scores[name], mia_scores["retrain"])]
+    return list(dict.fromkeys(notes))
 
 
 def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[str] | None = None,
@@ -363,7 +357,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     atomic_write_json(out / "metrics.json", {"models": metrics})
     if tofu:
         about_data, about_eval = _tofu_notes(tofu, metrics, forget, retain, ev.knowmem_max_new_tokens)
-        shown = {name: {k: m[key] for key in TOFU_REPORT_KEYS for k in (key, f"{key}_ci") if k in m}
+        shown = {name: {k: m[key] for key in TOFU_REPORT_KEYS for k in (key, f"{key}{CI}") if k in m}
                  for name, m in metrics.items()}
         title = f"dipo-scale demo report (TOFU protocol, {forget})"
     else:

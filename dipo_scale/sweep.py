@@ -10,15 +10,22 @@ workers evaluate during unlearning (`unlearn.eval.every`); `_EvalToTune`, a Ray 
 forwards each evaluation to Tune with the trial's `objective`, on which ASHA stops weak trials early
 and Optuna proposes the next values.
 
-Objective (`objective:` in the config; default MUSE's reading of a good unlearning run: the lowest
-knowmem_f among runs that keep knowmem_r >= 90% of the target model's):
+Objective (`objective:` in the config, `config.ObjectiveConfig`; default MUSE's reading of a good
+unlearning run: the lowest knowmem_f among runs that keep knowmem_r >= 90% of the target model's;
+`objective.kind=tofu`: the highest forget_quality among runs that keep model_utility >= 95%):
 
-    objective = ±metric                       (+ for mode=min, - for mode=max)   if the constraint holds
-              = ±metric + 1000 + shortfall    otherwise (shortfall = floor - constraint metric)
+    objective = ±metric                       (+ for mode=min, - for mode=max)   if the bounds hold
+              = ±metric + 1000 + misses       otherwise (misses = floor - constraint metric, plus
+                                              |privleak| - max_abs_privleak; the positive ones)
 
-so every trial that keeps the constraint ranks above every trial that does not, and among those
-that do not, the one closer to the floor ranks higher. The target model's constraint value is
-`objective.target_value`, or is measured first on `unlearn.eval.data_dir` with the same settings.
+so every trial that keeps the bounds ranks above every trial that does not. `metric` is read after
+an attack with `objective.after` (e.g. knowmem_f@quantize4). The target model's constraint value is
+`objective.target_value`, or is measured first with the same settings.
+
+Trials are ranked by the evaluations made during unlearning (`unlearn.eval`, MUSE data), or, with
+`objective.data_dir` (needed by kind=tofu, `after` and `max_abs_privleak`), by one evaluation of
+each finished model on that MUSE or TOFU data (`final_metrics`: `dipo-scale evaluate`'s code, into
+trials/<id>/eval/), reported to Tune at the trial's end.
 
 Outputs in `out_dir`:
     sweep.csv         one row per trial: its values, status (completed / stopped / error), the last
@@ -52,13 +59,37 @@ TRIAL_DRIVER_MEMORY = 256 * 2**20
 
 def objective_value(metrics: dict, objective: ObjectiveConfig, target_value: float | None) -> tuple[float, bool]:
     """(objective, feasible) of one evaluation; lower objective is better (see the module docstring)."""
-    value = metrics[objective.metric] * (1.0 if objective.mode == "min" else -1.0)
-    if objective.constraint is None:
+    value = metrics[objective.metric_key] * (1.0 if objective.mode == "min" else -1.0)
+    excess = []  # how far each violated bound is missed
+    if objective.constraint is not None:
+        excess.append(objective.min_fraction * target_value - metrics[objective.constraint])
+    if objective.max_abs_privleak is not None:
+        excess.append(abs(metrics["privleak"]) - objective.max_abs_privleak)
+    missed = [e for e in excess if e > 0]
+    if not missed:
         return value, True
-    shortfall = objective.min_fraction * target_value - metrics[objective.constraint]
-    if shortfall <= 0:
-        return value, True
-    return value + INFEASIBLE_PENALTY + shortfall, False
+    return value + INFEASIBLE_PENALTY + sum(missed), False
+
+
+def metric_columns(objective: ObjectiveConfig) -> list[str]:
+    """The metrics sweep.csv and best.json record: MUSE's criteria and those the objective reads."""
+    keys = [*METRICS, objective.metric_key, objective.constraint,
+            "privleak" if objective.max_abs_privleak is not None else None]
+    return list(dict.fromkeys(k for k in keys if k))
+
+
+def final_metrics(model: str | Path, objective: ObjectiveConfig, ev, out: Path) -> dict:
+    """The evaluation of a finished model on `objective.data_dir` (`dipo-scale evaluate`'s code,
+    into `out`), with the attack `objective.after`; where `ev` (the unlearning config's `eval`) says."""
+    from dipo_scale.eval.run import detect_layout, run_evaluation
+
+    reference = ({"retain_model": objective.reference_model} if detect_layout(objective.data_dir) == "tofu"
+                 else {"retrain_model": objective.reference_model})
+    return run_evaluation(str(model), objective.data_dir, out, forget=objective.forget, batch_size=ev.batch_size,
+                          limit=ev.limit, max_new_tokens=ev.verbmem_max_new_tokens, device=ev.device,
+                          num_workers=ev.num_workers, gpus_per_worker=ev.gpus_per_worker,
+                          attacks=[objective.after] if objective.after != "none" else [],
+                          relearn=objective.relearn, **reference)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -95,8 +126,15 @@ def _trial(params: dict, *, base: dict, out_dir: str, objective: dict, target_va
     for key, value in params.items():
         _set_dotted(tree, key, value)
     tree["out_dir"] = str(Path(out_dir) / "trials" / tune.get_context().get_trial_id())
-    cfg = UnlearnConfig.model_validate(tree)
-    run_unlearning(cfg, callbacks=[_make_callback(ObjectiveConfig(**objective), target_value)])
+    cfg, objective = UnlearnConfig.model_validate(tree), ObjectiveConfig(**objective)
+    if not objective.final_evaluation:
+        run_unlearning(cfg, callbacks=[_make_callback(objective, target_value)])
+        return
+    model = run_unlearning(cfg)
+    metrics = final_metrics(model, objective, cfg.eval, Path(cfg.out_dir) / "eval")
+    value, feasible = objective_value(metrics, objective, target_value)
+    tune.report({"step": cfg.train.steps, **{k: v for k, v in metrics.items() if isinstance(v, float)},
+                 "objective": value, "feasible": feasible})
 
 
 def _typed(cfg: SweepConfig, key: str, values: list) -> list:
@@ -135,6 +173,14 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
     o = cfg.objective
     if o.constraint is None or o.target_value is not None:
         return o.target_value
+    if o.final_evaluation:
+        u = cfg.unlearn
+        metrics = final_metrics(u.model.path, o.model_copy(update={"after": "none"}), u.eval, out / "target_eval")
+        if o.constraint not in metrics:
+            raise UserInputError(f"objective.constraint: {o.constraint!r} is not a metric of the evaluation on "
+                                 f"{o.data_dir} ({', '.join(k for k in metrics if not k.endswith('_ci'))})")
+        atomic_write_json(out / "target_metrics.json", {"model": u.model.path, **metrics})
+        return metrics[o.constraint]
     from dipo_scale.data.muse import load_muse_dir
     from dipo_scale.eval.muse import muse_metrics
     from dipo_scale.eval.workers import muse_item_scores
@@ -151,9 +197,12 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
 
 
 def last_eval_step(cfg: SweepConfig, params: dict | None = None) -> int:
-    """The step of a trial's last evaluation during unlearning (`params`: the trial's values)."""
+    """The step of a trial's last evaluation during unlearning, or its last step with
+    `objective.data_dir` (`params`: the trial's values)."""
     params = params or {}
     steps = params.get("train.steps", cfg.unlearn.train.steps)
+    if cfg.objective.final_evaluation:
+        return steps
     every = params.get("eval.every", cfg.unlearn.eval.every)
     return steps // every * every
 
@@ -192,7 +241,7 @@ def _rows(results, cfg: SweepConfig, out: Path) -> list[dict]:
         status = "error" if result.error else ("completed" if finished else "stopped")
         row = {"trial_id": trial_id, "status": status}
         row.update({key: (m.get("config") or {}).get(key) for key in cfg.space})
-        row.update({"step": m.get("step"), **{k: m.get(k) for k in METRICS},
+        row.update({"step": m.get("step"), **{k: m.get(k) for k in metric_columns(cfg.objective)},
                     "objective": m.get("objective"), "feasible": m.get("feasible"),
                     "model": str(run_dir / "model") if status == "completed" else "",
                     "error": str(result.error).splitlines()[0] if result.error else ""})
@@ -218,7 +267,7 @@ def _plot_pareto(rows: list[dict], cfg: SweepConfig, target_value: float | None,
     from dipo_scale.report import save_figure
 
     o = cfg.objective
-    x_key, y_key = o.metric, o.constraint or "knowmem_r"
+    x_key, y_key = o.metric_key, o.constraint or "knowmem_r"
     done = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
     sign = 1.0 if o.mode == "min" else -1.0
     points = [(sign * r[x_key], r[y_key]) for r in done]
@@ -256,7 +305,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
     u = cfg.unlearn
     check_output_dir(out, "sweep", flag="out_dir", inputs=[
         ("unlearn.model.path", u.model.path), ("unlearn.data.prepared_dir", u.data.prepared_dir),
-        ("unlearn.eval.data_dir", u.eval.data_dir)])
+        ("unlearn.eval.data_dir", u.eval.data_dir), ("objective.data_dir", cfg.objective.data_dir),
+        ("objective.reference_model", cfg.objective.reference_model)])
+    if cfg.objective.final_evaluation:  # the final evaluation's inputs, before any trial starts
+        from dipo_scale.eval.run import detect_layout
+        from dipo_scale.preflight import check_model
+
+        detect_layout(cfg.objective.data_dir)
+        if cfg.objective.reference_model:
+            check_model(cfg.objective.reference_model, "objective.reference_model")
     base = absolute_paths(cfg.unlearn)
     init_ray()
     check_resources(u.train.worker_range[0], use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
@@ -272,8 +329,11 @@ def run_sweep(cfg: SweepConfig) -> dict:
         # (Tune ignores max_concurrent_trials for a generator passed in: it is set here.)
         search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
     scheduler = _scheduler(cfg)
+    local = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
+    objective = cfg.objective.model_dump() | {"data_dir": local(cfg.objective.data_dir),
+                                              "reference_model": local(cfg.objective.reference_model)}
     trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
-                                     objective=cfg.objective.model_dump(), target_value=target_value)
+                                     objective=objective, target_value=target_value)
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cfg.trial_cpus, "memory": TRIAL_DRIVER_MEMORY}),
         param_space=_param_space(cfg),
@@ -292,7 +352,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         trial_config = json.loads((out / "trials" / best_row["trial_id"] / "config.json").read_text())
         best = {"trial_id": best_row["trial_id"], "status": best_row["status"],
                 "params": {k: best_row[k] for k in cfg.space},
-                "metrics": {k: best_row[k] for k in METRICS}, "objective": best_row["objective"],
+                "metrics": {k: best_row[k] for k in metric_columns(cfg.objective)}, "objective": best_row["objective"],
                 "feasible": best_row["feasible"], "target_value": target_value, "model": best_row["model"],
                 "config": trial_config}
         if not best_row["feasible"]:

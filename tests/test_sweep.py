@@ -249,3 +249,83 @@ def test_optuna_sweep_of_three_trials(tiny_assets, ray_with_state_api, echo_eval
     assert float(chosen["objective"]) == best["objective"] == lowest
     assert best["params"] == pytest.approx({"train.lr": float(chosen["train.lr"]), "dipo.alpha": float(chosen["dipo.alpha"])})
     assert best["config"]["train"]["lr"] == best["params"]["train.lr"]
+
+
+# --- objectives: TOFU's, MUSE's with a PrivLeak bound, after an attack -------------------------------
+# A hand-made results table: (name, metrics). The target model has knowmem_r 100 and model_utility 0.8.
+TRIALS = [
+    ("a", {"knowmem_f": 5.0, "knowmem_r": 95.0, "privleak": -40.0, "forget_quality": 0.30, "model_utility": 0.74,
+           "knowmem_f@quantize4": 30.0, "forget_quality@quantize4": 0.010}),
+    ("b", {"knowmem_f": 9.0, "knowmem_r": 92.0, "privleak": 8.0, "forget_quality": 0.05, "model_utility": 0.79,
+           "knowmem_f@quantize4": 11.0, "forget_quality@quantize4": 0.040}),
+    ("c", {"knowmem_f": 2.0, "knowmem_r": 70.0, "privleak": 2.0, "forget_quality": 0.90, "model_utility": 0.60,
+           "knowmem_f@quantize4": 3.0, "forget_quality@quantize4": 0.800}),
+    ("d", {"knowmem_f": 12.0, "knowmem_r": 99.0, "privleak": -3.0, "forget_quality": 0.02, "model_utility": 0.78,
+           "knowmem_f@quantize4": 14.0, "forget_quality@quantize4": 0.030}),
+]
+TARGET = {"knowmem_r": 100.0, "model_utility": 0.8}
+
+
+def _best(*sets) -> str:
+    o = load_config(None, ["space.dipo.alpha.grid=[1]", "objective.data_dir=/d", "objective.reference_model=/m",
+                           *sets], SweepConfig).objective
+    target = TARGET.get(o.constraint) if o.constraint else None
+    return min(TRIALS, key=lambda t: objective_value(t[1], o, target)[0])[0]
+
+
+def test_objectives_pick_the_right_trial_on_a_hand_made_table():
+    # MUSE's: lowest knowmem_f with knowmem_r >= 90 (a; c loses too much utility)
+    assert _best() == "a"
+    # ... with |privleak| <= 10: a leaks (-40), so b
+    assert _best("objective.max_abs_privleak=10") == "b"
+    # ... judged after 4-bit quantization: a's forgetting comes back (30), b holds (11)
+    assert _best("objective.after=quantize4") == "b"
+    # TOFU's: highest forget_quality with model_utility >= 0.95 x 0.8 = 0.76 (c, a fall short: b)
+    assert _best("objective.kind=tofu") == "b"
+    # ... after quantize4: d's 0.03 < b's 0.04, still b; with a floor of 0.9 (0.72), a qualifies but
+    # its forget quality after the attack (0.01) is the lowest of the feasible ones
+    assert _best("objective.kind=tofu", "objective.after=quantize4", "objective.min_fraction=0.9") == "b"
+    assert _best("objective.kind=tofu", "objective.min_fraction=0.9") == "a"
+    # no feasible trial: -forget_quality + 1000 + shortfall ranks them (c: -0.90 + 0.36; b: -0.05 + 0.17)
+    assert _best("objective.kind=tofu", "objective.min_fraction=1.2") == "c"
+    o = load_config(None, ["space.dipo.alpha.grid=[1]", "objective.kind=tofu", "objective.data_dir=/d",
+                           "objective.reference_model=/m"], SweepConfig).objective
+    assert (o.metric, o.mode, o.constraint, o.min_fraction) == ("forget_quality", "max", "model_utility", 0.95)
+    assert objective_value(TRIALS[1][1], o, 0.8) == (-0.05, True)
+
+
+def test_objective_config_is_checked(corpus):
+    base = ["space.dipo.alpha.grid=[1]", "unlearn.eval.every=2", f"unlearn.eval.data_dir={corpus}"]
+    for sets, message in ((["objective.kind=tofu"], "objective.data_dir: kind=tofu ranks trials"),
+                          (["objective.after=quantize4"], "objective.data_dir: after=quantize4"),
+                          (["objective.kind=tofu", "objective.data_dir=/d"], "objective.reference_model: forget quality"),
+                          (["objective.max_abs_privleak=5", "objective.data_dir=/d"], "privleak needs the retrain"),
+                          (["objective.after=quantise", "objective.data_dir=/d"], "objective.after"),
+                          (["objective.data_dir=/d", "scheduler=asha"], "scheduler: asha stops trials")):
+        with pytest.raises(UserInputError, match=message):
+            load_config(None, base + sets, SweepConfig)
+    # a final evaluation needs no evaluation during unlearning
+    cfg = load_config(None, ["space.dipo.alpha.grid=[1]", "objective.data_dir=/d"], SweepConfig)
+    assert cfg.objective.final_evaluation and cfg.objective.metric_key == "knowmem_f"
+
+
+def test_sweep_ranked_by_a_final_evaluation_after_quantization(tiny_assets, ray_with_state_api, echo_eval, tmp_path):
+    """objective.data_dir + after=quantize4: each finished trial's model is evaluated once (in 4-bit
+    too), the row and the objective come from that evaluation, and the best is its lowest objective."""
+    out = tmp_path / "final"
+    sets = [s for s in _trial_sets(tiny_assets, echo_eval, out, steps=2)
+            if not s.startswith(("unlearn.eval.every", "unlearn.eval.data_dir"))]
+    cfg = load_config(None, sets + ["space.dipo.alpha.grid=[1, 8]", f"objective.data_dir={echo_eval}",
+                                    f"objective.reference_model={tiny_assets['retrain']}",
+                                    "objective.after=quantize4", "objective.max_abs_privleak=1000"], SweepConfig)
+    best = run_sweep(cfg)
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["step"] == "2" for r in rows), rows
+    target = json.loads((out / "target_metrics.json").read_text())["knowmem_r"]
+    for r in rows:
+        metrics = json.loads((out / "trials" / r["trial_id"] / "eval" / "metrics.json").read_text())
+        assert float(r["knowmem_f@quantize4"]) == pytest.approx(metrics["knowmem_f@quantize4"])
+        assert float(r["objective"]) == pytest.approx(objective_value(metrics, cfg.objective, target)[0])
+        assert "privleak" in metrics and not (out / "trials" / r["trial_id"] / "eval.jsonl").exists()
+    assert best["objective"] == min(float(r["objective"]) for r in rows)
+    assert set(best["metrics"]) >= {"knowmem_f@quantize4", "knowmem_r", "privleak"}
