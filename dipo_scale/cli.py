@@ -8,7 +8,8 @@
     dipo-scale attack   --model PATH --data DIR --out OUT --kind quantize,relearn [--set relearn.KEY=VALUE]
     dipo-scale sweep    [--config YAML] [--set key=value ...]
     dipo-scale sequential | scalability [--config YAML] [--set key=value ...]
-    dipo-scale demo     --out DIR [--data DIR [--forget S --retain S --retain-limit N]] [--set key=value ...]
+    dipo-scale demo     --out DIR [--data DIR [--forget S --retain S --retain-limit N]] [--attacks KINDS]
+                        [--set key=value ...]
 
 Bad input prints one line `error: ...` and exits with status 2.
 """
@@ -123,10 +124,12 @@ def _cmd_series(args) -> None:
 
 def _cmd_demo(args) -> None:
     from dipo_scale.demo import run_demo
+    from dipo_scale.eval.attacks import parse_attacks
 
     run_demo(args.out, data_dir=args.data, overrides=args.set, num_docs=args.num_docs, forget=args.forget,
              retain=args.retain, retain_limit=args.retain_limit, methods=tuple(args.methods.split(",")),
-             doc=args.doc, command="dipo-scale " + " ".join(args.argv))
+             doc=args.doc, command="dipo-scale " + " ".join(args.argv),
+             attacks=tuple(parse_attacks(args.attacks, "--attacks")) if args.attacks else ())
 
 
 def _config_args(p: argparse.ArgumentParser, config_help: str, set_help: str) -> None:
@@ -239,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", default=None, metavar="FILE.md",
                    help="also write the report, with the command, date and machine, to FILE.md (e.g. "
                         "docs/demo.md; plots in <FILE>_files/); refused over a file this option did not write")
+    p.add_argument("--attacks", default=None, metavar="KINDS",
+                   help="also evaluate every model after these attacks (quantize, quantize8, quantize4, relearn; "
+                        "comma-separated): a robustness section, several minutes more")
     p.add_argument("--methods", default="dipo,npo,ga", help="unlearning methods to run, comma-separated (dipo among them)")
     p.add_argument("--retain-limit", type=int, default=None, metavar="N",
                    help="TOFU: keep only N retain QA pairs (those of retain_perturbed first), for a small run")

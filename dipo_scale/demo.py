@@ -265,17 +265,65 @@ def _add_privleak(metrics: dict, mia_scores: dict) -> list[str]:
     return list(dict.fromkeys(notes))
 
 
+def _relearn_settings(cfg, settings: TinyModelSettings):
+    """The relearning attack of the demo: the unlearning runs' learning rate, batch and workers on
+    the tiny models' blocks, for RelearnConfig's default steps and slice."""
+    from dipo_scale.config import RelearnConfig
+
+    t = cfg.train
+    return RelearnConfig(lr=t.lr, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                         num_workers=t.worker_range[0], block_size=settings.block_size)
+
+
+def _attack_models(models: dict, attacks: tuple[str, ...], out: Path, source: Path, forget: str | None, ev,
+                   relearn) -> dict[str, dict]:
+    """Every model evaluated before and after each attack (`dipo-scale attack`'s code, into
+    out/attacks/<name>/, against the retrain model): {name: its metrics with `<metric>@<attack>`
+    and `<metric>@<attack>_recovery`}."""
+    from dipo_scale.eval.run import run_evaluation
+
+    reference = {"retain_model": str(models["retrain"])} if forget else {"retrain_model": str(models["retrain"])}
+    progress = Progress("demo: attack", total=len(models), unit="models", every_s=0)
+    attacked = {}
+    for name, path in models.items():
+        _seed_torch()
+        attacked[name] = run_evaluation(
+            str(path), str(source), out / "attacks" / name, forget=forget or DEFAULT_TOFU_FORGET,
+            batch_size=ev.batch_size, limit=ev.limit,
+            max_new_tokens=ev.knowmem_max_new_tokens if forget else ev.verbmem_max_new_tokens,
+            device=ev.device, num_workers=ev.num_workers, gpus_per_worker=ev.gpus_per_worker,
+            attacks=attacks, relearn=relearn, **reference)
+        progress.update(model=name)
+    return attacked
+
+
+def _attack_notes(attacks: tuple[str, ...], relearn, tofu: bool) -> list[str]:
+    notes = [f"Robustness: each model evaluated before and after {', '.join(attacks)} (`dipo-scale attack`'s "
+             "code; per model in attacks/<model>/), its before column from that same evaluation."]
+    if relearn is not None:
+        notes.append(f"relearn: {relearn.steps} steps (lr {relearn.lr:g}, batch {relearn.global_batch_size}, "
+                     f"{relearn.num_workers} ZeRO-3 workers) on {relearn.fraction:g} of the forget "
+                     f"{'QA pairs' if tofu else 'documents'} (seed {relearn.seed}); every criterion of the "
+                     "robustness tables is measured on the rest, so its before values differ from the table above.")
+    if tofu:
+        notes.append("The robustness tables' model utility uses the whole retain_perturbed split "
+                     "(not cut by --retain-limit).")
+    return notes
+
+
 def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[str] | None = None,
              num_docs: int | None = None, forget: str | None = None, retain: str | None = None,
              retain_limit: int | None = None, model_settings: TinyModelSettings | None = None,
-             methods: tuple[str, ...] = METHODS, doc: str | None = None, command: str = "dipo-scale demo") -> dict:
+             methods: tuple[str, ...] = METHODS, doc: str | None = None, command: str = "dipo-scale demo",
+             attacks: tuple[str, ...] = ()) -> dict:
     """The demo (module docstring) into `out`; returns {model name: metrics}.
 
     TOFU-layout `data_dir`: `forget` (default forget10) is unlearned, `retain` (default the
     complement, e.g. retain90) is kept, cut to `retain_limit` pairs. `model_settings` replaces
     MODEL_SETTINGS (the tiny models' size and training). `methods`: the unlearning methods to run
     (dipo always among them). `doc`: also write the report as a page of the docs (`write_doc`),
-    headed by `command`, the date and the machine."""
+    headed by `command`, the date and the machine. `attacks` (`eval.attacks.ATTACKS`): every model
+    is also evaluated after each attack (`_attack_models`), into a robustness section."""
     from dipo_scale.data.corpus import generate_corpus
     from dipo_scale.data.muse import load_muse_dir
     from dipo_scale.models import build_models
@@ -301,6 +349,13 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     cfgs = {m: load_unlearn_config(None, overrides, base={**DEMO_UNLEARN, "method": m,
                                                           "out_dir": str(out / "runs" / m)})
             for m in METHODS if m in methods}
+    relearn = _relearn_settings(cfgs["dipo"], settings) if "relearn" in attacks else None
+    if attacks and not cfgs["dipo"].eval.gpus_per_worker:  # (on actors, each model's evaluation checks it)
+        from dipo_scale.eval.attacks import QUANTIZE_BITS, check_quantization
+        from dipo_scale.eval.generation import resolve_device
+
+        for attack in (a for a in attacks if a in QUANTIZE_BITS):
+            check_quantization(attack, resolve_device(cfgs["dipo"].eval.device)[0])
     mark_output_dir(out, "demo")
 
     tofu = None
@@ -354,7 +409,12 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     for name, m in metrics.items():
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)))
 
-    atomic_write_json(out / "metrics.json", {"models": metrics})
+    robustness = {}
+    if attacks:
+        with _stage(f"attack {len(models)} models ({', '.join(attacks)})", timings):
+            robustness = _attack_models(models, attacks, out, Path(data_dir) if tofu else corpus_dir,
+                                        forget if tofu else None, ev, relearn)
+    atomic_write_json(out / "metrics.json", {"models": metrics, **({"attacks": robustness} if attacks else {})})
     if tofu:
         about_data, about_eval = _tofu_notes(tofu, metrics, forget, retain, ev.knowmem_max_new_tokens)
         shown = {name: {k: m[key] for key in TOFU_REPORT_KEYS for k in (key, f"{key}{CI}") if k in m}
@@ -363,7 +423,12 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     else:
         about_data, about_eval = _muse_notes(metrics, data_desc)
         shown, title = metrics, "dipo-scale demo report"
-    write_report(out, shown, title, _notes(about_data, about_eval + eval_notes, timings, last_log, cfgs))
+    if attacks:
+        from dipo_scale.eval.attacks import split_metrics
+
+        about_eval += _attack_notes(attacks, relearn, tofu is not None)
+    write_report(out, shown, title, _notes(about_data, about_eval + eval_notes, timings, last_log, cfgs),
+                 attacks={name: split_metrics(m) for name, m in robustness.items()} or None)
     print(f"report: {out / 'report.md'}")
     if doc is not None:
         write_doc(doc, out, command, started, load_at_start)
@@ -399,11 +464,11 @@ def write_doc(doc: str | Path, out: Path, command: str, started: float, load_at_
     files = path.parent / f"{path.stem}_files"
     files.mkdir(exist_ok=True)
     body = (out / "report.md").read_text(encoding="utf-8").splitlines()
-    for png in ("criteria.png", "tradeoff.png"):
-        if (out / png).is_file():
-            shutil.copyfile(out / png, files / f".{png}.tmp")
-            os.replace(files / f".{png}.tmp", files / png)
-            body = [line.replace(f"]({png})", f"]({files.name}/{png})") for line in body]
+    for png in sorted(p.name for p in out.glob("*.png")):
+        shutil.copyfile(out / png, files / f".{png}.tmp")
+        os.replace(files / f".{png}.tmp", files / png)
+        body = [line.replace(f"]({png})", f"]({files.name}/{png})") for line in body]
+    kept = _marked_sections(path.read_text(encoding="utf-8")) if path.is_file() else []
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_end = os.getloadavg()
     header = [
@@ -414,4 +479,12 @@ def write_doc(doc: str | Path, out: Path, command: str, started: float, load_at_
         f"start and {load_end[0]:.1f} at the end (other jobs on the machine slow every stage). The "
         f"figures are the run's metrics.json; the stage times are in the notes.", "",
     ]
-    atomic_write_text(path, "\n".join(header + ["##" + body[0][1:]] + body[1:]) + "\n")
+    atomic_write_text(path, "\n".join(header + ["##" + body[0][1:]] + body[1:] + kept) + "\n")
+
+
+def _marked_sections(text: str) -> list[str]:
+    """The lines of each `<!-- name:begin -->` ... `<!-- name:end -->` section of a docs page: what
+    other commands wrote into it (e.g. benchmarks/sweep_evidence.py), kept when the demo rewrites it."""
+    blocks = [m.group(0) for m in re.finditer(r"^<!-- ([\w-]+):begin -->$.*?^<!-- \1:end -->$", text,
+                                              flags=re.S | re.M)]
+    return [line for block in blocks for line in ["", *block.splitlines()]]

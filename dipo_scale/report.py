@@ -261,13 +261,13 @@ def attacks_section(out_dir: str | Path, name: str, before: dict, attacked: dict
 
 def write_report(out_dir: str | Path, metrics_by_model: dict[str, dict], title: str,
                  notes: list[str], series: dict[str, tuple[str, list[dict]]] | None = None,
-                 attacks: dict[str, dict[str, dict]] | None = None) -> None:
+                 attacks: dict[str, tuple[dict, dict[str, dict]]] | None = None) -> None:
     """report.md (a table of every numeric metric per model, the notes) and the plots in `out_dir`.
 
     `series` adds sections such as {"Scalability": ("forget_size", [{...metrics}, ...]),
     "Sustainability": ("request", [...])}, each with its table and plot. `attacks` ({model name:
-    {attack: {metric: (after, recovery)}}}, `eval.attacks.split_metrics`) adds a robustness
-    section: per model, a table and `attacks_<model>.png`.
+    (its metrics before, {attack: {metric: (after, recovery)}})}, `eval.attacks.split_metrics`)
+    adds a robustness section: per model, a table and `attacks_<model>.png`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,8 +286,8 @@ def write_report(out_dir: str | Path, metrics_by_model: dict[str, dict], title: 
         lines += ["## Robustness to attacks", "",
                   "Each criterion after the attack, and in parentheses its recovery (after − before; for "
                   "forget criteria, a rise towards the target model's value is knowledge coming back).", ""]
-        for name, attacked in attacks.items():
-            lines += attacks_section(out, name, metrics_by_model[name], attacked)
+        for name, (before, attacked) in attacks.items():
+            lines += attacks_section(out, name, before, attacked)
     if notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     atomic_write_text(out / "report.md", "\n".join(lines))

@@ -55,7 +55,7 @@ def test_tofu_demo_end_to_end(tofu_dir, tmp_path, monkeypatch, ray_cluster, caps
     monkeypatch.setattr(demo, "MODEL_SETTINGS", TinyModelSettings(**TOFU_TINY))
     out = tmp_path / "demo"
     args = _demo_args(out, tofu_dir, "--forget", "forget01", "--retain", "retain99", "--retain-limit", "8",
-                      "--methods", "dipo")
+                      "--methods", "dipo", "--attacks", "quantize4")
     assert main(args) == 0, capsys.readouterr().err
 
     manifest = json.loads((out / "prepared" / "manifest.json").read_text())
@@ -94,6 +94,15 @@ def test_tofu_demo_end_to_end(tofu_dir, tmp_path, monkeypatch, ray_cluster, caps
     assert all(f"| {name} |" in report for name in MODELS)
     assert "retain99 (8 of 24 QA pairs)" in report
     assert (out / "tradeoff.png").is_file()
+    # --attacks quantize4: every model evaluated before and after 4-bit quantization (attacks/<name>/)
+    attacked = json.loads((out / "metrics.json").read_text())["attacks"]
+    assert list(attacked) == MODELS
+    for name in MODELS:
+        for key in ("forget_quality", "model_utility", "knowmem_f"):
+            after, before = attacked[name][f"{key}@quantize4"], attacked[name][key]
+            assert attacked[name][f"{key}@quantize4_recovery"] == pytest.approx(after - before), (name, key)
+        assert json.loads((out / "attacks" / name / "metrics.json").read_text()) == attacked[name]
+    assert "## Robustness to attacks" in report and (out / "attacks_dipo.png").is_file()
     print(json.dumps({n: {k: round(m[k], 4) for k in demo.TOFU_REPORT_KEYS if k in m}
                       for n, m in metrics.items()}))
 

@@ -326,5 +326,5 @@ def run_evaluation(
     plain, attacked = split_metrics(metrics)
     write_report(out, {_model_name(model): plain, **references},
                  title=f"dipo-scale evaluation: {_model_name(model)} on {data}", notes=list(dict.fromkeys(notes)),
-                 attacks={_model_name(model): attacked} if attacked else None)
+                 attacks={_model_name(model): (plain, attacked)} if attacked else None)
     return metrics
