@@ -83,10 +83,11 @@ def final_metrics(model: str | Path, objective: ObjectiveConfig, ev, out: Path) 
     into `out`), with the attack `objective.after`; where `ev` (the unlearning config's `eval`) says."""
     from dipo_scale.eval.run import detect_layout, run_evaluation
 
-    reference = ({"retain_model": objective.reference_model} if detect_layout(objective.data_dir) == "tofu"
-                 else {"retrain_model": objective.reference_model})
+    tofu = detect_layout(objective.data_dir) == "tofu"
+    reference = {"retain_model" if tofu else "retrain_model": objective.reference_model}
     return run_evaluation(str(model), objective.data_dir, out, forget=objective.forget, batch_size=ev.batch_size,
-                          limit=ev.limit, max_new_tokens=ev.verbmem_max_new_tokens, device=ev.device,
+                          limit=ev.limit, device=ev.device,
+                          max_new_tokens=ev.knowmem_max_new_tokens if tofu else ev.verbmem_max_new_tokens,
                           num_workers=ev.num_workers, gpus_per_worker=ev.gpus_per_worker,
                           attacks=[objective.after] if objective.after != "none" else [],
                           relearn=objective.relearn, **reference)
