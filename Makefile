@@ -21,7 +21,7 @@ demo: setup
 
 # docs/demo.md is written by the demo run itself (from its metrics.json), with the command and date.
 demo-doc: setup
-	DS_ACCELERATOR=cpu $(VENV)/bin/dipo-scale demo --out $(DEMO_OUT) --doc docs/demo.md
+	DS_ACCELERATOR=cpu $(VENV)/bin/dipo-scale demo --out $(DEMO_OUT) --attacks quantize,relearn --doc docs/demo.md
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests

@@ -7,7 +7,9 @@ The shard work of `dipo-scale reference` without Ray or a pool: one process, one
 the demo's target model (`benchmarks/reference_cache.py` builds it into `demo_out/`) and the
 larger corpus of that benchmark's section 5 (`demo_out/throughput_<docs>/prepared`, built by it).
 Interleaved, `--reps` times: a bare forward of the model's decoder trunk to its final hidden
-states over the shard's blocks (no grad, batches of 8), then each precompute's shard function
+states over the shard's blocks (no grad, batches of 8), one of the whole model to its logits
+(what the topk form must compute too: `topk_over_logits_forward_tokens_per_cpu_second`), then
+each precompute's shard function
 (this checkout's `compute_shard`, the older checkout's `_compute_shard`: reading the blocks, the
 forwards, the statistics, writing and hashing the shard) for the `hidden` and the `topk` form.
 Figures: CPU seconds of the process per token (`time.process_time`: all its threads, so the
@@ -80,14 +82,13 @@ def main(argv=None) -> int:
                                           f"reference.form={form}", f"reference.k={args.k}", "loss.retain=gd",
                                           f"reference.cache_dir={work / name}", "reference.batch_size=8"])
 
-    def bare():
-        trunk = model.get_decoder()
+    def bare(module):
         with torch.no_grad():
             for s in range(0, rows, 8):
-                trunk(input_ids=torch.as_tensor(blocks["input_ids"][s:s + 8]),
-                      attention_mask=torch.as_tensor(blocks["attention_mask"][s:s + 8]), use_cache=False)
+                module(input_ids=torch.as_tensor(blocks["input_ids"][s:s + 8]),
+                       attention_mask=torch.as_tensor(blocks["attention_mask"][s:s + 8]), use_cache=False)
 
-    cases = {"bare_forward": bare}
+    cases = {"bare_forward": lambda: bare(model.get_decoder()), "bare_logits_forward": lambda: bare(model)}
     for form in ("hidden", "topk"):
         new_cfg, old_cfg = cfg(form, f"new_{form}"), cfg(form, f"old_{form}")
         forward = ReferenceForward(model, new_cfg)
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
         "cpu_seconds_per_million_tokens": {n: 1e6 * m["cpu"] / tokens for n, m in median.items()},
         "wall_seconds_per_million_tokens": {n: 1e6 * m["wall"] / tokens for n, m in median.items()},
         "over_bare_tokens_per_cpu_second": {n: bare_cpu / m["cpu"] for n, m in median.items() if n != "bare_forward"},
+        # the topk form computes the LM head too: against a forward of the whole model, to its logits
+        "topk_over_logits_forward_tokens_per_cpu_second": {
+            n: median["bare_logits_forward"]["cpu"] / m["cpu"] for n, m in median.items() if n.endswith("_topk")},
         "all": times, "before": str(Path(args.before).resolve()),
         "load_average": os.getloadavg(), "cpus": os.cpu_count(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
