@@ -417,7 +417,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
     atomic_write_json(out / "metrics.json", {"models": metrics, **({"attacks": robustness} if attacks else {})})
     if tofu:
         about_data, about_eval = _tofu_notes(tofu, metrics, forget, retain, ev.knowmem_max_new_tokens)
-        shown = {name: {k: m[key] for key in TOFU_REPORT_KEYS for k in (key, f"{key}{CI}") if k in m}
+        shown = {name: {k: m[k] for key in TOFU_REPORT_KEYS for k in (key, f"{key}{CI}") if k in m}
                  for name, m in metrics.items()}
         title = f"dipo-scale demo report (TOFU protocol, {forget})"
     else:

@@ -91,6 +91,8 @@ def test_tofu_demo_end_to_end(tofu_dir, tmp_path, monkeypatch, ray_cluster, caps
     assert metrics["target"]["privleak"] != 0.0
     report = (out / "report.md").read_text()
     assert "Forget quality" in report and "Model utility" in report
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert "_ci" not in header  # intervals in brackets after their value, not columns of their own
     assert all(f"| {name} |" in report for name in MODELS)
     assert "retain99 (8 of 24 QA pairs)" in report
     assert (out / "tradeoff.png").is_file()
