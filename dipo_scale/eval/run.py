@@ -16,7 +16,7 @@ from dipo_scale.eval.generation import describe_device, load_model_and_tokenizer
 from dipo_scale.eval.muse import mia_pair, muse_items, muse_metrics, score_muse_items
 from dipo_scale.eval.privacy import CI, add_privleak, auc_from_scores
 from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_scores, truth_ratio_score
-from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
+from dipo_scale.eval.workers import check_placement, muse_item_scores, on_gpus, on_model
 
 
 METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
@@ -138,13 +138,7 @@ def _check_attacks(attacks: list[str], relearn: RelearnConfig, model: str, devic
     for attack in attacks:
         if attack in QUANTIZE_BITS:
             if actors and gpus_per_worker > 0:
-                import ray
-
-                from dipo_scale.eval.workers import _get, _Ray
-
-                with _Ray():
-                    task = ray.remote(num_gpus=gpus_per_worker, max_retries=0)(check_quantization)
-                    _get(task.remote(attack, "cuda" if device != "cpu" else "cpu"))
+                on_gpus(check_quantization, attack, "cuda", gpus=gpus_per_worker)
             else:
                 check_quantization(attack, resolve_device(device)[0])
     if "relearn" in attacks:

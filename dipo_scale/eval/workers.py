@@ -163,6 +163,15 @@ def on_model(model_path: str | Path, fn: Callable, *args, gpus_per_worker: float
             ray.kill(worker)
 
 
+def on_gpus(fn: Callable, *args, gpus: float):
+    """`fn(*args)` in a Ray task with `gpus` GPUs (the driver may have none), e.g. a check that
+    must run on the device the actors will see; an input error it raises is raised here as itself."""
+    import ray
+
+    with _Ray():
+        return _get(ray.remote(num_gpus=gpus, max_retries=0)(fn).remote(*args))
+
+
 def evaluate_muse_items(model_path: str | Path, data_dir: str | Path | MuseData, num_workers: int,
                         *, num_gpus_per_worker: float = 0.0, **settings) -> dict[str, dict[str, list]]:
     """`muse_item_scores` over `num_workers` Ray actors."""
