@@ -12,7 +12,7 @@ import sweep_evidence  # noqa: E402
 
 
 def _row(trial, alpha, beta, lr, steps, fq, mu, objective, feasible):
-    return {"trial_id": trial, "dipo.alpha": str(alpha), "dipo.beta": str(beta), "train.lr": str(lr),
+    return {"trial_id": trial, "status": "completed", "dipo.alpha": str(alpha), "dipo.beta": str(beta), "train.lr": str(lr),
             "train.steps": str(steps), "forget_quality": str(fq), "model_utility": str(mu), "knowmem_f": "10.0",
             "objective": str(objective), "feasible": str(feasible)}
 
