@@ -48,6 +48,8 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
    that was. `precompute_over_forward_tokens_per_cpu_second`: the same ratio per CPU second of
    the worker processes (shard records' `cpu_seconds`, all threads; the bare forward's likewise),
    what a token costs whatever the machine's load (threads spin-waiting count too).
+   `topk_over_logits_forward_throughput`: the topk form against a bare forward of the whole model
+   to its logits (`bare_forward(head=True)`), which computes the LM head as the topk form must.
    `--throughput-only` runs this part alone; it also runs against an older checkout of
    dipo_scale (records without start times are timed by their file times; an older pool is 1
    actor of 1 CPU).
@@ -225,13 +227,15 @@ def throughput_assets(demo_dir: Path, assets: dict, num_docs: int) -> Path:
     return root / "prepared"
 
 
-def _bare_worker(model_dir, prepared, batch_size: int, threads: int, part: int, parts: int, barrier, results):
+def _bare_worker(model_dir, prepared, batch_size: int, threads: int, head: bool, part: int, parts: int, barrier,
+                 results):
     """One process of `bare_forward`: its contiguous share of the forget blocks, timed after a
     barrier (every process has loaded torch, the model and its blocks, and run one batch)."""
     from dipo_scale.prepare import read_blocks
 
     torch.set_num_threads(threads)
-    trunk = load_model(model_dir).get_decoder()
+    model = load_model(model_dir)
+    trunk = model if head else model.get_decoder()
     blocks = read_blocks(prepared, "forget")
     batches = list(range(0, len(blocks["input_ids"]), batch_size))
     mine = batches[part * len(batches) // parts:(part + 1) * len(batches) // parts]
@@ -248,17 +252,18 @@ def _bare_worker(model_dir, prepared, batch_size: int, threads: int, part: int, 
     results.put((tokens, t0, t1, cpu))
 
 
-def bare_forward(model_dir, prepared: Path, batch_size: int, workers: int, threads: int) -> dict:
+def bare_forward(model_dir, prepared: Path, batch_size: int, workers: int, threads: int, head: bool = False) -> dict:
     """Tokens/s of a bare forward of the model's decoder trunk (to its final hidden states, no
-    grad) over the forget blocks, in the precompute pool's configuration: `workers` processes of
-    `threads` torch threads each, over contiguous shares of the blocks, from the first start to
-    the last end (start-up excluded, as the precompute's computing span excludes it)."""
+    grad; `head`: of the whole model, to its logits, which the topk form computes too) over the
+    forget blocks, in the precompute pool's configuration: `workers` processes of `threads` torch
+    threads each, over contiguous shares of the blocks, from the first start to the last end
+    (start-up excluded, as the precompute's computing span excludes it)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
-    procs = [ctx.Process(target=_bare_worker, args=(str(model_dir), str(prepared), batch_size, threads, i, workers,
-                                                     barrier, results)) for i in range(workers)]
+    procs = [ctx.Process(target=_bare_worker, args=(str(model_dir), str(prepared), batch_size, threads, head, i,
+                                                     workers, barrier, results)) for i in range(workers)]
     for proc in procs:
         proc.start()
     done = [results.get() for _ in procs]
@@ -267,7 +272,7 @@ def bare_forward(model_dir, prepared: Path, batch_size: int, workers: int, threa
     tokens = sum(d[0] for d in done)
     seconds = max(d[2] for d in done) - min(d[1] for d in done)
     cpu = sum(d[3] for d in done)
-    return {"workers": workers, "threads": threads, "tokens": tokens, "seconds": seconds,
+    return {"workers": workers, "threads": threads, "head": head, "tokens": tokens, "seconds": seconds,
             "tokens_per_second": tokens / seconds, "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu}
 
 
@@ -300,10 +305,17 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, 
         runs.update({f"{name}_{pool}": ((workers, cpus), [*overrides, f"reference.num_workers={workers}",
                                                           f"reference.cpus_per_worker={cpus}"])
                      for name, overrides in forms.items()})
-    bare: dict = {}  # (workers, threads) -> [runs before and after the precompute runs]
+    bare: dict = {}  # (workers, threads, head) -> [runs before and after the precompute runs]
+
+    def bracket(pool: tuple, head: bool) -> None:  # the bare forwards a run is compared with, once per pool
+        for key in [(*pool, False), (*pool, True)] if head else [(*pool, False)]:
+            if key not in bare:
+                bare[key] = [bare_forward(assets["target"], prepared, batch, *key)]
+
     for name, (pool, overrides) in runs.items():
-        if pool is not None and pool not in bare:
-            bare[pool] = [bare_forward(assets["target"], prepared, batch, *pool)]
+        head = name.startswith("topk")  # the topk form computes the LM head: a forward to the logits too
+        if pool is not None:
+            bracket(pool, head)
         cache = work / f"throughput_{name}"
         t0 = time.time()
         m = precompute_reference(config({**assets, "prepared": prepared}, *overrides, f"reference.cache_dir={cache}",
@@ -318,18 +330,22 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, 
             "startup_seconds": round(start - t0, 3), "tokens_per_second_computing": tokens / (end - start),
             "tokens_per_second_job": tokens / wall, "num_workers": used[0], "cpus_per_worker": used[1],
             "shards": p["shards_computed"], "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu if cpu else None}
-        if used not in bare:  # the default pool: known once it ran; its bare forward right after it
-            bare[used] = [bare_forward(assets["target"], prepared, batch, *used)]
+        bracket(used, head)  # the default pool: known once it ran; its bare forward right after it
         print(f"throughput {name}: {out[f'throughput_{name}']}", flush=True)
     for pool in bare:  # and once more at the end: the mean of the two brackets the precompute runs
         bare[pool].append(bare_forward(assets["target"], prepared, batch, *pool))
     forward = {pool: statistics.mean(b["tokens_per_second"] for b in runs_) for pool, runs_ in bare.items()}
-    out["bare_forward"] = {f"{w}x{t}": {"runs": bare[(w, t)], "tokens_per_second_mean": forward[(w, t)]}
-                           for w, t in bare}
-    pool_of = {name: (out[f"throughput_{name}"]["num_workers"], out[f"throughput_{name}"]["cpus_per_worker"])
+    out["bare_forward"] = {f"{w}x{t}{'_logits' if h else ''}": {"runs": bare[(w, t, h)],
+                                                                 "tokens_per_second_mean": forward[(w, t, h)]}
+                           for w, t, h in bare}
+    pool_of = {name: (out[f"throughput_{name}"]["num_workers"], out[f"throughput_{name}"]["cpus_per_worker"], False)
                for name in runs}
     out["precompute_over_forward_throughput"] = {
         name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward[pool_of[name]] for name in runs}
+    # the topk form against a forward that computes what it must compute (trunk + LM head, to the logits)
+    out["topk_over_logits_forward_throughput"] = {
+        name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward[(*pool_of[name][:2], True)]
+        for name in runs if name.startswith("topk")}
     out["precompute_over_forward_throughput_wall"] = {
         name: out[f"throughput_{name}"]["tokens_per_second_job"] / forward[pool_of[name]] for name in runs}
     # per CPU second (the workers' processes, all threads): what a token costs, whatever the
@@ -338,7 +354,11 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, 
     out["precompute_over_forward_tokens_per_cpu_second"] = {
         name: (out[f"throughput_{name}"]["tokens_per_cpu_second"] or float("nan")) / cpu_forward[pool_of[name]]
         for name in runs}
+    out["topk_over_logits_forward_tokens_per_cpu_second"] = {
+        name: (out[f"throughput_{name}"]["tokens_per_cpu_second"] or float("nan")) /
+        cpu_forward[(*pool_of[name][:2], True)] for name in runs if name.startswith("topk")}
     print("precompute_over_forward_throughput", out["precompute_over_forward_throughput"], flush=True)
+    print("topk_over_logits_forward_throughput", out["topk_over_logits_forward_throughput"], flush=True)
     print("precompute_over_forward_tokens_per_cpu_second", out["precompute_over_forward_tokens_per_cpu_second"],
           flush=True)
     return out

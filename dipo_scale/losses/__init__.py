@@ -349,12 +349,32 @@ def topk_dense_logits(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: to
     return out.scatter_(1, topk_ids.long(), top)
 
 
+TOPK_CHUNK_ELEMENTS = 1 << 21  # logits per numpy top-k chunk on the CPU (its int64 index array: 16 MiB)
+
+
 def topk_statistics(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top-K logits, their ids, log-sum-exp) of logits [..., V]: what the `topk` cache stores.
-    Logits and log-sum-exp are computed in float32 at least."""
+    """(top-K logits in descending order, their ids, log-sum-exp) of logits [..., V]: what the
+    `topk` cache stores. Logits and log-sum-exp are computed in float32 at least. On the CPU
+    (without grad) the top K come from numpy's introselect, then sorted: the same values as
+    `torch.topk`, ~3x faster at vocabulary sizes (torch's CPU top-k, not the model, was most of
+    the topk precompute's cost on a small model); elsewhere `torch.topk`."""
     z = logits.to(compute_dtype(logits))
-    top = z.topk(k, dim=-1)
-    return top.values, top.indices, torch.logsumexp(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    if z.device.type != "cpu" or z.requires_grad or not 0 < k < z.shape[-1]:
+        top = z.topk(k, dim=-1)
+        return top.values, top.indices, lse
+    import numpy as np
+
+    a = z.reshape(-1, z.shape[-1]).numpy()
+    ids = np.empty((a.shape[0], k), dtype=np.int64)
+    step = max(1, TOPK_CHUNK_ELEMENTS // a.shape[1])  # argpartition's index array: one chunk of rows at a time
+    for s in range(0, a.shape[0], step):
+        ids[s:s + step] = np.argpartition(a[s:s + step], -k, axis=-1)[:, -k:]
+    values = np.take_along_axis(a, ids, axis=-1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    shape = (*z.shape[:-1], k)
+    return (torch.from_numpy(np.take_along_axis(values, order, axis=-1)).reshape(shape),
+            torch.from_numpy(np.take_along_axis(ids, order, axis=-1)).reshape(shape), lse)
 
 
 def as_reference(ref) -> Reference:

@@ -97,3 +97,22 @@ def test_reference_shape_must_match_the_policy():
         dipo_loss(logits, HiddenReference(ref_hidden[:, :-1], ref_weight), targets, alpha=1, beta=1)
     assert not math.isnan(dipo_loss(logits, HiddenReference(ref_hidden, ref_weight), targets,
                                     alpha=1, beta=1)[0].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_statistics_on_the_cpu_match_torch_topk(monkeypatch, dtype):
+    """The CPU path (numpy's introselect, one chunk of rows at a time, then sorted) gives
+    torch.topk's values and ids in its order, and the log-sum-exp, in float32 at least."""
+    import dipo_scale.losses as losses
+
+    monkeypatch.setattr(losses, "TOPK_CHUNK_ELEMENTS", 3 * 50)  # chunks of 3 rows: boundaries inside
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(2, 7, 50, generator=g, dtype=torch.float64) * 4).to(dtype)
+    top, ids, lse = topk_statistics(z, 6)
+    reference = z.to(torch.promote_types(dtype, torch.float32)).topk(6, dim=-1)
+    assert top.dtype == reference.values.dtype and top.shape == ids.shape == (2, 7, 6)
+    assert torch.equal(top, reference.values)
+    if dtype != torch.bfloat16:  # (bfloat16 logits tie often: the tied ids may come in another order)
+        assert torch.equal(ids, reference.indices)
+    assert torch.equal(z.to(top.dtype).gather(-1, ids), top)
+    assert torch.allclose(lse, torch.logsumexp(z.to(top.dtype), dim=-1))
