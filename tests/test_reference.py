@@ -19,7 +19,7 @@ import torch
 from dipo_scale.cli import main
 from dipo_scale.config import load_unlearn_config
 from dipo_scale.errors import UserInputError
-from dipo_scale.losses import HiddenReference, TopKReference
+from dipo_scale.losses import TopKReference
 from dipo_scale.reference import ReferenceCache, precompute_reference
 from dipo_scale.reference.precompute import SLOW_ENV, _completed
 from dipo_scale.unlearn import validate_run

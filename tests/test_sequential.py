@@ -29,7 +29,7 @@ def _sets(tiny_assets, out_dir, *extra):
             f"out_dir={out_dir}", "forget_sets=folds", f"folds={REQUESTS}", "unlearn.train.num_workers=1",
             "unlearn.train.steps=3", "unlearn.train.global_batch_size=2", "unlearn.train.micro_batch_size=2",
             "unlearn.train.lr=2e-3", "unlearn.train.checkpoint_every=1", "unlearn.logging.wandb=disabled",
-            f"unlearn.data.block_size=64", "unlearn.eval.limit=2", "unlearn.eval.verbmem_max_new_tokens=8",
+            "unlearn.data.block_size=64", "unlearn.eval.limit=2", "unlearn.eval.verbmem_max_new_tokens=8",
             "unlearn.eval.knowmem_max_new_tokens=8", *extra]
 
 
