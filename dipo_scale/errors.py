@@ -8,3 +8,16 @@ class UserInputError(Exception):
     """Bad input from the user (a file, a flag, a config value). Exit code 2."""
 
     exit_code = 2
+
+
+def user_error_behind(error: BaseException | None) -> UserInputError | None:
+    """The UserInputError at the root of `error`, if one is: Ray wraps an error raised in a task,
+    actor or worker (its `cause`, or `__cause__`, is the original; the wrapper, itself an instance
+    of the original's class, prints a remote traceback). None when none is."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, UserInputError):
+            found = error
+        error = getattr(error, "cause", None) or error.__cause__
+    return found

@@ -37,7 +37,7 @@ import torch
 from dipo_scale import checkpoint
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
-from dipo_scale.errors import UserInputError
+from dipo_scale.errors import UserInputError, user_error_behind
 from dipo_scale.files import (atomic_dir, atomic_write_json, check_output_dir, check_run_dir, claim_run_dir,
                               reopen_step_log)
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
@@ -601,7 +601,7 @@ def _check_workers_can_run(cfg: UnlearnConfig) -> None:
         try:
             ray.get(ray.remote(num_gpus=1, max_retries=0)(check_optimizer).remote(cfg))
         except UserInputError as e:  # a task's error carries its traceback: keep the cause's one line
-            raise UserInputError(str(getattr(e, "cause", e))) from None
+            raise UserInputError(str(user_error_behind(e))) from None
 
 
 def _run_started(run_dir: Path) -> bool:
@@ -613,10 +613,8 @@ def _run_started(run_dir: Path) -> bool:
 def _user_error_of(error: Exception) -> UserInputError | None:
     """The UserInputError a worker raised, if that is why the run failed."""
     for failure in [*getattr(error, "worker_failures", {}).values(), getattr(error, "controller_failure", None)]:
-        while failure is not None:
-            if isinstance(failure, UserInputError):
-                return failure
-            failure = getattr(failure, "cause", None) or failure.__cause__
+        if (user_error := user_error_behind(failure)) is not None:
+            return user_error
     return None
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from dipo_scale.cluster import init_ray
 from dipo_scale.data.muse import MuseData
-from dipo_scale.errors import UserInputError
+from dipo_scale.errors import UserInputError, user_error_behind
 from dipo_scale.eval.generation import DEVICES, describe_device, load_model_and_tokenizer, resolve_device, where
 from dipo_scale.eval.muse import MuseItems, merge_item_scores, muse_items, muse_metrics, score_muse_items
 from dipo_scale.eval.privacy import MIN_K
@@ -77,12 +77,9 @@ def _get(refs):
     try:
         return ray.get(refs)
     except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None) or e.__cause__
-        while cause is not None and not isinstance(cause, UserInputError):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if cause is None:
+        if (user_error := user_error_behind(e)) is None:
             raise
-        raise UserInputError(str(cause)) from None
+        raise UserInputError(str(user_error)) from None
 
 
 class _Ray:
