@@ -350,12 +350,11 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
                                                           "out_dir": str(out / "runs" / m)})
             for m in METHODS if m in methods}
     relearn = _relearn_settings(cfgs["dipo"], settings) if "relearn" in attacks else None
-    if attacks and not cfgs["dipo"].eval.gpus_per_worker:  # (on actors, each model's evaluation checks it)
-        from dipo_scale.eval.attacks import QUANTIZE_BITS, check_quantization
-        from dipo_scale.eval.generation import resolve_device
+    if attacks:  # (each model's evaluation checks them again; here, before any training)
+        from dipo_scale.eval.attacks import check_attacks
 
-        for attack in (a for a in attacks if a in QUANTIZE_BITS):
-            check_quantization(attack, resolve_device(cfgs["dipo"].eval.device)[0])
+        ev = cfgs["dipo"].eval
+        check_attacks(list(attacks), relearn, device=ev.device, gpus_per_worker=ev.gpus_per_worker)
     mark_output_dir(out, "demo")
 
     tofu = None

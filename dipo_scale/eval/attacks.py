@@ -187,12 +187,28 @@ def relearn_config(cfg: RelearnConfig, model_path: str, out_dir: Path) -> Unlear
     })
 
 
-def check_relearn(cfg: RelearnConfig, model_path: str) -> None:
+def check_attacks(attacks: list[str], relearn: RelearnConfig, *, device: str, gpus_per_worker: float) -> None:
+    """Before any model loads: each quantization runs where the models will load (in this process,
+    or, with `gpus_per_worker` > 0, in a Ray task with the actors' GPUs), and the relearning run's
+    settings are valid (`check_relearn`)."""
+    from dipo_scale.eval.generation import resolve_device
+    from dipo_scale.eval.workers import on_gpus
+
+    for attack in (a for a in attacks if a in QUANTIZE_BITS):
+        if gpus_per_worker > 0:
+            on_gpus(check_quantization, attack, "cuda", gpus=gpus_per_worker)
+        else:
+            check_quantization(attack, resolve_device(device)[0])
+    if "relearn" in attacks:
+        check_relearn(relearn)
+
+
+def check_relearn(cfg: RelearnConfig) -> None:
     """What the relearning run needs, checked before any model loads: its engine config, the
     related set (when named)."""
     from dipo_scale.unlearn import load_ds_config
 
-    ucfg = relearn_config(cfg, model_path, Path("."))
+    ucfg = relearn_config(cfg, "", Path("."))
     try:
         load_ds_config(ucfg, cfg.num_workers)
     except UserInputError as e:

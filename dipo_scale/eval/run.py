@@ -10,13 +10,13 @@ from typing import Sequence
 
 from dipo_scale.config import RelearnConfig
 from dipo_scale.errors import UserInputError
-from dipo_scale.eval.attacks import (ATTACKS, QUANTIZE_BITS, attack_keys, check_quantization, check_relearn,
-                                     relearn_model, split_metrics, split_relearn)
+from dipo_scale.eval.attacks import (ATTACKS, QUANTIZE_BITS, attack_keys, check_attacks, relearn_model,
+                                     split_metrics, split_relearn)
 from dipo_scale.eval.generation import describe_device, load_model_and_tokenizer, resolve_device
 from dipo_scale.eval.muse import mia_pair, muse_items, muse_metrics, score_muse_items
 from dipo_scale.eval.privacy import CI, add_privleak, auc_from_scores
 from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_scores, truth_ratio_score
-from dipo_scale.eval.workers import check_placement, muse_item_scores, on_gpus, on_model
+from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
 
 
 METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
@@ -131,20 +131,6 @@ def _model_name(path: str) -> str:
     return Path(path).name or str(path)
 
 
-def _check_attacks(attacks: list[str], relearn: RelearnConfig, model: str, device: str, gpus_per_worker: float,
-                   actors: bool) -> None:
-    """Before any model loads: each quantization runs where the model will load (here, or in a
-    Ray task with the actors' GPUs), the relearning run's settings are valid."""
-    for attack in attacks:
-        if attack in QUANTIZE_BITS:
-            if actors and gpus_per_worker > 0:
-                on_gpus(check_quantization, attack, "cuda", gpus=gpus_per_worker)
-            else:
-                check_quantization(attack, resolve_device(device)[0])
-    if "relearn" in attacks:
-        check_relearn(relearn, model)
-
-
 def run_evaluation(
     model: str,
     data: str,
@@ -215,7 +201,7 @@ def run_evaluation(
     out = check_output_dir(out, "evaluate", inputs=[("--data", data), *((f, p) for p, f in models)])
     for path, flag in models:  # complete, loadable models before any is loaded
         check_model(path, flag)
-    _check_attacks(attacks, relearn, model, device, gpus_per_worker, actors)
+    check_attacks(attacks, relearn, device=device, gpus_per_worker=gpus_per_worker)
 
     def cap(default: int) -> int:
         return default if max_new_tokens is None else min(default, max_new_tokens)
