@@ -22,7 +22,7 @@ from rouge_score import rouge_scorer
 from dipo_scale.data.muse import QA, MuseData, VerbMemItem
 from dipo_scale.data.prompts import knowmem_prompt
 from dipo_scale.eval.generation import criterion, greedy_generate, limited, num_batches
-from dipo_scale.eval.privacy import CI, MIN_K, auc_from_scores, auc_interval, mia_auc, min_k_scores
+from dipo_scale.eval.privacy import MIN_K, mia_auc, mia_auc_metrics, min_k_scores
 
 _SCORER = rouge_scorer.RougeScorer(["rougeL"])
 
@@ -219,10 +219,7 @@ def muse_metrics(scores: dict[str, dict[str, list]]) -> dict[str, float | list[f
     95 % interval mia_auc_ci ([low, high]; with at least two texts on each side)."""
     metrics: dict = {key: _mean_percent(scores[key]["scores"]) for key in ("verbmem_f", "knowmem_f", "knowmem_r")}
     if (pair := mia_pair(scores)) is not None:
-        forget, holdout = pair
-        metrics["mia_auc"] = auc_from_scores(forget, holdout)
-        if (interval := auc_interval(forget, holdout)) is not None:
-            metrics[f"mia_auc{CI}"] = interval
+        metrics.update(mia_auc_metrics(*pair))
     return metrics
 
 

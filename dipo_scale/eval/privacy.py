@@ -125,6 +125,14 @@ def auc_interval(member_scores: list[float], nonmember_scores: list[float]) -> l
     return bootstrap_interval(lambda f, h: auc_from_scores(member[f], nonmember[h]), len(member), len(nonmember))
 
 
+def mia_auc_metrics(member_scores: list[float], nonmember_scores: list[float]) -> dict:
+    """{"mia_auc": the AUC, "mia_auc_ci": its bootstrap interval (with two or more of each)}."""
+    metrics: dict = {"mia_auc": auc_from_scores(member_scores, nonmember_scores)}
+    if (interval := auc_interval(member_scores, nonmember_scores)) is not None:
+        metrics[f"mia_auc{CI}"] = interval
+    return metrics
+
+
 def privleak_interval(scores: tuple[list[float], list[float]],
                       retrain_scores: tuple[list[float], list[float]]) -> list[float] | None:
     """The bootstrap interval of PrivLeak from both models' Min-K% scores (forget, holdout) of the

@@ -25,7 +25,8 @@ from rouge_score import rouge_scorer
 
 from dipo_scale.data.prompts import tofu_prompt
 from dipo_scale.eval.generation import criterion, greedy_generate, limited, qa_logprobs, qa_token_logprobs
-from dipo_scale.eval.privacy import CI, MIN_K, auc_from_scores, auc_interval, bootstrap_interval, min_k_from_lists
+from dipo_scale.eval.privacy import (CI, MIN_K, auc_from_scores, bootstrap_interval, mia_auc_metrics,
+                                     min_k_from_lists)
 
 _TOFU_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)  # as locuslab/tofu
 
@@ -201,9 +202,7 @@ def evaluate_tofu(
 
     mia_scores = tofu_mia_scores(model, tokenizer, data, k=k, batch_size=batch_size, limit=limit)
     if mia_scores is not None:
-        metrics["mia_auc"] = auc_from_scores(*mia_scores)
-        if (interval := auc_interval(*mia_scores)) is not None:
-            metrics[f"mia_auc{CI}"] = interval
+        metrics.update(mia_auc_metrics(*mia_scores))
     return TofuResult(metrics, ratios.tolist(), mia_scores)
 
 
