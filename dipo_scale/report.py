@@ -200,10 +200,15 @@ def _plot_series(name: str, x_key: str, records: list[dict], path: Path) -> None
     save_figure(fig, path)
 
 
+def _slug(name: str) -> str:
+    """A file-name stem for a section's plot: lower case, every other character an underscore."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower())
+
+
 def series_section(out_dir: str | Path, name: str, x_key: str, records: list[dict]) -> list[str]:
     """A report section for metrics over a sequence of runs — MUSE's scalability (x = forget-set
     size) or sustainability (x = request index): a table and `<name>.png`. Returns its lines."""
-    slug = "".join(c if c.isalnum() else "_" for c in name.lower())
+    slug = _slug(name)
     _plot_series(name, x_key, records, Path(out_dir) / f"{slug}.png")
     table = markdown_table({f"{x_key} = {r[x_key]}": {k: v for k, v in r.items() if k != x_key}
                             for r in records})
@@ -248,7 +253,7 @@ def attacks_section(out_dir: str | Path, name: str, before: dict, attacked: dict
     keys = [k for k in ATTACKED if _is_number(before.get(k)) and any(k in m for m in attacked.values())]
     if not keys:
         return []
-    slug = "".join(c if c.isalnum() else "_" for c in name)
+    slug = _slug(name)
     _plot_attacks(name, before, attacked, keys, Path(out_dir) / f"attacks_{slug}.png")
     lines = [f"### {name}", "", "| criterion | before | " + " | ".join(f"{a} (recovery)" for a in attacked) + " |",
              "|---|---|" + "---|" * len(attacked)]
