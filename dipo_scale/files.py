@@ -66,6 +66,12 @@ def _marker(path: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
+def absolute_if_local(path: str | None) -> str | None:
+    """`path` made absolute when it names something on this machine (a hub name, or nothing, stays
+    as it is): what a Ray worker or trial, running in another directory, can open."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
 def _is_within(path: Path, other: Path) -> bool:
     return path == other or other in path.parents
 

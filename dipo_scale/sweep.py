@@ -47,8 +47,10 @@ from pathlib import Path
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import ObjectiveConfig, SweepConfig, UnlearnConfig, _set_dotted
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import atomic_write_json, atomic_write_text, check_output_dir, mark_output_dir
+from dipo_scale.files import (absolute_if_local, atomic_write_json, atomic_write_text, check_output_dir,
+                              mark_output_dir)
 from dipo_scale.preflight import check_resources
+from dipo_scale.report import CI
 
 INFEASIBLE_PENALTY = 1000.0  # above any MUSE/TOFU metric range, so feasible trials always rank first
 METRICS = ("verbmem_f", "knowmem_f", "knowmem_r")
@@ -179,7 +181,7 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
         metrics = final_metrics(u.model.path, o.model_copy(update={"after": "none"}), u.eval, out / "target_eval")
         if o.constraint not in metrics:
             raise UserInputError(f"objective.constraint: {o.constraint!r} is not a metric of the evaluation on "
-                                 f"{o.data_dir} ({', '.join(k for k in metrics if not k.endswith('_ci'))})")
+                                 f"{o.data_dir} ({', '.join(k for k in metrics if not k.endswith(CI))})")
         atomic_write_json(out / "target_metrics.json", {"model": u.model.path, **metrics})
         return metrics[o.constraint]
     from dipo_scale.data.muse import load_muse_dir
@@ -354,9 +356,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
         # (Tune ignores max_concurrent_trials for a generator passed in: it is set here.)
         search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
     scheduler = _scheduler(cfg)
-    local = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
-    objective = cfg.objective.model_dump() | {"data_dir": local(cfg.objective.data_dir),
-                                              "reference_model": local(cfg.objective.reference_model)}
+    objective = cfg.objective.model_dump() | {"data_dir": absolute_if_local(cfg.objective.data_dir),
+                                              "reference_model": absolute_if_local(cfg.objective.reference_model)}
     trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
                                      objective=objective, target_value=target_value)
     tuner = tune.Tuner(

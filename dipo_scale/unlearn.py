@@ -38,8 +38,8 @@ from dipo_scale import checkpoint
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError, user_error_behind
-from dipo_scale.files import (atomic_dir, atomic_write_json, check_output_dir, check_run_dir, claim_run_dir,
-                              reopen_step_log)
+from dipo_scale.files import (absolute_if_local, atomic_dir, atomic_write_json, check_output_dir, check_run_dir,
+                              claim_run_dir, reopen_step_log)
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
                                npo_loss, shift_targets)
 from dipo_scale.memory import peak_rss_bytes
@@ -620,15 +620,14 @@ def _user_error_of(error: Exception) -> UserInputError | None:
 
 def absolute_paths(cfg: UnlearnConfig) -> UnlearnConfig:
     """Local paths made absolute: workers may run in another directory (or on another node)."""
-    local = lambda p: str(Path(p).resolve()) if p and Path(p).exists() else p  # noqa: E731
     resolved = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731  (may not exist yet)
     return cfg.model_copy(update={
         "out_dir": str(run_dir_of(cfg)),
-        "model": cfg.model.model_copy(update={"path": local(cfg.model.path),
-                                              "reference_path": local(cfg.model.reference_path)}),
-        "data": cfg.data.model_copy(update={"prepared_dir": local(cfg.data.prepared_dir)}),
+        "model": cfg.model.model_copy(update={"path": absolute_if_local(cfg.model.path),
+                                              "reference_path": absolute_if_local(cfg.model.reference_path)}),
+        "data": cfg.data.model_copy(update={"prepared_dir": absolute_if_local(cfg.data.prepared_dir)}),
         "reference": cfg.reference.model_copy(update={"cache_dir": resolved(cfg.reference.cache_dir)}),
-        "eval": cfg.eval.model_copy(update={"data_dir": local(cfg.eval.data_dir)}),
+        "eval": cfg.eval.model_copy(update={"data_dir": absolute_if_local(cfg.eval.data_dir)}),
     })
 
 
