@@ -82,11 +82,10 @@ def _cmd_evaluate(args) -> None:
     from dipo_scale.config import AttackConfig, load_config
     from dipo_scale.eval.attacks import parse_attacks
 
-    kinds = args.kind if args.command == "attack" else args.attacks
-    attacks = parse_attacks(kinds, "--kind" if args.command == "attack" else "--attacks") if kinds else []
+    flag, kinds = ("--kind", args.kind) if args.command == "attack" else ("--attacks", args.attacks)
+    attacks = parse_attacks(kinds, flag) if kinds else []
     if (args.config or args.set) and "relearn" not in attacks:
-        raise UserInputError("--config / --set set the relearning attack (relearn.*): name it with "
-                             f"{'--kind' if args.command == 'attack' else '--attacks'} relearn")
+        raise UserInputError(f"--config / --set set the relearning attack (relearn.*): name it with {flag} relearn")
     relearn = load_config(args.config, args.set, AttackConfig).relearn
     from dipo_scale.eval import run_evaluation
 

@@ -319,8 +319,7 @@ def _partition_sizes(engine) -> dict:
 
 def _forget_loss(cfg: UnlearnConfig, logits, ref_logits, targets):
     """Forget term, its extra statistic (DiPO margin or NPO log-ratio, per row; None for GA and
-    relearn) and
-    the forget NLL, all from the loss's own chunks (no second pass over the logits)."""
+    relearn) and the forget NLL, all from the loss's own chunks (no second pass over the logits)."""
     chunk = cfg.loss.chunk_size
     if cfg.method == "dipo":
         d = cfg.dipo

@@ -6,6 +6,7 @@ checkpoint selection (`eval.select`) exporting the model a rule picks to
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from dipo_scale.config import UnlearnConfig
@@ -57,8 +58,8 @@ class Evaluator:
     number of forwards (`MuseItems.batches`; shorter shares add dummy batches) and generation keeps
     the ranks in step until all are done (HF `synced_gpus`). Rank 0 gathers the per-item results
     and computes the metrics: one line per evaluation in `<out_dir>/eval.jsonl` (with its wall
-`seconds`), the per-item
-    results (generations, ROUGE, Min-K% scores) in `<out_dir>/eval_items/step<N>.json`, and wandb.
+    `seconds`), the per-item results (generations, ROUGE, Min-K% scores) in
+    `<out_dir>/eval_items/step<N>.json`, and wandb.
     When the selection rule picks this evaluation, the engine's weights, the ones just evaluated,
     are exported to `<out_dir>/selected_model` (a collective) and the export's weights fingerprint
     is recorded in the evaluation's line and in the export's `dipo_scale.json`.
@@ -88,8 +89,6 @@ class Evaluator:
 
         from dipo_scale.eval.generation import where
         from dipo_scale.eval.muse import merge_item_scores, muse_metrics, score_muse_items
-
-        import time
 
         started = time.perf_counter()
         e = self.cfg.eval
