@@ -356,8 +356,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
         # (Tune ignores max_concurrent_trials for a generator passed in: it is set here.)
         search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
     scheduler = _scheduler(cfg)
-    objective = cfg.objective.model_dump() | {"data_dir": absolute_if_local(cfg.objective.data_dir),
-                                              "reference_model": absolute_if_local(cfg.objective.reference_model)}
+    o = cfg.objective  # its local paths, as trials (in other directories) open them
+    objective = o.model_dump() | {"data_dir": absolute_if_local(o.data_dir),
+                                  "reference_model": absolute_if_local(o.reference_model),
+                                  "relearn": o.relearn.model_dump() | {"data": absolute_if_local(o.relearn.data)}}
     trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
                                      objective=objective, target_value=target_value)
     tuner = tune.Tuner(
