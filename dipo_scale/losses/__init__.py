@@ -349,32 +349,42 @@ def topk_dense_logits(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: to
     return out.scatter_(1, topk_ids.long(), top)
 
 
-TOPK_CHUNK_ELEMENTS = 1 << 21  # logits per numpy top-k chunk on the CPU (its int64 index array: 16 MiB)
+TOPK_CHUNK_ELEMENTS = 1 << 16  # logits per CPU top-K chunk: it and its scratch stay in cache (256 KiB float32)
 
 
 def topk_statistics(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top-K logits in descending order, their ids, log-sum-exp) of logits [..., V]: what the
     `topk` cache stores. Logits and log-sum-exp are computed in float32 at least. On the CPU
-    (without grad) the top K come from numpy's introselect, then sorted: the same values as
-    `torch.topk`, ~3x faster at vocabulary sizes (torch's CPU top-k, not the model, was most of
-    the topk precompute's cost on a small model); elsewhere `torch.topk`."""
+    (without grad) one chunk of rows at a time, small enough to stay in cache while it is read
+    three times: numpy's introselect for the top K (then sorted: the same values as `torch.topk`,
+    whose CPU top-k is ~3x slower at vocabulary sizes), then the log-sum-exp from the row's max
+    (the first of the top K) in a reused scratch buffer; elsewhere `torch.topk` and
+    `torch.logsumexp`."""
     z = logits.to(compute_dtype(logits))
-    lse = torch.logsumexp(z, dim=-1)
     if z.device.type != "cpu" or z.requires_grad or not 0 < k < z.shape[-1]:
         top = z.topk(k, dim=-1)
-        return top.values, top.indices, lse
+        return top.values, top.indices, torch.logsumexp(z, dim=-1)
     import numpy as np
 
-    a = z.reshape(-1, z.shape[-1]).numpy()
-    ids = np.empty((a.shape[0], k), dtype=np.int64)
-    step = max(1, TOPK_CHUNK_ELEMENTS // a.shape[1])  # argpartition's index array: one chunk of rows at a time
-    for s in range(0, a.shape[0], step):
-        ids[s:s + step] = np.argpartition(a[s:s + step], -k, axis=-1)[:, -k:]
-    values = np.take_along_axis(a, ids, axis=-1)
-    order = np.argsort(-values, axis=-1, kind="stable")
+    flat = z.reshape(-1, z.shape[-1])
+    a, n = flat.numpy(), flat.shape[0]
+    step = max(1, TOPK_CHUNK_ELEMENTS // a.shape[1])
+    values, ids = np.empty((n, k), dtype=a.dtype), np.empty((n, k), dtype=np.int64)
+    sums, scratch = torch.empty(n, dtype=z.dtype), torch.empty(min(step, n), a.shape[1], dtype=z.dtype)
+    for s in range(0, n, step):
+        rows = a[s:s + step]
+        part = np.argpartition(rows, -k, axis=-1)[:, -k:]
+        part_values = np.take_along_axis(rows, part, axis=-1)
+        order = np.argsort(-part_values, axis=-1, kind="stable")
+        values[s:s + step] = np.take_along_axis(part_values, order, axis=-1)
+        ids[s:s + step] = np.take_along_axis(part, order, axis=-1)
+        e = scratch[:len(rows)]
+        torch.sub(flat[s:s + step], torch.from_numpy(values[s:s + step, :1]), out=e)
+        torch.sum(e.exp_(), dim=-1, out=sums[s:s + step])
+    top = torch.from_numpy(values)
+    lse = top[:, 0] + sums.log()
     shape = (*z.shape[:-1], k)
-    return (torch.from_numpy(np.take_along_axis(values, order, axis=-1)).reshape(shape),
-            torch.from_numpy(np.take_along_axis(ids, order, axis=-1)).reshape(shape), lse)
+    return top.reshape(shape), torch.from_numpy(ids).reshape(shape), lse.reshape(z.shape[:-1])
 
 
 def as_reference(ref) -> Reference:
