@@ -298,3 +298,36 @@ def test_pool_size_uses_the_cluster_cores_by_default(tiny_assets, monkeypatch):
     assert pool_size(cfg("reference.mode=zero3"), items=1) == (2, 16)  # every rank joins the forwards
     nodes[0]["Resources"]["GPU"] = 2.0
     assert pool_size(cfg("train.use_gpu=true"), items=10) == (2, 16)  # one per GPU
+
+
+def test_shard_actor_runs_all_its_torch_work_on_one_thread(tiny_assets, tmp_path, monkeypatch, one_thread):
+    """Ray Data constructs the actor on one thread and calls it on another: the model's load,
+    probe and shard forwards must still share one thread (one OpenMP team), and the shard is
+    written."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from dipo_scale.reference import precompute
+
+    threads: list[int] = []
+    load = precompute.load_reference_model
+
+    def recording_load(cfg):
+        model = load(cfg)
+        model.get_decoder().register_forward_pre_hook(lambda *_: threads.append(threading.get_ident()))
+        return model
+
+    monkeypatch.setattr(precompute, "load_reference_model", recording_load)
+    cfg = _cfg(tiny_assets, tmp_path / "cache")
+    manifest = json.loads((Path(tiny_assets["prepared"]) / "manifest.json").read_text())
+    actor = precompute.ShardActor(cfg.model_dump(by_alias=True), block_size=manifest["block_size"],
+                                  hidden_size=64, threads=1)
+    assert len(threads) >= 1  # the probe ran
+    item = {"split": "forget", "file": "forget/part-00000.safetensors", "first_block": 0, "rows": 2, "key": "k"}
+    with ThreadPoolExecutor(1) as caller:  # as Ray Data calls the actor: from a thread of its own
+        out = caller.submit(actor, {"item": np.array([json.dumps(item)])}).result()
+    assert list(out["file"]) == [item["file"]]
+    assert len(threads) >= 2 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert (tmp_path / "cache" / "forget" / "part-00000.json").is_file()
