@@ -116,3 +116,35 @@ def test_topk_statistics_on_the_cpu_match_torch_topk(monkeypatch, dtype):
         assert torch.equal(ids, reference.indices)
     assert torch.equal(z.to(top.dtype).gather(-1, ids), top)
     assert torch.allclose(lse, torch.logsumexp(z.to(top.dtype), dim=-1))
+
+
+@pytest.mark.parametrize("group", [8, 64])
+def test_grouped_topk_statistics_equal_introselect_wherever_the_top_k_lie(group):
+    """The grouped CPU top-K (group maxima, the K best groups, their members) is exact: the same
+    values, ids and log-sum-exp as introselect over whole rows, whether the K largest logits lie
+    in K different groups, all in one group, or anywhere."""
+    g = torch.Generator().manual_seed(7)
+    V, k = 1024, 8
+    z = torch.randn(3, 5, V, generator=g)
+    z[0, 0, 64:72] += 20.0  # the K largest together in one group (of 8: exactly; of 64: inside)
+    z[0, 1, torch.arange(k) * 128] += 20.0  # each in a group of its own
+    z[1, 2, :] = 0.0  # one row all tied: values (all 0) and lse still exact
+    grouped, flat = topk_statistics(z, k, group=group), topk_statistics(z, k, group=0)
+    assert torch.equal(grouped[0], flat[0]) and torch.allclose(grouped[2], flat[2])
+    untied = torch.ones(3, 5, dtype=torch.bool)
+    untied[1, 2] = False
+    assert torch.equal(grouped[1][untied], flat[1][untied])
+    assert torch.equal(z.gather(-1, grouped[1]), grouped[0])
+    assert torch.equal(grouped[1][0, 0].sort().values, torch.arange(64, 72))
+    with pytest.raises(ValueError, match="group=48 must divide"):
+        topk_statistics(z, k, group=48)
+
+
+def test_topk_group_groups_only_where_it_pays(monkeypatch):
+    import dipo_scale.losses as losses
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert [losses.topk_group(v, 32) for v in (1024, 32000, 128256, 50257)] == [0, 64, 64, 0]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert [losses.topk_group(v, 32) for v in (1024, 32000, 128256, 50257, 1000)] == [8, 64, 64, 0, 0]
+    assert losses.topk_group(1024, 64) == 0  # 128 groups of 8 would keep half of each row
