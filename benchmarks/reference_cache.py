@@ -39,8 +39,11 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
    grad over contiguous shares of the same blocks, in batches of `reference.batch_size`), side
    by side in one run, on a larger corpus (`--throughput-docs` generated documents, prepared
    like the demo's but with concatenated blocks, as MUSE's are; forget split only,
-   `loss.retain=gd`). Each bare configuration runs before the first precompute of its pool and
-   again at the end; the mean is used. The precompute's tokens/s is counted while it computes:
+   `loss.retain=gd`). `--throughput-rounds` interleaved rounds (default 3): in each, every
+   precompute runs once and every bare configuration once, right before the first precompute of
+   its pool (the default pool's right after it: it is known once it ran); each ratio is that of
+   one round, and the reported ratio the median over the rounds (`throughput_rounds` keeps every
+   round's runs and ratios). The precompute's tokens/s is counted while it computes:
    real tokens over the span from the first shard's start to the last shard's end (the shard
    records' times), i.e. without starting Ray's workers and loading the model into them (the
    bare forward's start-up is excluded likewise); `precompute_over_forward_throughput_wall`
@@ -52,7 +55,8 @@ On the demo model and corpus (`dipo-scale demo` builds them into `<demo-dir>/mod
    to its logits (`bare_forward(head=True)`), which computes the LM head as the topk form must.
    `--throughput-only` runs this part alone; it also runs against an older checkout of
    dipo_scale (records without start times are timed by their file times; an older pool is 1
-   actor of 1 CPU).
+   actor of 1 CPU). `--doc` writes this part's table into docs/benchmarks.md (between
+   `<!-- reference_throughput:begin -->` and `<!-- reference_throughput:end -->`) from the JSON.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from bench_assets import demo_assets, machine_facts  # noqa: E402
+from bench_assets import demo_assets, machine_facts, write_doc_section  # noqa: E402
 
 DIPO = dict(alpha=5.0, beta=0.1, select="topk", k=1, reduction="sum")
 
@@ -289,7 +293,8 @@ def computing_span(cache: Path) -> tuple[float, float, float | None]:
     return min(starts), max(ends), (None if None in cpu else sum(cpu))
 
 
-def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, pools: list[str]) -> dict:
+def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, pools: list[str],
+               rounds: int = 3) -> dict:
     """Section 5 of the module docstring."""
     from dipo_scale.reference import precompute_reference
 
@@ -305,63 +310,100 @@ def throughput(assets: dict, demo_dir: Path, work: Path, num_docs: int, k: int, 
         runs.update({f"{name}_{pool}": ((workers, cpus), [*overrides, f"reference.num_workers={workers}",
                                                           f"reference.cpus_per_worker={cpus}"])
                      for name, overrides in forms.items()})
-    bare: dict = {}  # (workers, threads, head) -> [runs before and after the precompute runs]
+    per_round = []
+    for round_ in range(rounds):  # interleaved: the machine's drift hits precompute and bare forward alike
+        bare: dict = {}  # (workers, threads, head) -> this round's bare forward
 
-    def bracket(pool: tuple, head: bool) -> None:  # the bare forwards a run is compared with, once per pool
-        for key in [(*pool, False), (*pool, True)] if head else [(*pool, False)]:
-            if key not in bare:
-                bare[key] = [bare_forward(assets["target"], prepared, batch, *key)]
+        def bracket(pool: tuple, head: bool) -> None:  # the bare forwards a run is compared with, once per round
+            for key in [(*pool, False), (*pool, True)] if head else [(*pool, False)]:
+                if key not in bare:
+                    bare[key] = bare_forward(assets["target"], prepared, batch, *key)
 
-    for name, (pool, overrides) in runs.items():
-        head = name.startswith("topk")  # the topk form computes the LM head: a forward to the logits too
-        if pool is not None:
-            bracket(pool, head)
-        cache = work / f"throughput_{name}"
-        t0 = time.time()
-        m = precompute_reference(config({**assets, "prepared": prepared}, *overrides, f"reference.cache_dir={cache}",
-                                        "loss.retain=gd", f"reference.batch_size={batch}"))
-        wall = time.time() - t0
-        start, end, cpu = computing_span(cache)
-        p = m["precompute"]
-        tokens = p["tokens_computed"]
-        used = (p.get("num_workers") or 1, p.get("cpus_per_worker") or 1)  # an older checkout: 1 actor, 1 CPU
-        out[f"throughput_{name}"] = {
-            "tokens": tokens, "job_seconds": round(wall, 3), "computing_seconds": round(end - start, 3),
-            "startup_seconds": round(start - t0, 3), "tokens_per_second_computing": tokens / (end - start),
-            "tokens_per_second_job": tokens / wall, "num_workers": used[0], "cpus_per_worker": used[1],
-            "shards": p["shards_computed"], "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu if cpu else None}
-        bracket(used, head)  # the default pool: known once it ran; its bare forward right after it
-        print(f"throughput {name}: {out[f'throughput_{name}']}", flush=True)
-    for pool in bare:  # and once more at the end: the mean of the two brackets the precompute runs
-        bare[pool].append(bare_forward(assets["target"], prepared, batch, *pool))
-    forward = {pool: statistics.mean(b["tokens_per_second"] for b in runs_) for pool, runs_ in bare.items()}
-    out["bare_forward"] = {f"{w}x{t}{'_logits' if h else ''}": {"runs": bare[(w, t, h)],
-                                                                 "tokens_per_second_mean": forward[(w, t, h)]}
-                           for w, t, h in bare}
-    pool_of = {name: (out[f"throughput_{name}"]["num_workers"], out[f"throughput_{name}"]["cpus_per_worker"], False)
-               for name in runs}
-    out["precompute_over_forward_throughput"] = {
-        name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward[pool_of[name]] for name in runs}
-    # the topk form against a forward that computes what it must compute (trunk + LM head, to the logits)
-    out["topk_over_logits_forward_throughput"] = {
-        name: out[f"throughput_{name}"]["tokens_per_second_computing"] / forward[(*pool_of[name][:2], True)]
-        for name in runs if name.startswith("topk")}
-    out["precompute_over_forward_throughput_wall"] = {
-        name: out[f"throughput_{name}"]["tokens_per_second_job"] / forward[pool_of[name]] for name in runs}
-    # per CPU second (the workers' processes, all threads): what a token costs, whatever the
-    # machine's load; the pool's threads spin-waiting for each other count too
-    cpu_forward = {pool: statistics.mean(b["tokens_per_cpu_second"] for b in runs_) for pool, runs_ in bare.items()}
-    out["precompute_over_forward_tokens_per_cpu_second"] = {
-        name: (out[f"throughput_{name}"]["tokens_per_cpu_second"] or float("nan")) / cpu_forward[pool_of[name]]
-        for name in runs}
-    out["topk_over_logits_forward_tokens_per_cpu_second"] = {
-        name: (out[f"throughput_{name}"]["tokens_per_cpu_second"] or float("nan")) /
-        cpu_forward[(*pool_of[name][:2], True)] for name in runs if name.startswith("topk")}
-    print("precompute_over_forward_throughput", out["precompute_over_forward_throughput"], flush=True)
-    print("topk_over_logits_forward_throughput", out["topk_over_logits_forward_throughput"], flush=True)
-    print("precompute_over_forward_tokens_per_cpu_second", out["precompute_over_forward_tokens_per_cpu_second"],
-          flush=True)
+        precompute = {}
+        for name, (pool, overrides) in runs.items():
+            head = name.startswith("topk")  # the topk form computes the LM head: a forward to the logits too
+            if pool is not None:
+                bracket(pool, head)
+            cache = work / f"throughput_{name}_{round_}"
+            t0 = time.time()
+            m = precompute_reference(config({**assets, "prepared": prepared}, *overrides,
+                                            f"reference.cache_dir={cache}", "loss.retain=gd",
+                                            f"reference.batch_size={batch}"))
+            wall = time.time() - t0
+            start, end, cpu = computing_span(cache)
+            p = m["precompute"]
+            tokens = p["tokens_computed"]
+            used = (p.get("num_workers") or 1, p.get("cpus_per_worker") or 1)  # an older checkout: 1 actor, 1 CPU
+            precompute[name] = {
+                "tokens": tokens, "job_seconds": round(wall, 3), "computing_seconds": round(end - start, 3),
+                "startup_seconds": round(start - t0, 3), "tokens_per_second_computing": tokens / (end - start),
+                "tokens_per_second_job": tokens / wall, "num_workers": used[0], "cpus_per_worker": used[1],
+                "shards": p["shards_computed"], "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu if cpu else None}
+            bracket(used, head)  # the default pool: known once it ran; its bare forward right after it
+            print(f"throughput round {round_} {name}: {precompute[name]}", flush=True)
+        per_round.append({"precompute": precompute,
+                          "bare_forward": {f"{w}x{t}{'_logits' if h else ''}": b for (w, t, h), b in bare.items()},
+                          **ratios(precompute, bare)})
+    out["throughput_rounds"] = per_round
+    for key in ("precompute_over_forward_throughput", "topk_over_logits_forward_throughput",
+                "precompute_over_forward_throughput_wall", "precompute_over_forward_tokens_per_cpu_second",
+                "topk_over_logits_forward_tokens_per_cpu_second"):
+        out[key] = {name: statistics.median(r[key][name] for r in per_round) for name in per_round[0][key]}
+        print(key, "(median of rounds)", out[key], flush=True)
     return out
+
+
+def ratios(precompute: dict, bare: dict) -> dict:
+    """One round's ratios of each precompute run over the bare forwards of its pool."""
+    pool = {name: (r["num_workers"], r["cpus_per_worker"]) for name, r in precompute.items()}
+    trunk = {name: bare[(*pool[name], False)] for name in precompute}
+    logits = {name: bare[(*pool[name], True)] for name in precompute if name.startswith("topk")}
+    nan = float("nan")
+    return {
+        "precompute_over_forward_throughput": {
+            name: r["tokens_per_second_computing"] / trunk[name]["tokens_per_second"] for name, r in precompute.items()},
+        # the topk form against a forward that computes what it must compute (trunk + LM head, to the logits)
+        "topk_over_logits_forward_throughput": {
+            name: precompute[name]["tokens_per_second_computing"] / b["tokens_per_second"] for name, b in logits.items()},
+        "precompute_over_forward_throughput_wall": {
+            name: r["tokens_per_second_job"] / trunk[name]["tokens_per_second"] for name, r in precompute.items()},
+        # per CPU second (the workers' processes, all threads): what a token costs, whatever the
+        # machine's load; the pool's threads spin-waiting for each other count too
+        "precompute_over_forward_tokens_per_cpu_second": {
+            name: (r["tokens_per_cpu_second"] or nan) / trunk[name]["tokens_per_cpu_second"]
+            for name, r in precompute.items()},
+        "topk_over_logits_forward_tokens_per_cpu_second": {
+            name: (precompute[name]["tokens_per_cpu_second"] or nan) / b["tokens_per_cpu_second"]
+            for name, b in logits.items()}}
+
+
+def throughput_doc(result: dict) -> str:
+    """docs/benchmarks.md's section of the throughput part (section 5), from its JSON."""
+    rounds = result["throughput_rounds"]
+    corpus = result["throughput_corpus"]
+    lines = [f"**{result['date_utc'][:16].replace('T', ' ')} UTC**, `{result['command']}` (load average "
+             f"{result['machine']['load_average_at_start'][0]:.1f} at the start, "
+             f"{result['machine']['load_average'][0]:.1f} at the end; {corpus['docs']} generated documents, "
+             f"{rounds[0]['precompute']['hidden']['tokens']:,} forget tokens in {corpus['forget_blocks']} blocks; "
+             f"{len(rounds)} interleaved rounds, each a bare forward and a precompute per pool and form; "
+             "the ratios are the median over the rounds, each round's in brackets):", "",
+             "| pool | form | tokens/s computing (median) | over the trunk forward | over the logits forward "
+             "| per CPU second (trunk) |", "|---|---|---:|---:|---:|---:|"]
+    fmt = lambda key, name: (  # noqa: E731
+        f"**{result[key][name]:.2f}** ({', '.join(f'{r[key][name]:.2f}' for r in rounds)})"
+        if name in result[key] else "")
+    for name, first in rounds[0]["precompute"].items():
+        pool = f"{first['num_workers']} actor{'s' if first['num_workers'] > 1 else ''} × {first['cpus_per_worker']} CPU" \
+               f"{'s' if first['cpus_per_worker'] > 1 else ''}{' (default)' if '_' not in name else ''}"
+        speed = statistics.median(r["precompute"][name]["tokens_per_second_computing"] for r in rounds)
+        lines.append(f"| {pool} | {name.split('_')[0]} | {speed:,.0f} | {fmt('precompute_over_forward_throughput', name)} | "
+                     f"{fmt('topk_over_logits_forward_throughput', name)} | "
+                     f"{result['precompute_over_forward_tokens_per_cpu_second'][name]:.2f} |")
+    bare = {key: statistics.median(r["bare_forward"][key]["tokens_per_second"] for r in rounds)
+            for key in rounds[0]["bare_forward"]}
+    lines += ["", "Bare forwards, tokens/s (median of the rounds): " +
+              ", ".join(f"{key.replace('_logits', ' to the logits')} {v:,.0f}" for key, v in bare.items()) + "."]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -380,6 +422,9 @@ def main(argv=None) -> int:
     parser.add_argument("--throughput-only", action="store_true", help="run section 5 alone")
     parser.add_argument("--throughput-pools", default="", help="section 5: other pools than the default, "
                         "WORKERSxCPUS comma-separated (e.g. 2x1)")
+    parser.add_argument("--throughput-rounds", type=int, default=3, help="section 5: interleaved rounds")
+    parser.add_argument("--doc", action="store_true", help="write section 5's table into docs/benchmarks.md "
+                        "(between <!-- reference_throughput:begin --> and <!-- reference_throughput:end -->)")
     args = parser.parse_args(argv)
 
     import shutil
@@ -404,10 +449,11 @@ def main(argv=None) -> int:
                                  "demo_dir": str(Path(args.demo_dir).resolve())}}
     if args.throughput_docs:
         result.update(throughput(assets, Path(args.demo_dir).resolve(), work, args.throughput_docs,
-                                 args.throughput_k, [p for p in args.throughput_pools.split(",") if p]))
+                                 args.throughput_k, [p for p in args.throughput_pools.split(",") if p],
+                                 args.throughput_rounds))
     if args.throughput_only:
         ray.shutdown()
-        return _write(args, result, t_start, load_at_start)
+        return _write(args, result, t_start, load_at_start, argv)
     ks = [int(k) for k in args.ks.split(",")]
     forms = {"hidden": ["reference.form=hidden"],
              **{f"topk_{k}": ["reference.form=topk", f"reference.k={k}"] for k in ks}}
@@ -455,14 +501,19 @@ def main(argv=None) -> int:
     result["step_time_ratio_cached_over_online"] = medians["hidden"] / medians["online"]
     if "topk_32" in medians:
         result["step_time_ratio_topk32_over_online"] = medians["topk_32"] / medians["online"]
-    return _write(args, result, t_start, load_at_start)
+    return _write(args, result, t_start, load_at_start, argv)
 
 
-def _write(args, result: dict, t_start: float, load_at_start) -> int:
+def _write(args, result: dict, t_start: float, load_at_start, argv) -> int:
+    from dipo_scale.files import atomic_write_json
+
     result.update(machine_facts(load_at_start))
     result["wall_seconds"] = round(time.time() - t_start, 1)
+    result["command"] = " ".join(["benchmarks/reference_cache.py", *(argv if argv is not None else sys.argv[1:])])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.json, result)
+    if args.doc and "throughput_rounds" in result:
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "reference_throughput", throughput_doc(result))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
     return 0
 
