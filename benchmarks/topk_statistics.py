@@ -77,7 +77,8 @@ def run(k: int, reps: int, cases=CASES) -> list[dict]:
 
 def doc_section(result: dict) -> str:
     lines = [f"### CPU top-K statistics ({result['date_utc'][:10]}, `{result['command']}`)", "",
-             "Milliseconds per `topk_statistics` call (median of the best of 3 interleaved rounds), "
+             "Milliseconds per `topk_statistics` call (the best of 3 interleaved rounds, each the median of "
+             f"{result['reps']} calls), "
              f"k = {result['k']}, float32 logits; `default` is what `topk_group` picks "
              "(0: introselect), its speed-up over introselect in the last column.", "",
              "| V | rows | threads | introselect | groups of 64 | groups of 8 | default | speed-up |",

@@ -354,14 +354,11 @@ TOPK_BLOCK_ELEMENTS = 1 << 22  # logits per block of the grouped CPU top-K (boun
 
 
 def topk_group(vocab_size: int, k: int) -> int:
-    """The group size of the grouped CPU top-K for this vocabulary, or 0 for numpy's introselect
-    over whole rows. Grouping pays where the K groups keep at most a quarter of a row: groups of 64
-    (whose maxima torch reduces fast), or with more than one thread groups of 8 (at V = 1024,
-    K = 32; alone, introselect is faster there). `benchmarks/topk_statistics.py` measures both."""
-    for group in (64, 8):
-        if vocab_size % group == 0 and vocab_size // group >= 4 * k and (group == 64 or torch.get_num_threads() > 1):
-            return group
-    return 0
+    """The group size of the grouped CPU top-K for this vocabulary (64), or 0 for numpy's
+    introselect over whole rows: grouping pays where the K groups keep at most a quarter of a row
+    (torch reduces groups of 64 fast; groups of 8 at V = 1024 were as fast as introselect with two
+    threads, slower with one). `benchmarks/topk_statistics.py` measures each."""
+    return 64 if vocab_size % 64 == 0 and vocab_size // 64 >= 4 * k else 0
 
 
 def topk_statistics(logits: torch.Tensor, k: int, group: int | None = None
@@ -378,8 +375,8 @@ def topk_statistics(logits: torch.Tensor, k: int, group: int | None = None
       logits, the K groups with the largest maxima, then the top K of their K x group logits.
       Exact: each of the K largest logits lies in a group whose maximum is at least that logit;
       were that group not among the K kept, their K maxima would be K other logits at least as
-      large. 2-4x faster than introselect at V = 32k-128k (one thread or two), and unlike it
-      uses every thread Torch has.
+      large. 1.7-3.4x faster than introselect at V = 32k-128k (one thread or two), and unlike it
+      uses every thread torch has.
     Then the log-sum-exp from the row's max (the first of the top K), in cache-sized chunks of a
     reused scratch buffer. Elsewhere `torch.topk` and `torch.logsumexp`."""
     z = logits.to(compute_dtype(logits))
