@@ -375,7 +375,7 @@ def topk_statistics(logits: torch.Tensor, k: int, group: int | None = None
       logits, the K groups with the largest maxima, then the top K of their K x group logits.
       Exact: each of the K largest logits lies in a group whose maximum is at least that logit;
       were that group not among the K kept, their K maxima would be K other logits at least as
-      large. 1.7-3.4x faster than introselect at V = 32k-128k (one thread or two), and unlike it
+      large. 1.7-3.5x faster than introselect at V = 32k-128k (one thread or two), and unlike it
       uses every thread torch has.
     Then the log-sum-exp from the row's max (the first of the top K), in cache-sized chunks of a
     reused scratch buffer. Elsewhere `torch.topk` and `torch.logsumexp`."""
