@@ -4,8 +4,8 @@
   packed blocks of random text (benchmarks/step.py, zero3_memory.py); the blocks go through the
   real `prepare` stage.
 * `demo_assets`: the demo's corpus, tokenizer, target / retrain models and prepared blocks.
-* `machine_facts`, `write_doc_section`: the machine and date beside each figure, and a benchmark's
-  own section of docs/benchmarks.md rewritten from its run.
+* `machine_facts`, `command_line`, `write_doc_section`: the machine, date and command beside each
+  figure, and a benchmark's own section of docs/benchmarks.md rewritten from its run.
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ def machine_facts(load_at_start: tuple[float, ...]) -> dict:
                         "torch": torch.__version__, "cpus": os.cpu_count(),
                         "load_average_at_start": list(load_at_start), "load_average": list(os.getloadavg())},
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran a benchmark: `python benchmarks/<script> <arguments>` (`argv` None: the
+    process's own arguments)."""
+    import sys
+
+    return " ".join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_doc_section(path: Path, name: str, text: str) -> None:

@@ -39,7 +39,7 @@ for _path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(_path))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from bench_assets import demo_assets, machine_facts, write_doc_section  # noqa: E402
+from bench_assets import command_line, demo_assets, machine_facts, write_doc_section  # noqa: E402
 
 
 def evaluation_times(model: Path, corpus: Path, reps: int, work: Path) -> dict:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", default=None, metavar="FILE",
                         help="run nothing: write the docs section from an earlier run's JSON")
     args = parser.parse_args(argv)
-    command = "python benchmarks/eval.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("eval.py", argv)
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
         write_doc_section(ROOT / "docs" / "benchmarks.md", "eval", doc_section(result, result["command"]))

@@ -77,7 +77,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from bench_assets import demo_assets, machine_facts, write_doc_section  # noqa: E402
+from bench_assets import command_line, demo_assets, machine_facts, write_doc_section  # noqa: E402
 
 DIPO = dict(alpha=5.0, beta=0.1, select="topk", k=1, reduction="sum")
 
@@ -509,8 +509,7 @@ def _write(args, result: dict, t_start: float, load_at_start, argv) -> int:
 
     result.update(machine_facts(load_at_start))
     result["wall_seconds"] = round(time.time() - t_start, 1)
-    result["command"] = " ".join(["benchmarks/reference_cache.py", *(argv if argv is not None else sys.argv[1:])])
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    result["command"] = command_line("reference_cache.py", argv)
     atomic_write_json(args.json, result)
     if args.doc and "throughput_rounds" in result:
         write_doc_section(ROOT / "docs" / "benchmarks.md", "reference_throughput", throughput_doc(result))

@@ -478,7 +478,9 @@ def main(argv=None) -> int:
         _finish(result, args)
         return 0
     scales = sorted(float(s) for s in args.scales.split(","))
-    command = "python benchmarks/scale.py " + " ".join(argv)
+    from bench_assets import command_line
+
+    command = command_line("scale.py", argv)
     uptime_start, date = _shell("uptime"), _shell("date")
 
     if args.old_prepare:  # the older prepare.py, from git

@@ -34,7 +34,7 @@ for _path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(_path))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from bench_assets import machine_facts, write_doc_section  # noqa: E402
+from bench_assets import command_line, machine_facts, write_doc_section  # noqa: E402
 
 FORGET = "forget10"
 # The grids: every value of the demo's default configuration (dipo_scale.demo.DEMO_UNLEARN) is in
@@ -149,7 +149,7 @@ def main() -> None:
         out = Path(args.out).resolve()
         demo = _demo(out)
         sweeps = {method: _sweep(method, demo, out, args.workers) for method in SPACES}
-        result = {"command": "python benchmarks/sweep_evidence.py " + " ".join(sys.argv[1:]),
+        result = {"command": command_line("sweep_evidence.py", None),
                   "seconds": time.time() - started, "sweeps": sweeps, **machine_facts(load)}
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))

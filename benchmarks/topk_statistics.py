@@ -31,7 +31,7 @@ for _path in (ROOT, ROOT / "benchmarks"):
 
 import torch  # noqa: E402
 
-from bench_assets import machine_facts, write_doc_section  # noqa: E402
+from bench_assets import command_line, machine_facts, write_doc_section  # noqa: E402
 from dipo_scale.files import atomic_write_json  # noqa: E402
 from dipo_scale.losses import topk_group, topk_statistics  # noqa: E402
 
@@ -104,8 +104,7 @@ def main(argv=None) -> int:
         rows = run(args.k, args.reps)
     finally:
         torch.set_num_threads(threads)
-    command = " ".join(["benchmarks/topk_statistics.py", *(argv if argv is not None else sys.argv[1:])])
-    result = {"command": command, "k": args.k, "reps": args.reps, "rows": rows, **machine_facts(load)}
+    result = {"command": command_line("topk_statistics.py", argv), "k": args.k, "reps": args.reps, "rows": rows, **machine_facts(load)}
     atomic_write_json(Path(args.json), result)
     if args.doc:
         write_doc_section(ROOT / "docs" / "benchmarks.md", "topk_statistics", doc_section(result))
