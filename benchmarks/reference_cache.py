@@ -234,9 +234,12 @@ def throughput_assets(demo_dir: Path, assets: dict, num_docs: int) -> Path:
 def _bare_worker(model_dir, prepared, batch_size: int, threads: int, head: bool, part: int, parts: int, barrier,
                  results):
     """One process of `bare_forward`: its contiguous share of the forget blocks, timed after a
-    barrier (every process has loaded torch, the model and its blocks, and run one batch)."""
+    barrier (every process has loaded torch, the model and its blocks, and run one batch); glibc's
+    allocator fixed as in the precompute's CPU workers (`dipo_scale.memory.steady_allocator`)."""
+    from dipo_scale.memory import steady_allocator
     from dipo_scale.prepare import read_blocks
 
+    steady_allocator()  # as the precompute's CPU workers do
     torch.set_num_threads(threads)
     model = load_model(model_dir)
     trunk = model if head else model.get_decoder()

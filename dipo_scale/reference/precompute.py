@@ -49,6 +49,7 @@ from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir, sha256_file
+from dipo_scale.memory import steady_allocator
 from dipo_scale.preflight import check_model, check_prepared
 from dipo_scale.reference.cache import (CACHE_VERSION, bytes_per_token, describe_difference, needed_splits,
                                         read_cache_manifest, reference_path, run_fingerprints)
@@ -395,6 +396,7 @@ class ShardActor:
         self.delay, self.block_size, self.hidden_size = delay, block_size, hidden_size
         if not cfg.train.use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            steady_allocator()  # the forwards' activations stay mapped between batches
         torch.set_num_threads(threads)
         self.cfg = cfg
         self.model = load_reference_model(cfg)
@@ -474,6 +476,7 @@ def zero3_worker(config: dict) -> None:
     cfg = UnlearnConfig.model_validate(config["cfg"])
     if not cfg.train.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+        steady_allocator()
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
