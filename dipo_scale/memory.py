@@ -31,7 +31,7 @@ def steady_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 <
     heap stay mapped. By default glibc moves both thresholds as it goes and hands freed memory
     back to the OS between forwards, so every batch page-faults its activations in again: a bare
     forward of the demo model's decoder trunk ran at 92-129 k tokens/s with the defaults and
-    146-170 k with these, steadily (2 threads, 2014 blocks of 256; the forward to the logits, whose
+    146-156 k after this call (2 threads, 2014 blocks of 256; the forward to the logits, whose
     8 MB output moves the thresholds up itself, ran at 125-143 k either way). Costs at most
     `trim_threshold` bytes of freed memory kept. True where applied; False off glibc (nothing changed)."""
     import ctypes
