@@ -39,7 +39,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     path: str = ""                         # model to unlearn (local dir or hub name)
     reference_path: Optional[str] = None   # frozen reference; defaults to `path`
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # auto: bfloat16 on GPUs (train.use_gpu), float32 on CPUs (UnlearnConfig.model_dtype)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     trust_remote_code: bool = False
 
 
@@ -89,7 +90,11 @@ class TrainConfig(_Strict):
     # node is lost and grows back (the global batch, schedule and LR curve do not change)
     num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
-    ds_config: str = "zero3_cpu.json"      # a file in ds_configs/ (or a path)
+    # a file in ds_configs/ (or a path); auto: zero3_bf16.json on GPUs, zero3_cpu.json on CPUs
+    ds_config: str = "auto"
+    # recompute each decoder layer's activations in the backward instead of keeping them: at 7B and
+    # 2048-token blocks the kept activations alone exceed an 80 GB GPU (`dipo-scale plan`)
+    gradient_checkpointing: bool = False
     steps: int = Field(20, ge=1)
     global_batch_size: int = Field(8, ge=1)  # forget blocks per optimizer step (and as many retain)
     micro_batch_size: int = Field(4, ge=1)   # per worker per forward
@@ -179,7 +184,8 @@ class ReferenceConfig(_Strict):
     form: Literal["online", "hidden", "topk"] = "online"
     k: int = Field(32, ge=1)                 # topk: logits kept per position
     cache_dir: Optional[str] = None          # hidden/topk: the cache (`dipo-scale reference` writes it)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # stored hidden states / top-K logits
+    # stored hidden states / top-K logits; auto: the model's dtype (UnlearnConfig.reference_dtype)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Precompute (`dipo-scale reference`) only:
     quantize: Literal["none", "8bit", "4bit"] = "none"  # load the reference with bitsandbytes
     mode: Literal["actors", "zero3"] = "actors"  # Ray Data actor pool, or ZeRO-3 workers (Ray Train)
@@ -233,6 +239,23 @@ class UnlearnConfig(_Strict):
             raise ValueError("reference.quantize needs reference.mode=actors (bitsandbytes models "
                              "are not partitioned by ZeRO-3)")
         return self
+
+    @property
+    def model_dtype(self) -> str:
+        """`model.dtype` resolved: auto is bfloat16 on GPUs, float32 on CPUs."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "bfloat16" if self.train.use_gpu else "float32"
+
+    @property
+    def reference_dtype(self) -> str:
+        """`reference.dtype` resolved: auto stores the cache in the model's dtype."""
+        return self.model_dtype if self.reference.dtype == "auto" else self.reference.dtype
+
+    @property
+    def ds_config_name(self) -> str:
+        """`train.ds_config` resolved: auto is zero3_bf16.json on GPUs, zero3_cpu.json on CPUs."""
+        return resolved_ds_config_name(self.train.ds_config, self.train.use_gpu)
 
     def needs_reference(self) -> bool:
         return self.method in ("dipo", "npo") or self.loss.retain == "kl"
@@ -341,6 +364,13 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+def resolved_ds_config_name(name: str, use_gpu: bool) -> str:
+    """A `ds_config` setting with `auto` resolved for the device the engines run on."""
+    if name != "auto":
+        return name
+    return "zero3_bf16.json" if use_gpu else "zero3_cpu.json"
+
+
 def resolve_ds_config_path(name: str) -> Path:
     candidates = [Path(name), Path.cwd() / "ds_configs" / name, DS_CONFIG_DIR / name]
     path = next((p for p in candidates if p.is_file()), candidates[-1])
@@ -392,7 +422,7 @@ class RelearnConfig(_Strict):
     micro_batch_size: int = Field(4, ge=1)
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    ds_config: str = "zero3_cpu.json"
+    ds_config: str = "auto"                # auto: zero3_bf16.json with use_gpu, else zero3_cpu.json
 
     @field_validator("fraction")
     @classmethod

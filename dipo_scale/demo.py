@@ -76,7 +76,7 @@ def _notes(about_data: list[str], about_eval: list[str], timings: dict, runs: di
         *about_data,
         f"{names}: {c.train.steps} steps each, global batch {c.train.global_batch_size} forget "
         f"blocks (+ as many retain blocks, retain term `{c.loss.retain}`), lr {c.train.lr:g}, "
-        f"{c.train.num_workers} Ray Train workers, DeepSpeed ZeRO-3 (`{c.train.ds_config}`).",
+        f"{c.train.num_workers} Ray Train workers, DeepSpeed ZeRO-3 (`{c.ds_config_name}`).",
         f"DiPO: α={c.dipo.alpha:g}, β={c.dipo.beta:g}, select={c.dipo.select}, k={c.dipo.k}"
         + (f"; NPO: β={cfgs['npo'].npo.beta:g}." if "npo" in cfgs else "."),
         *about_eval,

@@ -51,7 +51,7 @@ from dipo_scale.progress import Progress
 # ------------------------------------------------------------------------------------------
 def load_ds_config(cfg: UnlearnConfig, world_size: int) -> dict:
     """The ds_configs/ file with its "auto" values filled from the run config."""
-    path = resolve_ds_config_path(cfg.train.ds_config)
+    path = resolve_ds_config_path(cfg.ds_config_name)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -59,6 +59,12 @@ def load_ds_config(cfg: UnlearnConfig, world_size: int) -> dict:
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage != 3:
         raise UserInputError(f"{path}: zero_optimization.stage is {stage!r}; this system needs ZeRO stage 3")
+    bf16 = bool(ds.get("bf16", {}).get("enabled"))
+    if cfg.train.use_gpu and bf16 != (cfg.model_dtype == "bfloat16"):
+        raise UserInputError(
+            f"train.ds_config: {path.name} has bf16 {'on' if bf16 else 'off'} but the model trains in "
+            f"{cfg.model_dtype} (model.dtype={cfg.model.dtype}) on GPUs; use train.ds_config=auto "
+            f"(zero3_bf16.json) with model.dtype=auto, or make the two agree")
     t = cfg.train
     per_worker, rem = divmod(t.global_batch_size, world_size)
     if rem or per_worker % t.micro_batch_size:
@@ -253,7 +259,7 @@ def load_zero3_model(cfg: UnlearnConfig, ds_config: dict, path: str):
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (keeps zero.Init on for from_pretrained)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if cfg.model_dtype == "bfloat16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
 
 

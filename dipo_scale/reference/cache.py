@@ -65,8 +65,8 @@ def needed_splits(cfg: UnlearnConfig) -> list[str]:
 def cache_settings(cfg: UnlearnConfig) -> dict:
     """The settings that change what a cache holds."""
     r = cfg.reference
-    return {"form": r.form, "k": r.k if r.form == "topk" else None, "dtype": r.dtype,
-            "quantize": r.quantize, "reference_dtype": cfg.model.dtype}
+    return {"form": r.form, "k": r.k if r.form == "topk" else None, "dtype": cfg.reference_dtype,
+            "quantize": r.quantize, "reference_dtype": cfg.model_dtype}
 
 
 def run_fingerprints(cfg: UnlearnConfig) -> dict:

@@ -96,7 +96,7 @@ def load_reference_model(cfg: UnlearnConfig):
     """The reference for the actor-pool precompute, optionally quantised with bitsandbytes."""
     from transformers import AutoModelForCausalLM
 
-    load: dict[str, Any] = dict(dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
+    load: dict[str, Any] = dict(dtype=torch.bfloat16 if cfg.model_dtype == "bfloat16" else torch.float32,
                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.reference.quantize != "none":
         from dipo_scale.eval.generation import quantization_config
@@ -136,7 +136,7 @@ class ReferenceForward(torch.nn.Module):
         super().__init__()
         self.model = model
         self.form, self.k = cfg.reference.form, cfg.reference.k
-        self.store = torch.bfloat16 if cfg.reference.dtype == "bfloat16" else torch.float32
+        self.store = torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
         self.via_decoder = True
 
     def _full(self, input_ids, attention_mask):
@@ -181,7 +181,7 @@ def probe_input(device) -> dict[str, torch.Tensor]:
 def stored_specs(cfg: UnlearnConfig, rows: int, block_size: int, hidden_size: int) -> dict[str, tuple]:
     """{name: (dtype, shape)} of a shard's computed tensors, in the order `ReferenceForward` returns them."""
     r = cfg.reference
-    store = torch.bfloat16 if r.dtype == "bfloat16" else torch.float32
+    store = torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
     if r.form == "hidden":
         return {"hidden": (store, (rows, block_size, hidden_size))}
     return {"topk_logits": (store, (rows, block_size, r.k)), "topk_ids": (torch.int32, (rows, block_size, r.k)),
@@ -481,7 +481,7 @@ def zero3_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     init_distributed(cfg)
-    ds = inference_ds_config(json.loads(resolve_ds_config_path(cfg.train.ds_config).read_text()))
+    ds = inference_ds_config(json.loads(resolve_ds_config_path(cfg.ds_config_name).read_text()))
     ds.update(train_micro_batch_size_per_gpu=cfg.reference.batch_size, gradient_accumulation_steps=1,
               train_batch_size=cfg.reference.batch_size * world)
     model = load_zero3_model(cfg, ds, reference_path(cfg))
@@ -696,10 +696,10 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
         splits[split] = {"blocks": prepared["splits"][split]["blocks"],
                          "tokens": prepared["splits"][split]["tokens"], "shards": shards}
     manifest = {
-        "version": CACHE_VERSION, "form": r.form, "k": r.k if r.form == "topk" else None, "dtype": r.dtype,
+        "version": CACHE_VERSION, "form": r.form, "k": r.k if r.form == "topk" else None, "dtype": cfg.reference_dtype,
         "vocab_size": vocab, "hidden_size": hidden, "block_size": prepared["block_size"],
         "rows_per_shard": r.rows_per_shard,
-        "bytes_per_token": bytes_per_token(r.form, hidden_size=hidden, k=r.k, dtype=r.dtype),
+        "bytes_per_token": bytes_per_token(r.form, hidden_size=hidden, k=r.k, dtype=cfg.reference_dtype),
         "full_logits_bytes_per_token": 4 * vocab,
         "total_bytes": sum(rec["bytes"] for rec in records.values()),
         "reference_path": reference_path(cfg), "prepared_dir": cfg.data.prepared_dir,
