@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dipo_scale.collectives import broadcast_object
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import atomic_write_json, sha256_file
 
@@ -83,9 +84,8 @@ def newest_checkpoint(root: str | Path) -> Path | None:
     import torch.distributed as dist
 
     found = complete_checkpoints(root) if dist.get_rank() == 0 else None
-    choice = [str(found[-1][1]) if found else None]
-    dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+    choice = broadcast_object(str(found[-1][1]) if found else None, dist.get_world_size())
+    return Path(choice) if choice else None
 
 
 # --- state that is not a tensor partition -----------------------------------------------------------

@@ -25,6 +25,7 @@ Driver side (`run_unlearning`) builds a `TorchTrainer` with N workers. Each work
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -36,6 +37,7 @@ import torch
 
 from dipo_scale import checkpoint
 from dipo_scale.cluster import init_ray
+from dipo_scale.collectives import sum_over_ranks
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError, user_error_behind
 from dipo_scale.files import (absolute_if_local, atomic_dir, atomic_write_json, check_output_dir, check_run_dir,
@@ -66,19 +68,36 @@ def load_ds_config(cfg: UnlearnConfig, world_size: int) -> dict:
             f"{cfg.model_dtype} (model.dtype={cfg.model.dtype}) on GPUs; use train.ds_config=auto "
             f"(zero3_bf16.json) with model.dtype=auto, or make the two agree")
     t = cfg.train
-    per_worker, rem = divmod(t.global_batch_size, world_size)
-    if rem or per_worker % t.micro_batch_size:
-        raise UserInputError(
-            f"train.global_batch_size: {t.global_batch_size} must be a multiple of "
-            f"num_workers × micro_batch_size ({world_size} × {t.micro_batch_size})")
-    filled = {"train_batch_size": t.global_batch_size,
+    if t.global_batch_size < world_size:
+        raise UserInputError(f"train.global_batch_size: {t.global_batch_size} is smaller than the {world_size} "
+                             "workers (every worker needs at least one row of each global batch)")
+    accumulation = accumulation_steps(t.global_batch_size, world_size, t.micro_batch_size)
+    # DeepSpeed checks train_batch_size = micro × accumulation × world; with uneven shares that is an
+    # upper bound of the rows, and micro_step's loss_scale makes the gradient the global batch's mean.
+    filled = {"train_batch_size": t.micro_batch_size * accumulation * world_size,
               "train_micro_batch_size_per_gpu": t.micro_batch_size,
-              "gradient_accumulation_steps": per_worker // t.micro_batch_size,
+              "gradient_accumulation_steps": accumulation,
               "gradient_clipping": t.grad_clip}
     for key, value in filled.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     return ds
+
+
+def rank_rows(global_batch: int, world_size: int, rank: int) -> slice:
+    """Rank `rank`'s rows of a global batch: contiguous shares whose sizes differ by at most one
+    (the first `global_batch % world_size` ranks take one more), so any world size up to the global
+    batch splits it and an elastic group may take any size in its range."""
+    base, extra = divmod(global_batch, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> int:
+    """Micro steps per optimizer step, the same on every rank (DeepSpeed's gradient accumulation
+    boundary): enough for the largest share. A rank whose share is smaller fills its last micro
+    steps with fewer rows, or with a dummy row of weight 0 (`train_worker`)."""
+    return math.ceil(math.ceil(global_batch / world_size) / micro_batch)
 
 
 def make_optimizer(cfg: UnlearnConfig, params):
@@ -292,6 +311,12 @@ def init_engines(cfg: UnlearnConfig, ds_config: dict):
     init_distributed(cfg)
     fused = cfg.loss.fused
     model = load_zero3_model(cfg, ds_config, cfg.model.path)
+    if cfg.train.gradient_checkpointing:  # each decoder layer keeps its input only, recomputed in the backward
+        enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.2x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(cfg, model.parameters())
     if fused:
         model = FusedHeadModel(model)
@@ -348,17 +373,6 @@ def _retain_loss(cfg: UnlearnConfig, logits, ref_logits, targets):
     return kl_retain_loss(logits, ref_logits, targets, chunk_size=cfg.loss.chunk_size, with_nll=True)
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
 def _start_wandb(cfg: UnlearnConfig, run_dir: Path):
     if cfg.logging.wandb == "disabled":
         return None
@@ -372,7 +386,8 @@ def _start_wandb(cfg: UnlearnConfig, run_dir: Path):
 
 
 def micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: int,
-               cached_ref: dict | None = None, ref_head: tuple | None = None) -> dict[str, float]:
+               cached_ref: dict | None = None, ref_head: tuple | None = None,
+               loss_scale: float = 1.0) -> dict[str, float]:
     """One micro step of training: forward over the batch's rows ([forget; retain]: `batch` holds
     `input_ids`, `labels`, `attention_mask` on the engine's device, the first `n_forget` rows the
     forget ones), the loss of `cfg` (method, retain term, `loss.fused`), `engine.backward`,
@@ -380,7 +395,10 @@ def micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: in
     training logs (loss, forget/retain loss and NLL, DiPO margin or NPO log-ratio).
     The reference is the online `ref_engine`'s logits (fused: its final hidden states with the
     gathered `ref_head`; both from `init_engines`), or `cached_ref` {"forget": ..., "retain": ...}
-    (cached forms, `ReferenceCache.references`) for the batch's forget and retain rows."""
+    (cached forms, `ReferenceCache.references`) for the batch's forget and retain rows.
+    `loss_scale` multiplies the loss handed to backward (uneven shares of the global batch,
+    `train_worker`; 0 for a dummy row); the values returned are the unscaled ones. The values
+    reach the host once per micro step (one synchronisation on GPUs)."""
     targets = shift_targets(batch["labels"])
     f, r = slice(0, n_forget), slice(n_forget, None)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -392,19 +410,21 @@ def micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: in
                    else ref_engine(**inputs, use_cache=False).logits)
         ref_f, ref_r = ref[f], ref[r]
     has_retain = len(batch["input_ids"]) > n_forget
+    if not hf_model(engine).training:  # from_pretrained (and evaluation) leave eval mode; gradient
+        engine.train()                 # checkpointing acts in training mode only
 
     def losses(policy):  # logits [B, T, V], or an LMHead (fused: inside the engine's forward)
         forget_loss, stat, forget_nll = _forget_loss(cfg, policy[f], ref_f, targets[f])
         loss = cfg.loss.gamma * forget_loss
-        record = {"forget_loss": forget_loss.item(), "forget_nll": forget_nll.item()}
+        record = {"forget_loss": forget_loss, "forget_nll": forget_nll}
         if has_retain:
             retain_loss, retain_nll = _retain_loss(cfg, policy[r], ref_r, targets[r])
             loss = loss + cfg.loss.lam * retain_loss
-            record.update(retain_loss=retain_loss.item(), retain_nll=retain_nll.item())
-        record["loss"] = loss.item()
+            record.update(retain_loss=retain_loss, retain_nll=retain_nll)
+        record["loss"] = loss
         if cfg.method in ("dipo", "npo"):
-            record["dipo_margin" if cfg.method == "dipo" else "npo_log_ratio"] = stat.mean().item()
-        return loss, record
+            record["dipo_margin" if cfg.method == "dipo" else "npo_log_ratio"] = stat.mean()
+        return loss if loss_scale == 1.0 else loss * loss_scale, record
 
     if fused:
         loss, record = engine(**inputs, loss_fn=losses)
@@ -412,7 +432,8 @@ def micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: in
         loss, record = losses(engine(**inputs, use_cache=False).logits)
     engine.backward(loss)
     engine.step()
-    return record
+    values = torch.stack([v.detach().float() for v in record.values()]).tolist()
+    return dict(zip(record, values))
 
 
 def checkpoint_root(cfg: UnlearnConfig) -> Path:
@@ -449,7 +470,8 @@ def train_worker(config: dict) -> None:
     start, saved_world = checkpoint.load(engine, resume_from) if resume_from else (0, world)
 
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    mine = slice(rank * (G // world), (rank + 1) * (G // world))  # this worker's rows of a global batch
+    mine = rank_rows(G, world, rank)  # this worker's rows of a global batch (shares differ by at most one)
+    accumulation = accumulation_steps(G, world, micro)
     # Only the blocks of this worker's own steps are read (StepBlocks), never whole splits.
     manifest = read_manifest(cfg.data.prepared_dir)
     forget = StepBlocks(BlockReader(cfg.data.prepared_dir, "forget", manifest=manifest), G, cfg.train.seed, mine,
@@ -483,19 +505,25 @@ def train_worker(config: dict) -> None:
         forget_ids, forget_rows = forget.get(step)
         retain_ids, retain_rows = retain.get(step) if retain is not None else (None, None)
         parts = [forget_rows] + ([retain_rows] if retain is not None else [])
+        share = mine.stop - mine.start
         sums: dict[str, float] = {}
-        for m in range(0, G // world, micro):
-            rows = slice(m, m + micro)  # of this worker's share of the global batch
+        for m in range(accumulation):  # the same number of micro steps on every rank (ZeRO-3 is collective)
+            rows = slice(min(m * micro, share), min((m + 1) * micro, share))  # of this worker's share
+            n = rows.stop - rows.start
+            if n == 0:  # a smaller share ran out: one dummy row (its first), weight 0, keeps the ranks in step
+                rows = slice(0, 1)
             batch = {k: torch.as_tensor(np.concatenate([part[k][rows] for part in parts])).to(engine.device)
                      for k in ("input_ids", "labels", "attention_mask")}
             cached_ref = None if cache is None else cache.references(  # only this worker's rows
                 engine.device, forget=forget_ids[mine][rows] if "forget" in cached_splits else None,
                 retain=retain_ids[mine][rows] if "retain" in cached_splits else None)
-            record = micro_step(cfg, engine, ref_engine, batch, n_forget=len(forget_ids[mine][rows]),
-                                cached_ref=cached_ref, ref_head=ref_head)
+            # The losses are means over rows; DeepSpeed divides by accumulation × world: this scale
+            # makes the step's gradient the mean over the G rows of the global batch, however split.
+            record = micro_step(cfg, engine, ref_engine, batch, n_forget=rows.stop - rows.start,
+                                cached_ref=cached_ref, ref_head=ref_head, loss_scale=n * world * accumulation / G)
             for k, v in record.items():
-                sums[k] = sums.get(k, 0.0) + v * micro / (G // world)
-        metrics = _mean_over_ranks(sums)
+                sums[k] = sums.get(k, 0.0) + v * n / G
+        metrics = sum_over_ranks(sums, engine.device)  # means over the global batch's rows
         metrics.update(step=step + 1, lr=engine.get_lr()[0], step_time_s=time.time() - t0, world_size=world)
         if rank == 0:
             log_file.write(json.dumps({**metrics, "forget_block_ids": forget_ids.tolist()}) + "\n")

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+from dipo_scale.collectives import broadcast_object, gather_objects
 from dipo_scale.config import UnlearnConfig
 from dipo_scale.files import atomic_write_json, reopen_step_log
 
@@ -26,28 +27,6 @@ def select_evaluation(rule: str, history: list[dict], *, retrain_knowmem_f: floa
         ok = [h for h in history if h["knowmem_f"] <= forget_target]
         return max(ok, key=lambda h: (h["knowmem_r"], -h["step"])) if ok else None
     return None
-
-
-def _gather(obj, world: int) -> list | None:
-    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-
-    if world == 1:
-        return [obj]
-    parts = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(obj, parts, dst=0)
-    return parts
-
-
-def _broadcast(obj, world: int):
-    """Rank 0's `obj` on every rank."""
-    import torch.distributed as dist
-
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class Evaluator:
@@ -97,7 +76,7 @@ class Evaluator:
         with place:
             scores = score_muse_items(model, self.tokenizer, self.share, batches=self.batches,
                                       synced=self.world > 1, **settings)
-        parts = _gather(scores, self.world)
+        parts = gather_objects(scores, self.world)
         record, chosen = {}, False
         if self.rank == 0:
             merged = merge_item_scores(parts)
@@ -105,7 +84,7 @@ class Evaluator:
             chosen = select_evaluation(e.select, self.history + [record], retrain_knowmem_f=e.retrain_knowmem_f,
                                        forget_target=e.forget_target) is record
             atomic_write_json(self.run_dir / "eval_items" / f"step{step:07d}.json", {"step": step, **merged})
-        if _broadcast(chosen, self.world):
+        if broadcast_object(chosen, self.world):
             metrics = {k: v for k, v in record.items() if k != "step"}
             fingerprint = export(self.run_dir / "selected_model", {
                 "method": self.cfg.run_name, "source_model": self.cfg.model.path, "step": step,
