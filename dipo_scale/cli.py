@@ -4,6 +4,7 @@
     dipo-scale prepare  --data DIR --tokenizer PATH --out DIR [--block-size N] [--with-qa] [--layout L]
     dipo-scale unlearn  [--config YAML] [--set key=value ...]
     dipo-scale reference [--config YAML] [--set key=value ...]   (reference.form=hidden|topk)
+    dipo-scale plan     [--config YAML] [--set key=value ...] [--gpu-memory 80GiB] [--num-workers N]
     dipo-scale evaluate --model PATH --data DIR --out OUT [--attacks quantize,relearn] [--set relearn.steps=N]
     dipo-scale attack   --model PATH --data DIR --out OUT --kind quantize,relearn [--set relearn.KEY=VALUE]
     dipo-scale sweep    [--config YAML] [--set key=value ...]
@@ -63,6 +64,28 @@ def _cmd_unlearn(args) -> None:
     from dipo_scale.unlearn import run_unlearning
 
     print(run_unlearning(cfg))
+
+
+def _cmd_plan(args) -> None:
+    from dipo_scale.config import load_unlearn_config
+    from dipo_scale.plan import parse_memory, plan_memory
+
+    cfg = load_unlearn_config(args.config, args.set)
+    gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    low, high = cfg.train.worker_range
+    workers = high if args.num_workers is None else args.num_workers
+    if gpu_memory is None and cfg.train.use_gpu:
+        import torch
+
+        if torch.cuda.is_available():  # this machine's GPU, when it has one
+            gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    plan = plan_memory(cfg, num_workers=workers, gpu_memory_bytes=gpu_memory)
+    print(plan.table())
+    if args.num_workers is None and low < high:
+        print(f"note: an elastic group shrunk to its {low} workers holds larger partitions: "
+              f"--num-workers {low} plans for it")
+    if plan.fits is False:
+        raise UserInputError(plan.refusal())
 
 
 def _cmd_reference(args) -> None:
@@ -137,6 +160,19 @@ def _config_args(p: argparse.ArgumentParser, config_help: str, set_help: str) ->
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
+def _gpus_per_worker(text: str) -> str | float:
+    """--gpus-per-worker: auto, or a number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: auto or a number >= 0")
+    return value
+
+
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     """The flags of `evaluate` and `attack`."""
     p.add_argument("--model", required=True, help="model directory or hub name")
@@ -154,10 +190,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain", default=None,
                    help="TOFU retain split for utility (default retain_perturbed, TOFU's evaluation subset)")
     p.add_argument("--num-workers", type=int, default=1, help="MUSE: Ray actors evaluating shares of the items")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPUs each Ray actor asks for (> 0: the evaluation runs on actors, even with one worker)")
+    p.add_argument("--gpus-per-worker", type=_gpus_per_worker, default="auto",
+                   help="GPUs each Ray actor asks for (> 0: the evaluation runs on actors, even with one worker); "
+                        "auto (default): 1 where the Ray cluster has GPUs, else 0")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CUDA and bfloat16 where a GPU is visible (to each actor), else CPU and float32")
+                   help="auto: CUDA and bfloat16 where a GPU is visible (to each actor), else CPU and float32, "
+                        "but a model above 1B parameters only on GPUs; cpu: on CPUs, whatever the size")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="cap on generated tokens (defaults: VerbMem 128, KnowMem 32, TOFU 128)")
 
@@ -197,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p, "YAML unlearning config (see configs/unlearn.yaml, section reference)",
                  "dotted override, e.g. --set reference.form=topk --set reference.k=32 (repeatable)")
     p.set_defaults(func=_cmd_reference)
+
+    p = sub.add_parser("plan", help="per-GPU peak memory of an unlearning config, row by row, from the model's "
+                       "config alone (no weights); exit 2 when it does not fit --gpu-memory")
+    _config_args(p, "YAML unlearning config (see configs/gpu_7b.yaml)",
+                 "dotted override, e.g. --set model.path=configs/model_shapes/llama-2-7b (repeatable)")
+    p.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                   help="memory of each GPU, e.g. 80GiB, 80GB or 81920MiB (default: this machine's GPU, if any)")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="workers (GPUs) to plan for (default: train.num_workers, the maximum of an elastic range)")
+    p.set_defaults(func=_cmd_plan)
 
     for name, text in (("evaluate", "MUSE (VerbMem, KnowMem, PrivLeak) or TOFU (forget quality, model utility) "
                                     "metrics of a model; writes OUT/metrics.json and OUT/report.md"),

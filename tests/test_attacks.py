@@ -113,6 +113,31 @@ def test_relearn_slice_tofu_and_related_set(tmp_path):
         split_relearn(replace(data, forget=data.forget[:1]), RelearnConfig())
 
 
+def test_relearn_runs_on_gpus_where_the_cluster_has_them(monkeypatch):
+    """relearn.use_gpu auto (the default): GPU workers with zero3_bf16.json where the Ray cluster has
+    GPUs, CPU workers with zero3_cpu.json where it has none; explicit settings are kept. Fewer GPUs
+    than relearning workers is a one-line error before any model loads."""
+    from dipo_scale.eval import workers
+    from dipo_scale.eval.attacks import check_relearn, relearn_config
+
+    assert RelearnConfig().use_gpu == "auto"
+    for gpus, use_gpu, ds_config in ((8.0, True, "zero3_bf16.json"), (0.0, False, "zero3_cpu.json")):
+        monkeypatch.setattr(workers, "cluster_gpus", lambda: gpus)
+        ucfg = relearn_config(RelearnConfig(), "m", Path("out"))
+        assert (ucfg.train.use_gpu, ucfg.ds_config_name, ucfg.model_dtype) == (
+            use_gpu, ds_config, "bfloat16" if use_gpu else "float32")
+    assert relearn_config(RelearnConfig(use_gpu=False), "m", Path("out")).train.use_gpu is False  # (0 GPUs here)
+    monkeypatch.setattr(workers, "cluster_gpus", lambda: 8.0)
+    assert relearn_config(RelearnConfig(use_gpu=False), "m", Path("out")).train.use_gpu is False
+    monkeypatch.setattr(workers, "cluster_gpus", lambda: 1.0)
+    with pytest.raises(UserInputError, match=r"relearn.num_workers=2: .* needs 2 GPUs but the Ray cluster has 1; "
+                                             r"set relearn.num_workers=1"):
+        check_relearn(RelearnConfig())
+    monkeypatch.setattr(workers, "cluster_gpus", lambda: 0.0)
+    with pytest.raises(UserInputError, match="relearn.use_gpu=true: the Ray cluster has no GPU"):
+        check_relearn(RelearnConfig(use_gpu=True))
+
+
 def test_attack_end_to_end_quantize_and_relearn(tiny_assets, ray_cluster, tmp_path):
     """`dipo-scale attack --kind quantize,relearn` on the memorised target: every criterion after
     each attack and its recovery (after - before), the relearning run under 2-worker ZeRO-3 trained

@@ -472,8 +472,6 @@ def test_device_options(monkeypatch, tmp_path, model_dir, capsys):
     from dipo_scale.cli import main
     from dipo_scale.config import load_unlearn_config
     from dipo_scale.errors import UserInputError
-    from dipo_scale.eval.workers import check_placement
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert gen.resolve_device("auto") == ("cuda", torch.bfloat16)
     assert gen.resolve_device("cpu") == ("cpu", torch.float32)
@@ -481,29 +479,243 @@ def test_device_options(monkeypatch, tmp_path, model_dir, capsys):
     assert gen.resolve_device("auto") == ("cpu", torch.float32)
     with pytest.raises(UserInputError, match="--device cuda: no CUDA device"):
         gen.resolve_device("cuda")
-    assert check_placement("auto", 1, 0.0) is False  # in this process
-    assert check_placement("auto", 2, 0.0) and check_placement("cuda", 1, 0.5)  # Ray actors
+    plan = lambda *args: workers.plan_placement(*args, cluster_gpus=1, driver_cuda=False)  # noqa: E731
+    assert not plan("auto", 1, 0.0).actors  # in this process
+    assert plan("auto", 2, 0.0).actors and plan("cuda", 1, 0.5).actors  # Ray actors
     for args, message in ((("cpu", 1, 1.0), "would stay idle"), (("cuda", 2, 0.0), "needs --gpus-per-worker"),
-                          (("tpu", 1, 0.0), "choose one of")):
+                          (("tpu", 1, 0.0), "choose one of"), (("auto", 1, -1.0), "auto or a number >= 0")):
         with pytest.raises(UserInputError, match=message):
-            check_placement(*args)
+            plan(*args)
 
     data = _write_muse_dir(tmp_path / "muse")
     base = ["evaluate", "--model", str(model_dir), "--data", str(data), "--max-new-tokens", "2"]
     for extra, message in ((["--device", "cuda"], "--device cuda: no CUDA device"),
                            (["--device", "cpu", "--gpus-per-worker", "1"], "would stay idle"),
-                           (["--num-workers", "2", "--device", "cuda"], "needs --gpus-per-worker")):
+                           (["--num-workers", "2", "--device", "cuda"], "--device cuda: the Ray cluster has no GPU"),
+                           (["--num-workers", "2", "--device", "cuda", "--gpus-per-worker", "0"],
+                            "needs --gpus-per-worker"),
+                           (["--gpus-per-worker", "1"], "needs 1 GPUs but the Ray cluster has 0")):
         assert main(base + ["--out", str(tmp_path / "refused"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
         assert not (tmp_path / "refused").exists()
     assert main(base + ["--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
-    assert f"evaluate: {model_dir} on cpu (float32)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"evaluate: {model_dir} in this process, on the CPU, float32 (--device cpu)" in out
+    assert f"evaluate: {model_dir} on cpu (float32)" in out
     assert set(json.loads((tmp_path / "cpu" / "items.json").read_text())) == {"verbmem_f", "knowmem_f", "knowmem_r",
                                                                                "mia"}
 
     # The config-driven commands (demo, sweep, sequential, scalability) take the same options.
     cfg = load_unlearn_config(None, ["eval.device=cuda", "eval.num_workers=2", "eval.gpus_per_worker=1"])
     assert cfg.eval.placement() == {"device": "cuda", "num_workers": 2, "gpus_per_worker": 1.0}
+    assert load_unlearn_config(None, []).eval.placement()["gpus_per_worker"] == "auto"
     with pytest.raises(UserInputError, match="--set eval.gpus_per_worker=1: .*would stay idle"):
         load_unlearn_config(None, ["eval.device=cpu", "eval.gpus_per_worker=1"])
+    for bad in ("true", "-1", "many"):
+        with pytest.raises(UserInputError, match=f"eval.gpus_per_worker={bad}: .*expected auto or a number >= 0"):
+            load_unlearn_config(None, [f"eval.gpus_per_worker={bad}"])
+
+
+def test_placement_defaults_to_gpu_actors_where_the_cluster_has_gpus(monkeypatch):
+    """--gpus-per-worker auto (the default): one GPU per Ray actor where the cluster has GPUs, even
+    with one worker and a driver without GPU; the CPU of this process where it has none. Explicit
+    settings are kept; more GPUs than the cluster has are refused (Ray would wait without end)."""
+    from dipo_scale.errors import UserInputError
+
+    on_gpus = workers.plan_placement("auto", 1, "auto", cluster_gpus=8, driver_cuda=False)
+    assert (on_gpus.actors, on_gpus.gpus_per_worker, on_gpus.on_cpu) == (True, 1.0, False)
+    assert on_gpus.describe() == "on 1 Ray actor with 1 GPU (--gpus-per-worker auto: the Ray cluster has 8 GPUs)"
+    two = workers.plan_placement("auto", 2, "auto", cluster_gpus=2, driver_cuda=False)
+    assert (two.num_workers, two.gpus_per_worker) == (2, 1.0)
+    assert two.describe().startswith("on 2 Ray actors with 1 GPU each")
+    assert workers.plan_placement("cuda", 1, "auto", cluster_gpus=1, driver_cuda=False).gpus_per_worker == 1.0
+    none = workers.plan_placement("auto", 1, "auto", cluster_gpus=0, driver_cuda=False)
+    assert (none.actors, none.gpus_per_worker, none.on_cpu) == (False, 0.0, True)
+    assert none.describe() == ("in this process, on the CPU, float32 "
+                               "(--gpus-per-worker auto: the Ray cluster has no GPU)")
+    assert not workers.plan_placement("auto", 1, "auto", cluster_gpus=0, driver_cuda=True).on_cpu
+    cpu = workers.plan_placement("cpu", 1, "auto", cluster_gpus=8, driver_cuda=True)  # asked for: the CPU
+    assert (cpu.actors, cpu.on_cpu, cpu.reason) == (False, True, "--device cpu")
+    kept = workers.plan_placement("auto", 1, 0.0, cluster_gpus=8, driver_cuda=False)  # asked for: no GPU
+    assert (kept.actors, kept.on_cpu) == (False, True)
+    assert workers.plan_placement("auto", 2, 0.0, cluster_gpus=8, driver_cuda=True).on_cpu  # GPU-less actors
+    with pytest.raises(UserInputError, match=r"--num-workers 4 x --gpus-per-worker 1: needs 4 GPUs but the Ray "
+                                             r"cluster has 2"):
+        workers.plan_placement("auto", 4, "auto", cluster_gpus=2, driver_cuda=False)
+    with pytest.raises(UserInputError, match="--device cuda: no CUDA device is visible to this process and the Ray "
+                                             "cluster has no GPU"):
+        workers.plan_placement("cuda", 1, "auto", cluster_gpus=0, driver_cuda=False)
+
+    # find_placement asks the cluster (here: patched to 4 GPUs) only where the answer depends on it.
+    asked = []
+    monkeypatch.setattr(workers, "cluster_gpus", lambda: asked.append(1) or 4.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert workers.find_placement("auto", 1, "auto").gpus_per_worker == 1.0 and asked
+    asked.clear()
+    assert workers.find_placement("cpu", 1, "auto").on_cpu and not asked
+
+
+def _config_only_model(root: Path, tokenizer, **sizes) -> Path:
+    """A model directory with config.json, the tokenizer and a safetensors file holding one
+    4-byte tensor: it passes `check_model` and its config describes a model of `sizes`, no weights."""
+    import json
+    import struct
+
+    root.mkdir(parents=True)
+    LlamaConfig(vocab_size=32000, **sizes).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    return root
+
+
+def test_cpu_evaluation_of_a_large_model_is_refused_unless_asked(monkeypatch, tmp_path, tokenizer, capsys):
+    """A 1.3B-parameter model (counted from its config on the meta device: nothing allocated) is not
+    evaluated on CPUs with --device auto: one line, exit 2, nothing written, no model loaded; with
+    --device cpu, or on GPUs, the check lets it through. A small model passes on CPUs."""
+    from dipo_scale.cli import main
+    from dipo_scale.errors import UserInputError
+
+    big = _config_only_model(tmp_path / "big", tokenizer, hidden_size=2048, intermediate_size=5504,
+                             num_hidden_layers=24, num_attention_heads=16)
+    count = workers.count_parameters(big)
+    assert count == 24 * (4 * 2048**2 + 3 * 2048 * 5504 + 2 * 2048) + 2048 + 2 * 32000 * 2048  # Llama, untied
+    on_cpu = workers.plan_placement("auto", 1, "auto", cluster_gpus=0, driver_cuda=False)
+    with pytest.raises(UserInputError, match=r"--model .*big: 1\.3B parameters would be evaluated on CPUs in float32 "
+                                             r".*the Ray cluster has no GPU.*give --device cpu"):
+        workers.check_cpu_size(big, on_cpu)
+    workers.check_cpu_size(big, workers.plan_placement("cpu", 1, "auto", cluster_gpus=0, driver_cuda=False))
+    workers.check_cpu_size(big, workers.plan_placement("auto", 1, "auto", cluster_gpus=1, driver_cuda=False))
+    small = _config_only_model(tmp_path / "small", tokenizer, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=2)
+    workers.check_cpu_size(small, on_cpu)
+
+    loads = []
+    monkeypatch.setattr(workers, "load_model_and_tokenizer", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = _write_muse_dir(tmp_path / "muse")
+    with pytest.raises(UserInputError, match="1.3B parameters would be evaluated on CPUs"):
+        workers.muse_item_scores(big, data)  # what demo, sweep and sequential call
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", str(big), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1.3B parameters would be evaluated on CPUs" in err[0], err
+    assert not out.exists() and not loads
+
+
+# --- memory of the batched loops: no KV cache when scoring, chunked log-softmax, token budget -----
+def _spy_forwards(monkeypatch, model) -> list[dict]:
+    """The keyword arguments of every forward of `model` (input_ids as its shape)."""
+    calls, forward = [], model.forward
+
+    def spy(*args, **kwargs):
+        calls.append({k: tuple(v.shape) if k == "input_ids" else v for k, v in kwargs.items()})
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    return calls
+
+
+def _unchunked_logprobs(model, sequences: list[list[int]], pad_id: int) -> list[torch.Tensor]:
+    """log-probs of each sequence's tokens 1.. as computed before chunking: one padded batch, the
+    whole [B, T, V] logits in float32, gather minus logsumexp."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)], attention_mask[row, : len(ids)] = torch.tensor(ids), 1
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    logp = (logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double()
+    return [logp[row, : len(ids) - 1] for row, ids in enumerate(sequences)]
+
+
+def test_scoring_forward_keeps_no_cache_and_chunks_the_log_softmax(monkeypatch, model, tokenizer):
+    """The scoring forward runs with use_cache=False; the labels' log-probs, taken a few positions
+    at a time (chunks of 3 here), equal bit for bit the whole-logits computation."""
+    sequences = [gen.encode_prompt(tokenizer, text) for text in CORPUS[2:6]]
+    sequences.sort(key=len, reverse=True)  # token_logprobs' batch order
+    expected = _unchunked_logprobs(model, sequences, tokenizer.pad_token_id)
+    monkeypatch.setattr(gen, "auto_chunk_size", lambda vocab: 3)
+    calls = _spy_forwards(monkeypatch, model)
+    got = gen.token_logprobs(model, sequences, [1] * len(sequences), pad_id=tokenizer.pad_token_id)
+    assert len(calls) == 1 and calls[0]["use_cache"] is False
+    assert all(len(e) > 3 for e in expected)  # several chunks per row
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float64 and torch.equal(g, e)
+    logits = torch.randn(7, 11, dtype=torch.bfloat16)  # bf16 logits: float32 log-probs, per chunk
+    labels = torch.randint(0, 11, (7,))
+    want = torch.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None]).squeeze(1)
+    assert gen.label_logprobs(logits, labels).dtype == torch.float32
+    assert torch.allclose(gen.label_logprobs(logits, labels), want, atol=1e-6)
+
+
+def test_tokens_per_batch_are_capped(monkeypatch, model, tokenizer):
+    """A batch holds at most `batch_size` rows and at most the token budget of rows x padded length
+    (its longest row; for generation plus the new tokens): here a budget of 40 tokens splits what 16
+    rows would hold. The scores and generations are those of the uncapped batches."""
+    assert gen.token_batches([0, 1, 2, 3, 4], [10, 9, 9, 5, 5], batch_size=4, budget=20) == [[0, 1], [2, 3], [4]]
+    assert gen.token_batches([0, 1], [50, 5], batch_size=4, budget=20) == [[0], [1]]  # too long: alone
+    assert gen.token_batches([0, 1, 2], [4, 4, 4], batch_size=2, budget=100) == [[0, 1], [2]]
+    assert gen.token_batches([0, 1, 2], [4, 4, 4], batch_size=8, budget=20, extra=6) == [[0, 1], [2]]
+
+    texts = CORPUS * 2
+    sequences = [gen.encode_prompt(tokenizer, t) for t in texts]
+    uncapped = gen.token_logprobs(model, sequences, [1] * len(sequences), pad_id=tokenizer.pad_token_id)
+    generations = gen.greedy_generate(model, tokenizer, texts, max_new_tokens=3)
+    monkeypatch.setattr(gen, "CPU_TOKEN_BUDGET", 40)
+    calls = _spy_forwards(monkeypatch, model)
+    capped = gen.token_logprobs(model, sequences, [1] * len(sequences), pad_id=tokenizer.pad_token_id)
+    assert len(calls) > 1
+    for call in calls:
+        rows, width = call["input_ids"]
+        assert rows * width <= 40 or rows == 1, call["input_ids"]
+    for c, u in zip(capped, uncapped):
+        assert torch.allclose(c, u, atol=1e-5)
+    calls.clear()
+    assert gen.greedy_generate(model, tokenizer, texts, max_new_tokens=3) == generations
+    prefills = [c["input_ids"] for c in calls if c["input_ids"][1] > 1]  # (the later forwards: one token each)
+    assert len(prefills) > 1 and all(rows * (width + 3) <= 40 or rows == 1 for rows, width in prefills)
+
+
+def test_token_budget_on_a_gpu_comes_from_free_memory(monkeypatch):
+    """On a GPU the budget is half the free memory (with what PyTorch's allocator holds unused)
+    over the bytes a token costs, from the model's config: a 7B Llama in bfloat16 scores 179,200
+    bytes a token (logits 64,000 + activations), generates with 524,288 of KV cache + 115,200."""
+    from types import SimpleNamespace
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32)
+    fake = SimpleNamespace(config=config, dtype=torch.bfloat16,
+                           parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda", 0))]))
+    assert gen.scoring_token_bytes(fake) == 2 * (32000 + 6 * 4096 + 3 * 11008) == 179_200
+    assert gen.generation_token_bytes(fake) == 2 * (2 * 32 * 32 * 128 + 6 * 4096 + 3 * 11008) == 639_488
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 1 * 2**30)
+    assert gen.token_budget(fake, gen.scoring_token_bytes) == (42 * 2**30 // 2) // 179_200  # 125,829 tokens
+    cpu = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]))
+    assert gen.token_budget(cpu, gen.scoring_token_bytes) == gen.CPU_TOKEN_BUDGET
+
+
+def _in_step_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results[rank] = gen._in_step(count=3 + 2 * rank, batches=4, device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_in_step_run_the_most_batches_any_rank_needs(tmp_path):
+    """Ranks of a sharded model must run the same forwards: where the token budget cut a rank's
+    items into more batches than the caller's count, every rank runs the most any rank needs
+    (gloo, two processes); without a process group, the larger of its own and the given count."""
+    import torch.multiprocessing as mp
+
+    assert gen._in_step(5, None, "cpu") == 5 and gen._in_step(2, 4, "cpu") == 4 and gen._in_step(6, 4, "cpu") == 6
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_in_step_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert dict(results) == {0: 5, 1: 5}

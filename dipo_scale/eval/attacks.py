@@ -172,43 +172,59 @@ def split_relearn(data: MuseData | TofuData, cfg: RelearnConfig) -> RelearnSplit
     return _tofu_split(data, cfg) if isinstance(data, TofuData) else _muse_split(data, cfg)
 
 
+def relearn_uses_gpu(cfg: RelearnConfig) -> bool:
+    """`relearn.use_gpu`, with "auto" settled: GPU workers where the Ray cluster has GPUs."""
+    if cfg.use_gpu != "auto":
+        return cfg.use_gpu
+    from dipo_scale.eval.workers import cluster_gpus
+
+    return cluster_gpus() >= 1
+
+
 def relearn_config(cfg: RelearnConfig, model_path: str, out_dir: Path) -> UnlearnConfig:
     """The unlearning config of the relearning run: method=relearn (no retain term, no reference)
-    on OUT/relearn/prepared, into OUT/relearn/run."""
+    on OUT/relearn/prepared, into OUT/relearn/run, on GPUs or CPUs as `relearn_uses_gpu` says."""
     return UnlearnConfig.model_validate({
         "method": "relearn", "out_dir": str(out_dir / "run"),
         "model": {"path": str(model_path)},
         "data": {"prepared_dir": str(out_dir / "prepared"), "block_size": cfg.block_size},
         "loss": {"retain": "none"},
-        "train": {"num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu, "ds_config": cfg.ds_config,
+        "train": {"num_workers": cfg.num_workers, "use_gpu": relearn_uses_gpu(cfg), "ds_config": cfg.ds_config,
                   "steps": cfg.steps, "lr": cfg.lr, "global_batch_size": cfg.global_batch_size,
                   "micro_batch_size": cfg.micro_batch_size, "seed": cfg.seed},
         "logging": {"wandb": "disabled"},
     })
 
 
-def check_attacks(attacks: list[str], relearn: RelearnConfig, *, device: str, gpus_per_worker: float) -> None:
+def check_attacks(attacks: list[str], relearn: RelearnConfig, *, device: str, gpus_per_worker) -> None:
     """Before any model loads: each quantization runs where the models will load (in this process,
-    or, with `gpus_per_worker` > 0, in a Ray task with the actors' GPUs), and the relearning run's
-    settings are valid (`check_relearn`)."""
-    from dipo_scale.eval.generation import resolve_device
-    from dipo_scale.eval.workers import on_gpus
+    or, with GPUs per worker (`eval.workers.find_placement`), in a Ray task with the actors' GPUs),
+    and the relearning run's settings are valid (`check_relearn`)."""
+    from dipo_scale.eval.workers import find_placement, on_gpus
 
-    for attack in (a for a in attacks if a in QUANTIZE_BITS):
-        if gpus_per_worker > 0:
-            on_gpus(check_quantization, attack, "cuda", gpus=gpus_per_worker)
+    quantizations = [a for a in attacks if a in QUANTIZE_BITS]
+    place = find_placement(device, 1, gpus_per_worker) if quantizations else None
+    for attack in quantizations:
+        if place.gpus_per_worker > 0:
+            on_gpus(check_quantization, attack, "cuda", gpus=place.gpus_per_worker)
         else:
-            check_quantization(attack, resolve_device(device)[0])
+            check_quantization(attack, "cpu" if place.on_cpu else "cuda")
     if "relearn" in attacks:
         check_relearn(relearn)
 
 
 def check_relearn(cfg: RelearnConfig) -> None:
-    """What the relearning run needs, checked before any model loads: its engine config, the
-    related set (when named)."""
+    """What the relearning run needs, checked before any model loads: a GPU per worker on GPUs,
+    its engine config, the related set (when named)."""
+    from dipo_scale.eval.workers import cluster_gpus
     from dipo_scale.unlearn import load_ds_config
 
     ucfg = relearn_config(cfg, "", Path("."))
+    if ucfg.train.use_gpu and (gpus := cluster_gpus()) < cfg.num_workers:
+        raise UserInputError(f"relearn.num_workers={cfg.num_workers}: the relearning run on GPUs (relearn.use_gpu="
+                             f"{str(cfg.use_gpu).lower()}) needs {cfg.num_workers} GPUs but the Ray cluster has "
+                             f"{gpus:g}; set relearn.num_workers={int(gpus)}" if gpus >= 1 else
+                             "relearn.use_gpu=true: the Ray cluster has no GPU (set relearn.use_gpu=auto or false)")
     try:
         load_ds_config(ucfg, cfg.num_workers)
     except UserInputError as e:
@@ -227,9 +243,12 @@ def relearn_model(model_path: str, split: RelearnSplit, cfg: RelearnConfig, out_
     from dipo_scale.prepare import prepare
     from dipo_scale.unlearn import run_unlearning
 
+    ucfg = relearn_config(cfg, model_path, out_dir)
+    print(f"relearn: {cfg.num_workers} Ray Train workers on {'GPUs' if ucfg.train.use_gpu else 'CPUs'} "
+          f"(relearn.use_gpu={str(cfg.use_gpu).lower()}), {ucfg.ds_config_name}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "slice.json", split.record)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prepare(split.train, tokenizer, out_dir / "prepared", block_size=cfg.block_size, with_qa=split.with_qa,
             layout="per_sequence")
-    return run_unlearning(relearn_config(cfg, model_path, out_dir))
+    return run_unlearning(ucfg)

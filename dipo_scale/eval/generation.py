@@ -3,6 +3,13 @@ log-probabilities, the prompt encoding they share, and loading a model to evalua
 
 Progress: every batched loop prints `eval <criterion> (<loop>): items done/total, rate, ETA` lines
 on stdout (`dipo_scale.progress`); `criterion(name)` labels the loops run inside it.
+
+Memory. A batch holds at most `batch_size` rows and at most a token budget of rows x padded length
+(`token_budget`: on a GPU from its free memory and the bytes a token costs, `scoring_token_bytes`
+or `generation_token_bytes`; on a CPU a constant). Scoring forwards keep no KV cache, and the
+log-probs of the labels are taken chunk by chunk from the logits (`label_logprobs`): no float32
+[B, T, V] tensor exists. Generation keeps the KV cache it needs (prompt + new tokens) and, through
+HF's `logits_to_keep`, the logits of the last position only.
 """
 
 from __future__ import annotations
@@ -11,14 +18,18 @@ import logging
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dipo_scale.data.prompts import tofu_prompt
 from dipo_scale.errors import UserInputError
+from dipo_scale.losses import _target_logprob, auto_chunk_size, compute_dtype
 from dipo_scale.progress import Progress
+
+CPU_TOKEN_BUDGET = 16384  # rows x padded length of one batch on a CPU (16 rows of 1024 tokens)
+GPU_MEMORY_FRACTION = 0.5  # of a GPU's free memory, for one batch's activations, logits and KV cache
 
 _CRITERION: ContextVar[str | None] = ContextVar("criterion", default=None)
 _WHERE: ContextVar[str | None] = ContextVar("where", default=None)
@@ -90,6 +101,78 @@ def num_batches(count: int, batch_size: int) -> int:
     return -(-count // batch_size)
 
 
+def _config_sizes(model) -> tuple[int, int, int, int, int, int]:
+    """(vocab, hidden, intermediate, layers, KV heads, head dim) of the model's (text) config."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden, heads = c.hidden_size, c.num_attention_heads
+    return (c.vocab_size, hidden, getattr(c, "intermediate_size", None) or 4 * hidden, c.num_hidden_layers,
+            getattr(c, "num_key_value_heads", None) or heads, getattr(c, "head_dim", None) or hidden // heads)
+
+
+def _dtype_bytes(model) -> int:
+    return torch.empty(0, dtype=model.dtype).element_size()
+
+
+def scoring_token_bytes(model) -> int:
+    """GPU bytes one token of a scoring forward (no KV cache) costs at its peak: its logits in the
+    model's dtype and one layer's activations (residual stream, attention projections, MLP). The
+    chunked log-softmax's float32 temporaries do not grow with the batch."""
+    vocab, hidden, inter, *_ = _config_sizes(model)
+    return _dtype_bytes(model) * (vocab + 6 * hidden + 3 * inter)
+
+
+def generation_token_bytes(model) -> int:
+    """GPU bytes one token (prompt or generated) of a generation batch costs: its keys and values
+    in every layer (the KV cache) and the prefill's activations; logits only at the last position."""
+    _, hidden, inter, layers, kv_heads, head_dim = _config_sizes(model)
+    return _dtype_bytes(model) * (2 * layers * kv_heads * head_dim + 6 * hidden + 3 * inter)
+
+
+def token_budget(model, token_bytes: Callable) -> int:
+    """Rows x padded length of one batch: on a GPU, `GPU_MEMORY_FRACTION` of its free memory (with
+    what PyTorch's allocator holds unused) over `token_bytes(model)`; on a CPU, `CPU_TOKEN_BUDGET`."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, int(free * GPU_MEMORY_FRACTION) // token_bytes(model))
+
+
+def token_batches(order: list[int], lengths: Sequence[int], batch_size: int, budget: int,
+                  extra: int = 0) -> list[list[int]]:
+    """`order` (longest first) cut into batches of at most `batch_size` items whose rows x padded
+    length (the first item's length + `extra`, e.g. the new tokens) stay within `budget` tokens; an
+    item longer than the budget goes alone."""
+    batches, begin = [], 0
+    while begin < len(order):
+        rows = max(1, min(batch_size, budget // (lengths[order[begin]] + extra)))
+        batches.append(order[begin : begin + rows])
+        begin += rows
+    return batches
+
+
+def _in_step(count: int, batches: int | None, device) -> int:
+    """How many batches this rank runs: its own `count`, or with `batches` (ranks of a sharded model
+    in step, each forward gathering the parameters from all) at least `batches`, and the most any
+    rank has where the token budget cut more on some rank (a collective over the ranks)."""
+    if batches is None:
+        return count
+    from dipo_scale.collectives import max_over_ranks
+
+    return max_over_ranks(max(count, batches), device)
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[n])[labels[n]] for logits [N, V] (any float dtype) and labels [N]: [N] in
+    float32 at least, computed `auto_chunk_size(V)` positions at a time (the losses' per-position
+    log-prob), so no float32 [N, V] copy exists."""
+    chunk = auto_chunk_size(logits.shape[-1])
+    dtype = compute_dtype(logits)
+    return torch.cat([_target_logprob(logits[s : s + chunk].to(dtype), labels[s : s + chunk])
+                      for s in range(0, labels.shape[0], chunk)])
+
+
 def greedy_generate(
     model,
     tokenizer,
@@ -104,15 +187,18 @@ def greedy_generate(
     """Greedy continuations of `prompts` (new text only, special tokens dropped).
 
     Prompts are sorted by length, batched with left padding (by the tokenizer) and an attention
-    mask, and the outputs are returned in input order; the result equals generating each prompt
-    alone. Prompts longer than ``config.max_position_embeddings - max_new_tokens`` (or
-    `max_prompt_tokens`, whichever is smaller) keep their BOS and their last tokens.
+    mask (at most `batch_size` rows and `token_budget(model, generation_token_bytes)` tokens of
+    prompt and new tokens a batch), and the outputs are returned in input order; the result equals
+    generating each prompt alone. Prompts longer than ``config.max_position_embeddings -
+    max_new_tokens`` (or `max_prompt_tokens`, whichever is smaller) keep their BOS and their last
+    tokens.
 
     Sharded models (ZeRO-3 engines evaluating shares of the prompts, `dipo_scale.eval.in_training`):
     every rank must run the same forwards, each of which gathers the parameters from all ranks.
-    `batches` makes this call run exactly that many `generate` calls (the ones beyond its own
-    prompts on a one-token dummy prompt, output dropped), and `synced` is HF's `synced_gpus`: a
-    rank whose sequences are done keeps running forwards until every rank's are.
+    `batches` makes this call run that many `generate` calls (the ones beyond its own prompts on a
+    one-token dummy prompt, output dropped), or the most any rank needs where the token budget cut
+    more (`_in_step`), and `synced` is HF's `synced_gpus`: a rank whose sequences are done keeps
+    running forwards until every rank's are.
     """
     prompt_limit = max_prompt_tokens
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -136,8 +222,9 @@ def greedy_generate(
 
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
-    groups = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    groups += [[] for _ in range((batches or total) - len(groups))]  # dummies, to keep ranks in step
+    groups = token_batches(order, [len(ids) for ids in encoded], batch_size,
+                           token_budget(model, generation_token_bytes), extra=max_new_tokens)
+    groups += [[] for _ in range(_in_step(len(groups), batches, device) - len(groups))]  # dummies: ranks in step
     dummy = [[bos if bos is not None else _pad_id(tokenizer)]]
     outputs: list[str] = [""] * len(prompts)
 
@@ -158,6 +245,7 @@ def greedy_generate(
                     synced_gpus=synced,
                 )
                 texts = tokenizer.batch_decode(generated[:, input_ids.shape[1]:], skip_special_tokens=True)
+                del generated
                 for i, text in zip(batch, texts):
                     outputs[i] = text
                 progress.update(len(batch))
@@ -190,8 +278,11 @@ def token_logprobs(
 
     Sequences are sorted by length and batched with right padding and an attention mask; padded
     positions come after every real token, so (causal attention) they change nothing and are
-    never read. `starts[i]` must be >= 1 (the first token has no prediction). `batches`: run
-    exactly that many forwards (the extra ones on a dummy sequence), as `greedy_generate`.
+    never read. A batch holds at most `batch_size` rows and `token_budget(model,
+    scoring_token_bytes)` tokens; its forward keeps no KV cache, and each row's log-probs come
+    from its logits chunk by chunk (`label_logprobs`). `starts[i]` must be >= 1 (the first
+    token has no prediction). `batches`: run that many forwards (the extra ones on a dummy
+    sequence), or more, as `greedy_generate`.
     """
     if len(sequences) != len(starts):
         raise ValueError("token_logprobs: one start per sequence")
@@ -205,8 +296,9 @@ def token_logprobs(
         return []
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
-    groups = [order[begin : begin + batch_size] for begin in range(0, len(order), batch_size)]
-    groups += [[] for _ in range((batches or total) - len(groups))]  # dummies, to keep ranks in step
+    groups = token_batches(order, [len(ids) for ids in sequences], batch_size,
+                           token_budget(model, scoring_token_bytes))
+    groups += [[] for _ in range(_in_step(len(groups), batches, device) - len(groups))]  # dummies: ranks in step
     out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
     was_training = model.training
     model.eval()
@@ -222,12 +314,11 @@ def token_logprobs(
                     input_ids[row, : len(ids)] = torch.tensor(ids)
                     attention_mask[row, : len(ids)] = 1
                 input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-                targets = input_ids[:, 1:].unsqueeze(-1)
-                logp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-                logp = logp.double().cpu()
-                for row, i in enumerate(batch):
-                    out[i] = logp[row, starts[i] - 1 : len(sequences[i]) - 1].clone()
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                for row, i in enumerate(batch):  # position t predicts token t + 1
+                    scored = slice(starts[i] - 1, len(sequences[i]) - 1)
+                    out[i] = label_logprobs(logits[row, scored], input_ids[row, 1:][scored]).double().cpu()
+                del logits
                 progress.update(len(batch))
             progress.close()
     finally:

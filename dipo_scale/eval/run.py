@@ -12,11 +12,10 @@ from dipo_scale.config import RelearnConfig
 from dipo_scale.errors import UserInputError
 from dipo_scale.eval.attacks import (ATTACKS, QUANTIZE_BITS, attack_keys, check_attacks, relearn_model,
                                      split_metrics, split_relearn)
-from dipo_scale.eval.generation import describe_device, load_model_and_tokenizer, resolve_device
-from dipo_scale.eval.muse import mia_pair, muse_items, muse_metrics, score_muse_items
+from dipo_scale.eval.muse import mia_pair, muse_metrics
 from dipo_scale.eval.privacy import CI, add_privleak, auc_from_scores
 from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_scores, truth_ratio_score
-from dipo_scale.eval.workers import check_placement, muse_item_scores, on_model
+from dipo_scale.eval.workers import GpusPerWorker, check_cpu_size, find_placement, muse_item_scores, on_model
 
 
 METRIC_ORDER = ("verbmem_f", "knowmem_f", "knowmem_r", "mia_auc", "privleak", "forget_quality",
@@ -77,47 +76,11 @@ def read_truth_ratios(path: str | Path) -> list[float]:
     return [float(v) for v in obj]
 
 
-def _load_checked(path: str, flag: str, device: str = "auto", quantize: str | None = None):
-    """The model and tokenizer at `path` in this process, on `device` (a line says where)."""
-    on, dtype = resolve_device(device)
-    try:
-        model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=on, quantize=quantize)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserInputError(f"{flag} {path}: cannot load the model or its tokenizer "
-                             f"({type(e).__name__}: {first[:200]})") from None
-    print(f"evaluate: {path}{f' in {quantize}' if quantize else ''} on {describe_device(on, dtype)}", flush=True)
-    return model, tokenizer
-
-
-def _on(path: str, flag: str, fn, *args, device: str = "auto", gpus_per_worker: float = 0.0,
-        quantize: str | None = None, **kwargs):
-    """`fn(model, tokenizer, *args, **kwargs)` for the model at `path`: in this process, or in a Ray
-    actor with `gpus_per_worker` GPUs (`workers.on_model`)."""
-    if gpus_per_worker > 0:
-        return on_model(path, fn, *args, device=device, gpus_per_worker=gpus_per_worker, quantize=quantize, **kwargs)
-    return fn(*_load_checked(path, flag, device, quantize), *args, **kwargs)
-
-
-def _score_muse(model, tokenizer, items, settings):
-    return score_muse_items(model, tokenizer, items, **settings)
-
-
 def _retain_model_stats(model, tokenizer, data, *, batch_size: int, limit: int | None):
     """A TOFU retain model's forget-set truth ratios and its Min-K% scores (forget, holdout; None
     without holdout)."""
     return (tofu_forget_truth_ratios(model, tokenizer, data, batch_size=batch_size, limit=limit),
             tofu_mia_scores(model, tokenizer, data, batch_size=batch_size, limit=limit))
-
-
-def _mia_scores(model, tokenizer, data, layout: str, *, batch_size: int, limit: int | None):
-    """The Min-K% scores (forget, holdout) of the attack texts of `data`; None without holdout."""
-    if layout == "tofu":
-        return tofu_mia_scores(model, tokenizer, data, batch_size=batch_size, limit=limit)
-    items = muse_items(data, limit=limit, mia_only=True)
-    if not items.mia_forget:
-        return None
-    return mia_pair(score_muse_items(model, tokenizer, items, batch_size=batch_size))
 
 
 def _ordered(metrics: dict) -> dict:
@@ -147,7 +110,7 @@ def run_evaluation(
     num_workers: int = 1,
     max_new_tokens: int | None = None,
     device: str = "auto",
-    gpus_per_worker: float = 0.0,
+    gpus_per_worker: GpusPerWorker = "auto",
     attacks: Sequence[str] = (),
     relearn: RelearnConfig | None = None,
 ) -> dict[str, float]:
@@ -162,11 +125,13 @@ def run_evaluation(
     `relearn`) goes to OUT/relearn/, and with it every criterion is measured on the forget set less
     the relearned slice (OUT/relearn/slice.json says which items).
 
-    Where it runs (`dipo_scale.eval.workers`): `device` "auto" is CUDA with bfloat16 where a GPU
-    is visible, else the CPU with float32 ("cpu", "cuda" force one). With one worker and no GPUs
-    asked for, in this process; else MUSE over `num_workers` Ray actors with `gpus_per_worker` GPUs
-    each (every actor on the device it sees), and TOFU in one actor with `gpus_per_worker` GPUs.
-    Each model's line on the console says where it was loaded.
+    Where it runs (`dipo_scale.eval.workers.plan_placement`): `gpus_per_worker` "auto" is one GPU
+    per Ray actor where the Ray cluster has GPUs, else none; `device` "auto" is CUDA with bfloat16
+    where a GPU is visible (to the actor), else the CPU with float32 ("cpu", "cuda" force one). With
+    one worker and no GPUs, in this process; else MUSE over `num_workers` Ray actors with
+    `gpus_per_worker` GPUs each, and TOFU in one actor with `gpus_per_worker` GPUs. A model above
+    1B parameters is not evaluated on CPUs unless `device` is "cpu". Each model's lines on the
+    console say where it runs and where it was loaded.
 
     Every input is checked before a model is loaded; nothing is written unless all succeeds (but
     the relearning run, which is resumable).
@@ -189,19 +154,18 @@ def run_evaluation(
     if unknown := [a for a in attacks if a not in ATTACKS]:
         raise UserInputError(f"attack {unknown[0]!r}: choose from {', '.join(ATTACKS)}")
     relearn = relearn or RelearnConfig()
-    actors = check_placement(device, num_workers, gpus_per_worker)
-    if not actors:
-        resolve_device(device)  # --device cuda without a GPU here: refused before any work
-    place = dict(device=device, gpus_per_worker=gpus_per_worker)
     layout = detect_layout(data)
+    placement = find_placement(device, num_workers if layout == "muse" else 1, gpus_per_worker)
+    place = dict(device=device, gpus_per_worker=placement.gpus_per_worker)  # "auto" settled once
     if layout == "muse" and (retain_model is not None or retain_truth_ratios is not None):
         raise UserInputError("--retain-model / --retain-truth-ratios are for TOFU data (MUSE: --retrain-model)")
     models = [(path, flag) for path, flag in ((model, "--model"), (retrain_model, "--retrain-model"),
                                               (retain_model, "--retain-model")) if path is not None]
     out = check_output_dir(out, "evaluate", inputs=[("--data", data), *((f, p) for p, f in models)])
-    for path, flag in models:  # complete, loadable models before any is loaded
+    for path, flag in models:  # complete, loadable models, of a size their device can run, before any is loaded
         check_model(path, flag)
-    check_attacks(attacks, relearn, device=device, gpus_per_worker=gpus_per_worker)
+        check_cpu_size(path, placement, flag=flag)
+    check_attacks(attacks, relearn, **place)
 
     def cap(default: int) -> int:
         return default if max_new_tokens is None else min(default, max_new_tokens)
@@ -234,18 +198,19 @@ def run_evaluation(
     references: dict[str, dict] = {}
     reference_auc, reference_scores = retrain_auc, None  # the retrain model's AUC and Min-K% scores
     if retrain_model is not None:
-        if layout == "muse" and actors:
+        if layout == "muse":
             reference_scores = mia_pair(muse_item_scores(retrain_model, dataset, num_workers=num_workers,
-                                                         mia_only=True, batch_size=batch_size, limit=limit, **place))
+                                                         mia_only=True, batch_size=batch_size, limit=limit,
+                                                         flag="--retrain-model", **place))
         else:
-            reference_scores = _on(retrain_model, "--retrain-model", _mia_scores, dataset, layout,
-                                   batch_size=batch_size, limit=limit, **place)
+            reference_scores = on_model(retrain_model, tofu_mia_scores, dataset, batch_size=batch_size, limit=limit,
+                                        flag="--retrain-model", **place)
         if reference_scores is not None:
             reference_auc = auc_from_scores(*reference_scores)
             references[f"{_model_name(retrain_model)} (retrain)"] = {"mia_auc": reference_auc}
     if retain_model is not None:
-        reference_ratios, retain_mia = _on(retain_model, "--retain-model", _retain_model_stats, dataset,
-                                           batch_size=batch_size, limit=limit, **place)
+        reference_ratios, retain_mia = on_model(retain_model, _retain_model_stats, dataset, batch_size=batch_size,
+                                                limit=limit, flag="--retain-model", **place)
         row = {"forget_truth_ratio": truth_ratio_score(reference_ratios, forget=True)}
         if retrain_model is None and retrain_auc is None and retain_mia is not None:  # TOFU's retrained model
             row["mia_auc"] = reference_auc = auc_from_scores(*retain_mia)
@@ -257,21 +222,17 @@ def run_evaluation(
         if layout == "muse":
             settings = dict(verbmem_max_new_tokens=cap(VERBMEM_MAX_NEW_TOKENS),
                             knowmem_max_new_tokens=cap(KNOWMEM_MAX_NEW_TOKENS), batch_size=batch_size, limit=limit)
-            if actors:
-                per_item = muse_item_scores(path, dataset, num_workers=num_workers, mia=True, quantize=quantize,
-                                            **settings, **place)
-            else:
-                per_item = _on(path, flag, _score_muse, muse_items(dataset, limit=limit, mia=True),
-                               {k: v for k, v in settings.items() if k != "limit"}, quantize=quantize, **place)
+            per_item = muse_item_scores(path, dataset, num_workers=num_workers, mia=True, quantize=quantize,
+                                        flag=flag, **settings, **place)
             metrics, mia = muse_metrics(per_item), mia_pair(per_item)
             if "mia_auc" not in metrics:
                 notes.append("no holdout texts (privleak/holdout.json or raw/holdout.*): no mia_auc / privleak")
         else:
             if num_workers > 1:
                 notes.append("--num-workers applies to MUSE data; TOFU was evaluated by one worker")
-            per_item = _on(path, flag, evaluate_tofu, dataset, retain_truth_ratios=reference_ratios,
-                           batch_size=batch_size, limit=limit, max_new_tokens=cap(TOFU_MAX_NEW_TOKENS),
-                           quantize=quantize, **place)
+            per_item = on_model(path, evaluate_tofu, dataset, retain_truth_ratios=reference_ratios,
+                                batch_size=batch_size, limit=limit, max_new_tokens=cap(TOFU_MAX_NEW_TOKENS),
+                                quantize=quantize, flag=flag, **place)
             metrics, mia = per_item.metrics, per_item.mia_scores
             notes.append("TOFU has no verbatim-memorisation prompts: no verbmem_f; knowmem_f / knowmem_r are "
                          "TOFU's ROUGE-L recall (x100) on forget / retain; utility components are on 0..1")
