@@ -9,7 +9,7 @@ before any work starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -152,12 +152,23 @@ class EvalConfig(_Strict):
     # Where evaluations outside training run (`demo`, the sweep's target model, `sequential` /
     # `scalability` after each request; dipo_scale/eval/workers.py). During unlearning the training
     # workers evaluate on their own devices, inside their engines, and these do not apply.
+    # A model above 1B parameters is evaluated on CPUs only with device=cpu.
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA + bfloat16 where a GPU is visible
     num_workers: int = Field(1, ge=1)          # Ray actors, each scoring a share of the items
-    gpus_per_worker: float = Field(0.0, ge=0)  # GPUs each actor asks Ray for (> 0: actors even for 1)
+    # GPUs each actor asks Ray for (> 0: actors even for 1); auto: 1 where the Ray cluster has GPUs, else 0
+    gpus_per_worker: Union[Literal["auto"], float] = "auto"
+
+    @field_validator("gpus_per_worker", mode="before")
+    @classmethod
+    def _gpus(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+            raise ValueError(f"expected auto or a number >= 0, got {str(value).lower()}")
+        return value
 
     @model_validator(mode="after")
     def _placement(self):
+        if self.gpus_per_worker == "auto":
+            return self
         if self.device == "cpu" and self.gpus_per_worker > 0:
             raise ValueError(f"gpus_per_worker: {self.gpus_per_worker:g} GPUs with device=cpu would stay idle")
         if self.device == "cuda" and self.gpus_per_worker == 0 and self.num_workers > 1:
@@ -190,11 +201,17 @@ class ReferenceConfig(_Strict):
     quantize: Literal["none", "8bit", "4bit"] = "none"  # load the reference with bitsandbytes
     mode: Literal["actors", "zero3"] = "actors"  # Ray Data actor pool, or ZeRO-3 workers (Ray Train)
     # actors, or ZeRO-3 workers, and the CPUs (torch threads) of each; unset: one worker per node
-    # using all its CPUs (one per GPU with train.use_gpu); see dipo_scale.reference.precompute.pool_size
+    # using all its CPUs, or with train.use_gpu one per GPU with its node's CPUs per GPU (the
+    # fewest over the GPU nodes); see dipo_scale.reference.precompute.pool_size
     num_workers: Optional[int] = Field(None, ge=1)
     cpus_per_worker: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)         # blocks per reference forward
-    rows_per_shard: int = Field(256, ge=1)   # blocks per cache shard (the unit of resumption)
+    # A cache shard (the unit of work and of resumption) holds as many blocks as fit in
+    # `shard_bytes` (at least one), and at most `rows_per_shard` when that is set. Readers verify
+    # and read single blocks (a sha256 per block), so the shard size bounds the precompute's files
+    # and its resumption, not what training reads.
+    shard_bytes: int = Field(1 << 30, ge=1)  # bytes per cache shard (default 1 GiB)
+    rows_per_shard: Optional[int] = Field(None, ge=1)  # optional cap on blocks per shard (finer work units)
 
 
 class UnlearnConfig(_Strict):
@@ -421,8 +438,15 @@ class RelearnConfig(_Strict):
     global_batch_size: int = Field(8, ge=1)
     micro_batch_size: int = Field(4, ge=1)
     num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    ds_config: str = "auto"                # auto: zero3_bf16.json with use_gpu, else zero3_cpu.json
+    use_gpu: Union[Literal["auto"], bool] = "auto"  # auto: GPU workers where the Ray cluster has GPUs
+    ds_config: str = "auto"                # auto: zero3_bf16.json on GPUs, else zero3_cpu.json
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _use_gpu(cls, value):
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError(f"expected auto, true or false, got {value!r}")
+        return value
 
     @field_validator("fraction")
     @classmethod

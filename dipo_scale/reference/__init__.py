@@ -16,8 +16,9 @@ one of two forms (docs/DIPO.md, "Reference statistics"):
 Two halves, which meet at the cache format:
 
 * `dipo_scale.reference.cache`: the format (layout of `reference.cache_dir`, fingerprints,
-  manifest) and the reader training uses (`ReferenceCache`, `check_cache`, `needed_splits`). It
-  imports nothing of training or of the precompute.
+  manifest, a sha256 per block) and the reader training uses (`ReferenceCache`, which verifies
+  exactly the rows it reads; `check_cache`, the driver's check of fingerprints, manifest and
+  shard headers; `needed_splits`). It imports nothing of training or of the precompute.
 * `dipo_scale.reference.precompute`: the distributed job that writes a cache
   (`precompute_reference`: Ray Data actor pool or ZeRO-3 workers). It uses `dipo_scale.unlearn`'s
   engine set-up; training never imports it.
@@ -33,7 +34,8 @@ from dipo_scale.reference.cache import (CACHE_VERSION, FINGERPRINT_NAMES, Refere
                                         read_cache_manifest, reference_path, run_fingerprints)
 
 _PRECOMPUTE = ("SLOW_ENV", "ReferenceForward", "ShardActor", "ShardWriter", "compute_shard", "load_reference_model",
-               "plan_shards", "pool_size", "precompute_reference", "read_block_range", "zero3_worker")
+               "plan_shards", "pool_size", "precompute_reference", "read_block_range", "shard_rows", "zero3_ds_config",
+               "zero3_worker")
 
 __all__ = ["CACHE_VERSION", "FINGERPRINT_NAMES", "ReferenceCache", "bytes_per_token", "cache_settings", "check_cache",
            "describe_difference", "needed_splits", "read_cache_manifest", "reference_path", "run_fingerprints",

@@ -9,28 +9,42 @@ Layout of `reference.cache_dir` (the packed blocks of `data.prepared_dir`, shard
     lm_head.safetensors (+ .json)     hidden form: the LM-head weight [V, H] (and bias [V])
     forget/part-00000.safetensors     block_id [R] and the statistics of blocks
     forget/part-00000.json            first_block .. first_block + R - 1, in block order;
-    ...                               the .json holds the shard's sha256, written after it
+    ...                               the .json (the shard's record) is written after it
     retain/...                        when the run's retain term is `kl`
     manifest.json                     written last: form, sizes, bytes_per_token, fingerprints,
-                                      every shard's sha256 (a cache without it is unfinished)
+                                      every shard's checksums (a cache without it is unfinished)
 
 A shard holds `block_id` [R] (int64) and `hidden` [R, T, H], or `topk_logits` [R, T, K],
 `topk_ids` [R, T, K] (int32) and `lse` [R, T] (float32); any safetensors reader reads it (the
 writer, `precompute.ShardWriter`, puts the tensors in the file in the order it streams them).
-Every position of every block is stored (padding too), aligned with the block's `input_ids`:
-position t holds the statistics of the reference logits at t (which predict token t + 1).
+A shard holds as many blocks as fit in `reference.shard_bytes` (at most `reference.rows_per_shard`
+when set): `manifest["rows_per_shard"]`. Every position of every block is stored (padding too),
+aligned with the block's `input_ids`: position t holds the statistics of the reference logits at t
+(which predict token t + 1).
+
+Checksums (format version 2). A shard's bytes are covered by checksums of the parts a reader
+reads, never by one checksum of the whole file:
+* `index_sha256` over the file's first `index_bytes` bytes: the safetensors header and the
+  `block_id` tensor (everything before the statistics);
+* `row_sha256[r]`, one per block: the sha256 of row r of every statistics tensor, concatenated in
+  file order (e.g. `hidden[r]`; or `topk_logits[r]`, `topk_ids[r]`, `lse[r]`).
+A version-1 cache (one sha256 per shard) is refused in one line.
 
 Fingerprints: the reference weights (sha256 of its config and weight files), the tokenizer (of
 the packed data), the packed data (the prepared manifest's data fingerprint and block counts)
 and the settings that change the statistics (form, k, storage dtype, quantisation, the
 reference's compute dtype). Training (`unlearn.validate_run`, on the driver, through
 `check_cache`) compares them with the run's and refuses a cache that differs, in one line naming
-what differs, and checks every shard the run reads before any worker starts.
+what differs; it also checks, before any worker starts, that every shard the run reads is there
+with its size, and its header and block ids match `index_sha256` (a few KB read per shard, not
+the statistics).
 
-Training reads only what it needs: each worker, at each micro step, reads the rows of its own
-block ids from the shards holding them (`ReferenceCache.reference`): the shard file is
-memory-mapped and only those rows are copied. The first time a worker touches a shard it checks
-the file's sha256 against manifest.json; a truncated or corrupt shard is an error, never trusted.
+Training reads only what it needs, and verifies exactly what it reads: each worker, at each micro
+step, reads the rows of its own block ids from the shards holding them (`ReferenceCache.read`,
+straight into the output tensors) and checks each row against its `row_sha256` (a shard's index
+once per process). A truncated shard, or a corrupt header or row, is a one-line error naming the
+shard (and the block), raised by the read that meets it; never trusted. The LM head is read whole
+by each worker, once, and checked against its whole-file sha256.
 """
 
 from __future__ import annotations
@@ -44,9 +58,9 @@ import torch
 
 from dipo_scale.config import UnlearnConfig
 from dipo_scale.errors import UserInputError
-from dipo_scale.files import sha256_file, weights_fingerprint
+from dipo_scale.files import weights_fingerprint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,13 +134,22 @@ def read_cache_manifest(cache_dir: str | Path) -> dict:
             Path(cache_dir) / "fingerprints.json").is_file() else " (run `dipo-scale reference`)"
         raise UserInputError(f"reference.cache_dir {cache_dir}: no manifest.json{hint}")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserInputError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if manifest.get("version") != CACHE_VERSION:
+        raise UserInputError(f"reference.cache_dir {cache_dir}: cache format version {manifest.get('version')}, "
+                             f"this dipo-scale reads version {CACHE_VERSION}; rerun `dipo-scale reference` "
+                             "into a new reference.cache_dir")
+    return manifest
 
 
 def check_cache(cfg: UnlearnConfig) -> dict:
-    """Refuse (UserInputError, one line) a cache that does not match the run; returns its manifest."""
+    """Refuse (UserInputError, one line) a cache that does not match the run; returns its manifest.
+
+    Reads the manifest and, of every shard the run uses, its size and index (header and block ids,
+    against `index_sha256`): seconds for any cache size. The statistics themselves are verified
+    row by row by the workers that read them (`ReferenceCache.read`)."""
     r = cfg.reference
     manifest = read_cache_manifest(r.cache_dir)
     diff = describe_difference(manifest.get("fingerprints", {}), run_fingerprints(cfg))
@@ -139,78 +162,179 @@ def check_cache(cfg: UnlearnConfig) -> dict:
                              "(the retain split is cached when loss.retain=kl); rerun `dipo-scale reference`")
     if r.form == "topk" and cfg.method == "dipo" and cfg.dipo.select == "topk" and cfg.dipo.k > r.k:
         raise UserInputError(f"dipo.k: {cfg.dipo.k} exceeds reference.k ({r.k}), the logits the cache keeps")
-    ReferenceCache(r.cache_dir).verify(needed_splits(cfg))  # every shard the run reads, before workers start
+    ReferenceCache(r.cache_dir).check_files(needed_splits(cfg))  # every shard the run reads, before workers start
     return manifest
 
 
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
+           "I64": torch.int64}
+STATISTICS = {"hidden": ("hidden",), "topk": ("topk_logits", "topk_ids", "lse")}
+
+
+def shard_layout(path: Path, index: bytes, rows: int, size: int) -> list[tuple]:
+    """[(name, dtype, row shape, file offset of row 0, bytes per row)] of a shard's statistics
+    tensors, in file order, from its index (the first `index_bytes` bytes: header and block_id);
+    a header that does not describe a shard of `rows` rows and `size` bytes is refused."""
+    try:
+        n = int.from_bytes(index[:8], "little")
+        header = json.loads(index[8:8 + n])
+        start = 8 + n
+        tensors = sorted(((name, t) for name, t in header.items() if name != "__metadata__"),
+                         key=lambda item: item[1]["data_offsets"][0])
+        layout = []
+        for name, t in tensors:
+            begin, end = t["data_offsets"]
+            if start + begin < len(index):  # block_id: part of the index
+                continue
+            shape = t["shape"]
+            if shape[0] != rows or (end - begin) % rows:
+                raise ValueError(f"{name} has shape {shape}")
+            layout.append((name, _DTYPES[t["dtype"]], tuple(shape[1:]), start + begin, (end - begin) // rows))
+        if not layout or start + tensors[-1][1]["data_offsets"][1] != size:
+            raise ValueError("the tensors do not end at the end of the file")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise UserInputError(f"{path}: not a reference-cache shard of {rows} blocks ({e})") from None
+    return layout
+
+
+def read_exactly(f, view: memoryview, offset: int) -> int:
+    """Fill `view` from `offset` of the open file `f`; returns the bytes read (fewer at its end)."""
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 class ReferenceCache:
-    """A finished cache, read by block id. Shards are verified (sha256) the first time they are read."""
+    """A finished cache, read by block id; every row read is checked against its sha256.
+
+    `bytes_read` counts the bytes this reader has read from shards (and hashed): indexes, rows and
+    the LM head."""
 
     def __init__(self, cache_dir: str | Path):
         self.root = Path(cache_dir)
         self.manifest = read_cache_manifest(self.root)
         self.form = self.manifest["form"]
         self.vocab_size = self.manifest["vocab_size"]
-        self._verified: set[str] = set()
+        self._layouts: dict[str, list[tuple]] = {}
         self._head = None
+        self.bytes_read = 0
 
-    def _verified_path(self, entry: dict) -> Path:
-        path = self.root / entry["file"]
-        if entry["file"] not in self._verified:
+    def _rerun(self) -> str:
+        return "rerun `dipo-scale reference` with this config to recompute it"
+
+    def _layout(self, entry: dict) -> list[tuple]:
+        """The shard's layout, its size and index checked against the manifest (once per process)."""
+        file = entry["file"]
+        if file not in self._layouts:
+            path = self.root / file
             if not path.is_file():
-                raise UserInputError(f"{path}: shard listed in manifest.json is missing")
-            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-                raise UserInputError(f"{path}: checksum does not match manifest.json (truncated or corrupt "
-                                     "shard); rerun `dipo-scale reference` to recompute it")
-            self._verified.add(entry["file"])
-        return path
+                raise UserInputError(f"{path}: shard listed in manifest.json is missing; {self._rerun()}")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise UserInputError(f"{path}: {size} bytes, manifest.json says {entry['bytes']} (truncated or "
+                                     f"replaced shard); {self._rerun()}")
+            with open(path, "rb") as f:
+                index = f.read(entry["index_bytes"])
+            self.bytes_read += len(index)
+            if hashlib.sha256(index).hexdigest() != entry["index_sha256"]:
+                raise UserInputError(f"{path}: header or block ids do not match index_sha256 in manifest.json "
+                                     f"(corrupt shard); {self._rerun()}")
+            layout = shard_layout(path, index, entry["rows"], size)
+            names = tuple(name for name, *_ in layout)
+            if names != STATISTICS[self.form] or layout[0][2][0] != self.manifest["block_size"]:
+                raise UserInputError(f"{path}: holds {', '.join(names)} of {layout[0][2][0]}-token blocks, "
+                                     f"not the {self.form} statistics of {self.manifest['block_size']}-token "
+                                     f"blocks manifest.json describes; {self._rerun()}")
+            self._layouts[file] = layout
+        return self._layouts[file]
 
-    def verify(self, splits: list[str]) -> None:
-        """Check every shard of `splits` (and the LM head) against the manifest now."""
+    def check_files(self, splits: list[str]) -> None:
+        """Check now, without reading any statistics, that the shards of `splits` are the ones the
+        manifest lists (blocks covered in order, sizes, indexes) and the LM head is there."""
+        per = self.manifest["rows_per_shard"]
         for split in splits:
-            for entry in self.manifest["splits"][split]["shards"]:
-                self._verified_path(entry)
-        if self.manifest.get("lm_head"):
-            self._verified_path(self.manifest["lm_head"])
+            info = self.manifest["splits"][split]
+            for i, entry in enumerate(info["shards"]):
+                rows = min(per, info["blocks"] - i * per)
+                if (entry["first_block"], entry["rows"], len(entry["row_sha256"])) != (i * per, rows, rows):
+                    raise UserInputError(f"{self.root / 'manifest.json'}: {split} shard {i} ({entry['file']}) does "
+                                         f"not hold blocks {i * per}..{i * per + rows - 1}; {self._rerun()}")
+                self._layout(entry)
+            if len(info["shards"]) != -(-info["blocks"] // per):
+                raise UserInputError(f"{self.root / 'manifest.json'}: {split} lists {len(info['shards'])} shards "
+                                     f"for {info['blocks']} blocks; {self._rerun()}")
+        head = self.manifest.get("lm_head")
+        if head:
+            path = self.root / head["file"]
+            if not path.is_file() or path.stat().st_size != head["bytes"]:
+                raise UserInputError(f"{path}: missing or not the size manifest.json says ({head['bytes']} bytes); "
+                                     f"{self._rerun()}")
 
     def read(self, split: str, block_ids) -> dict[str, torch.Tensor]:
-        """The statistics of `block_ids` (in that order): tensors [len(block_ids), T, ...]."""
-        from safetensors import safe_open
-
+        """The statistics of `block_ids` (in that order): tensors [len(block_ids), T, ...]. Only
+        these blocks' rows are read (straight into the output), each checked against its sha256."""
         info = self.manifest["splits"].get(split)
         if info is None:
             raise UserInputError(f"{self.root}: no {split} statistics in this cache")
-        per_shard = self.manifest["rows_per_shard"]
-        block_ids = np.asarray(block_ids, dtype=np.int64)
+        per = self.manifest["rows_per_shard"]
+        block_ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
         if len(block_ids) and (block_ids.min() < 0 or block_ids.max() >= info["blocks"]):
             raise ValueError(f"block ids outside 0..{info['blocks'] - 1}")
-        parts: dict[str, list] = {}
-        order = []
-        for shard_index in sorted(set((block_ids // per_shard).tolist())):
+        if not info["shards"]:
+            return {}
+        first_slot: dict[int, int] = {}
+        for slot, block in enumerate(block_ids.tolist()):
+            first_slot.setdefault(block, slot)
+        layout = self._layout(info["shards"][int(block_ids[0]) // per if len(block_ids) else 0])
+        out = {name: torch.empty((len(block_ids), *shape), dtype=dtype) for name, dtype, shape, _, _ in layout}
+        for shard_index in sorted({b // per for b in first_slot}):
             entry = info["shards"][shard_index]
-            wanted = block_ids[block_ids // per_shard == shard_index]
-            with safe_open(self._verified_path(entry), framework="pt") as f:
-                for name in f.keys():
-                    if name == "block_id":
-                        continue
-                    sl = f.get_slice(name)
-                    rows = [sl[i - entry["first_block"]:i - entry["first_block"] + 1] for i in wanted.tolist()]
-                    parts.setdefault(name, []).append(torch.cat(rows))
-            order.append(wanted)
-        out = {name: torch.cat(chunks) for name, chunks in parts.items()}
-        # back to the order asked for
-        position = {b: i for i, b in enumerate(np.concatenate(order).tolist())} if order else {}
-        index = torch.as_tensor([position[b] for b in block_ids.tolist()], dtype=torch.long)
-        return {name: t[index] for name, t in out.items()}
+            path, layout = self.root / entry["file"], self._layout(entry)
+            with open(path, "rb", buffering=0) as f:
+                for block in sorted(b for b in first_slot if b // per == shard_index):
+                    row, h = block - entry["first_block"], hashlib.sha256()
+                    for name, _, _, offset, nbytes in layout:
+                        view = memoryview(out[name][first_slot[block]].reshape(-1).view(torch.uint8).numpy())
+                        got = read_exactly(f, view, offset + row * nbytes)
+                        self.bytes_read += got
+                        if got != nbytes:
+                            raise UserInputError(f"{path}: ends inside block {block} (truncated shard); "
+                                                 f"{self._rerun()}")
+                        h.update(view)
+                    if h.hexdigest() != entry["row_sha256"][row]:
+                        raise UserInputError(f"{path}: block {block} (row {row}) does not match its sha256 in "
+                                             f"manifest.json (corrupt shard); {self._rerun()}")
+        for slot, block in enumerate(block_ids.tolist()):  # a block asked for twice: read once
+            if first_slot[block] != slot:
+                for t in out.values():
+                    t[slot] = t[first_slot[block]]
+        return out
 
     def lm_head(self, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The frozen LM-head weight [V, H] (and bias) of the hidden form, loaded once per device."""
-        from safetensors.torch import load_file
+        """The frozen LM-head weight [V, H] (and bias) of the hidden form, read (and checked against
+        its sha256) once per process, moved once per device."""
+        from safetensors.torch import load
 
         device = torch.device(device or "cpu")
-        if self._head is None or self._head[0].device != device:
-            tensors = load_file(self._verified_path(self.manifest["lm_head"]))
-            self._head = (tensors["weight"].to(device), None if "bias" not in tensors else tensors["bias"].to(device))
+        if self._head is None:
+            entry = self.manifest["lm_head"]
+            path = self.root / entry["file"]
+            if not path.is_file():
+                raise UserInputError(f"{path}: LM head listed in manifest.json is missing; {self._rerun()}")
+            data = path.read_bytes()
+            self.bytes_read += len(data)
+            if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise UserInputError(f"{path}: does not match its sha256 in manifest.json (truncated or corrupt); "
+                                     f"{self._rerun()}")
+            tensors = load(data)
+            self._head = (tensors["weight"], tensors.get("bias"))
+        if self._head[0].device != device:
+            self._head = tuple(None if t is None else t.to(device) for t in self._head)
         return self._head
 
     def reference(self, split: str, block_ids, device=None):

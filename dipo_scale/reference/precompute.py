@@ -6,28 +6,34 @@
   pool of `reference.num_workers` model actors of `reference.cpus_per_worker` CPUs each (torch
   threads = its CPUs; unset: one actor per node using all its cores, one per GPU with
   `train.use_gpu`, never more actors than shards: `pool_size`); one model each, for models that
-  fit a device; `reference.quantize` loads them with bitsandbytes 8-bit or 4-bit;
+  fit a device (on GPUs: one per GPU, loaded on it in `model.dtype`); `reference.quantize` loads
+  them with bitsandbytes 8-bit or 4-bit;
 * `reference.mode=zero3`: `reference.num_workers` Ray Train workers holding one DeepSpeed ZeRO-3
   inference engine between them (for models that do not fit one device; the engine set-up is
   `dipo_scale.unlearn`'s). Every rank runs the same number of forwards (ZeRO-3 gathers parameters
   collectively): a rank with fewer blocks to do runs padding forwards whose output is dropped.
+  On GPUs the workers use nccl and DeepSpeed's CUDA accelerator; `DS_ACCELERATOR=cpu` is set only
+  for CPU runs (a GPU worker that finds another accelerator stops with one line).
+The unit of work is a shard, of as many blocks as fit in `reference.shard_bytes` (`shard_rows`).
 
 Each worker reads only the packed blocks of its shards and runs `reference.batch_size` blocks per
 forward of `ReferenceForward`: for `hidden` the decoder trunk alone (no logits are computed),
 checked once per worker to give bitwise the tensor the model's own forward hands its LM head
 (otherwise the full forward runs and a hook captures the head's input, so it is exact for any
 architecture); for `topk` the trunk, the head and the top K. Each batch goes to a writer thread
-(`ShardWriter`, a bounded queue) that streams it into the shard's temporary file and its sha256
-while the next batch's forward runs; the file is renamed when complete, then its `.json` is
-written (sha256, tokens, start and end times).
+(`ShardWriter`, a bounded queue) that streams it into the shard's temporary file and the sha256
+of each of its rows while the next batch's forward runs; the file is renamed when complete, then
+its `.json` is written (the checksums of `dipo_scale.reference.cache`, tokens, start and end times).
 
 Before anything starts, the driver checks its inputs (`check_model`, `check_prepared`,
 `check_output_dir`: one-line errors), marks the output directory as this command's and writes
 `fingerprints.json`. A stopped job resumes: a rerun keeps every shard whose `.json` exists and
-whose sha256 matches it, removes leftover temporary files and computes only the rest. A rerun
-with other fingerprints into the same `cache_dir` is refused (choose another directory or remove
-it). While workers run, the driver prints progress lines (shards done/total, rate, ETA,
-tokens/s) from the shard records they write.
+whose bytes all match its checksums (read on the driver, a thread per core), removes leftover
+temporary files and computes only the rest. A rerun with other fingerprints (or another shard
+size) into the same `cache_dir` is refused (choose another directory or remove it). While workers
+run, the driver prints progress lines (shards done/total, rate, ETA, tokens/s) from the shard
+records they write. When they are done, the driver checks each shard's size and index (the rows
+were hashed as they were written) and writes `manifest.json`.
 """
 
 from __future__ import annotations
@@ -46,13 +52,13 @@ import numpy as np
 import torch
 
 from dipo_scale.cluster import init_ray
-from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
-from dipo_scale.errors import UserInputError
+from dipo_scale.config import UnlearnConfig
+from dipo_scale.errors import UserInputError, user_error_behind
 from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir, sha256_file
 from dipo_scale.memory import steady_allocator
 from dipo_scale.preflight import check_model, check_prepared
 from dipo_scale.reference.cache import (CACHE_VERSION, bytes_per_token, describe_difference, needed_splits,
-                                        read_cache_manifest, reference_path, run_fingerprints)
+                                        read_cache_manifest, reference_path, run_fingerprints, shard_layout)
 
 SLOW_ENV = "DIPO_SCALE_REFERENCE_SHARD_DELAY_S"  # tests: seconds to wait after each shard
 
@@ -93,11 +99,18 @@ def read_block_range(prepared_dir: str | Path, split: str, first: int, rows: int
 
 
 def load_reference_model(cfg: UnlearnConfig):
-    """The reference for the actor-pool precompute, optionally quantised with bitsandbytes."""
+    """The reference for the actor-pool precompute in `model.dtype` (resolved: `cfg.model_dtype`),
+    optionally quantised with bitsandbytes; with `train.use_gpu` loaded straight onto the process's
+    GPU (cuda:0, the one Ray assigned it), never through a CPU copy."""
     from transformers import AutoModelForCausalLM
 
     load: dict[str, Any] = dict(dtype=torch.bfloat16 if cfg.model_dtype == "bfloat16" else torch.float32,
                                 trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.train.use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.use_gpu: this reference worker sees no CUDA device "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')})")
+        load["device_map"] = {"": 0}
     if cfg.reference.quantize != "none":
         from dipo_scale.eval.generation import quantization_config
 
@@ -105,8 +118,6 @@ def load_reference_model(cfg: UnlearnConfig):
             load["quantization_config"] = quantization_config(cfg.reference.quantize, load["dtype"])
         except UserInputError as e:
             raise UserInputError(f"reference.quantize={cfg.reference.quantize}: {e}") from None
-        if cfg.train.use_gpu:
-            load["device_map"] = {"": 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(reference_path(cfg), **load)
     except Exception as e:  # noqa: BLE001  (a backend that cannot run here: one line, not a trace)
@@ -158,7 +169,7 @@ class ReferenceForward(torch.nn.Module):
             head_input, logits = self._full(input_ids, attention_mask)
             hidden = self._trunk(input_ids, attention_mask)
             same = torch.equal(hidden, head_input) and torch.equal(self.model.get_output_embeddings()(hidden), logits)
-            return torch.tensor(same)
+            return torch.tensor(int(same), device=input_ids.device)
         if self.via_decoder:
             hidden = self._trunk(input_ids, attention_mask)
             logits = None if self.form == "hidden" else self.model.get_output_embeddings()(hidden)
@@ -205,10 +216,12 @@ class ShardWriter:
     first computed tensor (`hidden`, or `topk_logits`) batch by batch as the batches arrive, then
     the other computed tensors (small: top-K ids, log-sum-exp), kept until the last batch. A
     writer thread takes the batches from a bounded queue (`depth` batches), writes them to a
-    temporary file and feeds the sha256 as it goes: writing and hashing overlap the next batch's
-    forward, and no shard is read back. `close` waits for the thread, syncs the file and renames
-    it into place; it returns (sha256, bytes). Safetensors readers find tensors by their offsets,
-    so this order reads like any other."""
+    temporary file and feeds the checksums as it goes (the index's: header and fixed tensors; and
+    one per row of the computed tensors, `dipo_scale.reference.cache`): writing and hashing
+    overlap the next batch's forward, and no shard is read back. `close` waits for the thread,
+    syncs the file and renames it into place; it returns {bytes, index_bytes, index_sha256,
+    row_sha256}. Safetensors readers find tensors by their offsets, so this order reads like any
+    other."""
 
     def __init__(self, path: Path, fixed: dict[str, torch.Tensor], computed: dict[str, tuple],
                  metadata: dict, depth: int = 2):
@@ -216,6 +229,8 @@ class ShardWriter:
 
         self.path = path
         self.names = list(computed)
+        self.rows = computed[self.names[0]][1][0]
+        assert all(shape[0] == self.rows for _, shape in computed.values()), computed
         self.stream, self.later = self.names[0], {name: [] for name in self.names[1:]}
         header: dict[str, Any] = {"__metadata__": {"dipo_scale": json.dumps(metadata, sort_keys=True)}}
         offset = 0
@@ -232,21 +247,34 @@ class ShardWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         self.file = os.fdopen(fd, "wb")
-        self.sha = hashlib.sha256()
+        self.index, self.row_sha = hashlib.sha256(), [hashlib.sha256() for _ in range(self.rows)]
+        self.row = 0  # the next row of the streamed tensor
         self.written = 0
         self.error: BaseException | None = None
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._write(len(text).to_bytes(8, "little") + text)
+        self._write(len(text).to_bytes(8, "little") + text, self.index)
+        self.index_bytes = len(text) + 8
         self.written = 0  # counts the data section
         for t in fixed.values():
-            self._write(_raw_bytes(t))
+            data = _raw_bytes(t)
+            self._write(data, self.index)
+            self.index_bytes += len(data)
         self.thread = threading.Thread(target=self._run, name=f"write {path.name}", daemon=True)
         self.thread.start()
 
-    def _write(self, data) -> None:
+    def _write(self, data, sha=None) -> None:
         self.file.write(data)
-        self.sha.update(data)
+        if sha is not None:
+            sha.update(data)
         self.written += len(data)
+
+    def _write_rows(self, t: torch.Tensor, first: int) -> None:
+        """Rows first.. of a computed tensor, each row's bytes into that row's sha256."""
+        data = _raw_bytes(t)
+        per = len(data) // max(1, t.shape[0])
+        for i in range(t.shape[0]):
+            self.row_sha[first + i].update(data[i * per:(i + 1) * per])
+        self._write(data)
 
     def _run(self) -> None:
         while True:
@@ -256,7 +284,8 @@ class ShardWriter:
             if self.error is not None:
                 continue  # drain: the producer learns of the error at its next put
             try:
-                self._write(_raw_bytes(batch[self.stream]))
+                self._write_rows(batch[self.stream], self.row)
+                self.row += batch[self.stream].shape[0]
                 for name in self.later:
                     self.later[name].append(batch[name].detach().cpu())
             except BaseException as e:  # noqa: BLE001  (re-raised in the producer's thread)
@@ -269,14 +298,14 @@ class ShardWriter:
             raise self.error
         self.queue.put(batch)
 
-    def close(self) -> tuple[str, int]:
+    def close(self) -> dict:
         self.queue.put(None)
         self.thread.join()
         try:
             if self.error is not None:
                 raise self.error
             for chunks in self.later.values():
-                self._write(_raw_bytes(torch.cat(chunks)))
+                self._write_rows(torch.cat(chunks), 0)
             if self.written != self.expected:
                 raise RuntimeError(f"{self.path}: wrote {self.written} data bytes, the header says {self.expected}")
             self.file.flush()
@@ -286,7 +315,8 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
-        return self.sha.hexdigest(), self.path.stat().st_size
+        return {"bytes": self.path.stat().st_size, "index_bytes": self.index_bytes,
+                "index_sha256": self.index.hexdigest(), "row_sha256": [h.hexdigest() for h in self.row_sha]}
 
     def abort(self) -> None:
         """Stop (after a failure elsewhere): the temporary file goes, nothing is renamed."""
@@ -321,16 +351,17 @@ def _shard_metadata(item: dict) -> dict:
     return {"split": item["split"], "first_block": item["first_block"], "rows": item["rows"], "key": item["key"]}
 
 
-def _write_record(cache: Path, item: dict, sha256: str, size: int, tokens: int, started: float,
+def _write_record(cache: Path, item: dict, checksums: dict, tokens: int, started: float,
                   delay: float = 0.0, cpu_started: float | None = None) -> None:
-    """The shard's .json (written after the shard: its presence means the shard is complete), with
-    its wall times and the CPU seconds of the worker process meanwhile (all its threads)."""
+    """The shard's .json (written after the shard: its presence means the shard is complete): its
+    checksums (`ShardWriter.close`; the LM head: bytes and sha256), its wall times and the CPU
+    seconds of the worker process meanwhile (all its threads)."""
     path = cache / item["file"]
     finished = time.time()
     cpu = None if cpu_started is None else round(time.process_time() - cpu_started, 4)
     atomic_write_json(path.with_suffix(".json"), {
         "file": item["file"], "split": item["split"], "first_block": item["first_block"],
-        "rows": item["rows"], "key": item["key"], "sha256": sha256, "bytes": size, "tokens": tokens,
+        "rows": item["rows"], "key": item["key"], **checksums, "tokens": tokens,
         "seconds": round(finished - started, 4), "started": round(started, 4), "finished": round(finished, 4),
         "cpu_seconds": cpu})
     if delay:  # tests: widen the window in which a precompute can be killed midway
@@ -345,7 +376,7 @@ def _write_lm_head(cache: Path, item: dict, weight: torch.Tensor, bias: torch.Te
     path = cache / item["file"]
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_safetensors(path, tensors, _shard_metadata(item))
-    _write_record(cache, item, sha256_file(path), path.stat().st_size, tokens=0, started=t0)
+    _write_record(cache, item, {"bytes": path.stat().st_size, "sha256": sha256_file(path)}, tokens=0, started=t0)
 
 
 def compute_shard(call, cfg: UnlearnConfig, item: dict, device, block_size: int, hidden_size: int,
@@ -370,8 +401,8 @@ def compute_shard(call, cfg: UnlearnConfig, item: dict, device, block_size: int,
     except BaseException:
         writer.abort()
         raise
-    sha256, size = writer.close()
-    _write_record(Path(cfg.reference.cache_dir), item, sha256, size, int(blocks["attention_mask"].sum()), t0, delay,
+    checksums = writer.close()
+    _write_record(Path(cfg.reference.cache_dir), item, checksums, int(blocks["attention_mask"].sum()), t0, delay,
                   cpu0)
 
 
@@ -401,9 +432,6 @@ class ShardActor:
         self.cfg = cfg
         self.model = load_reference_model(cfg)
         self.device = next(self.model.parameters()).device
-        if cfg.train.use_gpu and torch.cuda.is_available() and cfg.reference.quantize == "none":
-            self.model.to("cuda")
-            self.device = torch.device("cuda")
         self.forward = ReferenceForward(self.model, cfg)
         with torch.no_grad():
             self.forward.via_decoder = bool(self.forward(**probe_input(self.device)))
@@ -427,27 +455,43 @@ def _test_delay() -> float:
     return float(os.environ.get(SLOW_ENV, "0") or 0)
 
 
-def pool_size(cfg: UnlearnConfig, items: int) -> tuple[int, int]:
-    """(workers, CPUs per worker) of the precompute on the Ray cluster (initialised).
+def pool_size(cfg: UnlearnConfig, items: int, nodes: list[dict] | None = None) -> tuple[int, int]:
+    """(workers, CPUs per worker) of the precompute, from the resources of the cluster's nodes
+    (`nodes`: each alive node's resources, {"CPU": 96.0, "GPU": 8.0, ...}; None: `ray.nodes()`).
 
-    Unset, `reference.cpus_per_worker` is the CPUs of the cluster's largest node (divided among
+    Without GPUs, `reference.cpus_per_worker` unset is the CPUs of the largest node (divided among
     `reference.num_workers` when that is set), so one worker uses a whole node and its torch
-    threads all of its cores; unset, `reference.num_workers` is what the nodes hold of such
-    workers (one per node here), or one per GPU with `train.use_gpu`. The actor pool never starts
-    more actors than it has shards to compute (each loads the whole model)."""
-    import ray
-
+    threads all of its cores; `reference.num_workers` unset is what the nodes hold of such workers
+    (one per node here). With `train.use_gpu`: one worker per GPU, each with the CPUs its node has
+    per GPU (the fewest over the GPU nodes: every worker must fit on the node it lands on; nodes
+    without GPUs do not count). The actor pool never starts more actors than it has shards to
+    compute (each loads the whole model). Workers the nodes cannot hold are refused in one line,
+    not left waiting for resources that never come."""
     r = cfg.reference
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    node_cpus = [int(n.get("CPU", 0)) for n in nodes] or [1]
+    if nodes is None:
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if cfg.train.use_gpu:
-        workers = r.num_workers or max(1, int(sum(n.get("GPU", 0) for n in nodes)))
-        cpus = r.cpus_per_worker or max(1, sum(node_cpus) // workers)
+        gpu_nodes = [(int(n.get("CPU", 0)), int(n.get("GPU", 0))) for n in nodes if int(n.get("GPU", 0)) > 0]
+        if not gpu_nodes:
+            raise UserInputError("train.use_gpu: the Ray cluster has no GPUs for the reference precompute")
+        cpus = r.cpus_per_worker or max(1, min(c // g for c, g in gpu_nodes))
+        fits = sum(min(g, c // cpus) for c, g in gpu_nodes)
+        workers = r.num_workers or sum(g for _, g in gpu_nodes)
+        shape = " + ".join(f"{c} CPUs/{g} GPUs" for c, g in gpu_nodes)
     else:
+        node_cpus = [int(n.get("CPU", 0)) for n in nodes if int(n.get("CPU", 0)) > 0] or [1]
         cpus = r.cpus_per_worker or max(1, max(node_cpus) // (r.num_workers or 1))
-        workers = r.num_workers or max(1, sum(c // cpus for c in node_cpus))
+        fits = sum(c // cpus for c in node_cpus)
+        workers = r.num_workers or max(1, fits)
+        shape = " + ".join(f"{c} CPUs" for c in node_cpus)
     if r.mode == "actors":
         workers = max(1, min(workers, items))
+    if workers > fits:
+        raise UserInputError(f"reference: {workers} workers of {cpus} CPUs{' + 1 GPU' if cfg.train.use_gpu else ''} "
+                             f"do not fit the cluster's nodes ({shape}: {fits} fit); set reference.num_workers "
+                             "or reference.cpus_per_worker")
     return workers, cpus
 
 
@@ -465,30 +509,55 @@ def _run_actor_pool(cfg: UnlearnConfig, todo: list[dict], sizes: dict, workers: 
     assert len(done) == len(todo), (len(done), len(todo))
 
 
+def zero3_ds_config(cfg: UnlearnConfig, world: int) -> dict:
+    """The DeepSpeed config of the ZeRO-3 precompute engine: training's (`unlearn.load_ds_config`:
+    ZeRO stage 3, on GPUs bf16 as `model.dtype` says) with `reference.batch_size` blocks per rank
+    and no optimizer."""
+    from dipo_scale.unlearn import inference_ds_config, load_ds_config
+
+    bs = cfg.reference.batch_size
+    train = cfg.train.model_copy(update={"global_batch_size": bs * world, "micro_batch_size": bs})
+    return inference_ds_config(load_ds_config(cfg.model_copy(update={"train": train}), world))
+
+
+def _check_accelerator(cfg: UnlearnConfig) -> None:
+    """A GPU worker runs DeepSpeed on CUDA: one line when its environment says otherwise (e.g.
+    `DS_ACCELERATOR=cpu` in the job's runtime_env), rather than a ZeRO-3 engine on the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if cfg.train.use_gpu and (name != "cuda" or not torch.cuda.is_available()):
+        raise UserInputError(f"train.use_gpu: a reference worker's DeepSpeed accelerator is {name} (DS_ACCELERATOR="
+                             f"{os.environ.get('DS_ACCELERATOR')}, CUDA available: {torch.cuda.is_available()}); "
+                             "remove DS_ACCELERATOR from the GPU job's runtime_env")
+
+
 def zero3_worker(config: dict) -> None:
     """Ray Train worker of `reference.mode=zero3`: one ZeRO-3 inference engine over all ranks (the
-    engine set-up of training: `unlearn.init_distributed`, `load_zero3_model`, `frozen_engine`)."""
+    engine set-up of training: `unlearn.init_distributed` (nccl on GPUs), `load_zero3_model`,
+    `frozen_engine`)."""
+    cfg = UnlearnConfig.model_validate(config["cfg"])
+    if not cfg.train.use_gpu:  # before DeepSpeed is imported: it picks its accelerator then
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        steady_allocator()
     import deepspeed
     import ray.train
 
-    from dipo_scale.unlearn import frozen_engine, inference_ds_config, init_distributed, load_zero3_model
+    from dipo_scale.collectives import sum_over_ranks
+    from dipo_scale.unlearn import frozen_engine, init_distributed, load_zero3_model
 
-    cfg = UnlearnConfig.model_validate(config["cfg"])
-    if not cfg.train.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        steady_allocator()
+    _check_accelerator(cfg)
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     init_distributed(cfg)
-    ds = inference_ds_config(json.loads(resolve_ds_config_path(cfg.ds_config_name).read_text()))
-    ds.update(train_micro_batch_size_per_gpu=cfg.reference.batch_size, gradient_accumulation_steps=1,
-              train_batch_size=cfg.reference.batch_size * world)
+    ds = zero3_ds_config(cfg, world)
     model = load_zero3_model(cfg, ds, reference_path(cfg))
     forward = ReferenceForward(model, cfg)
     engine = frozen_engine(forward, ds)
-    with torch.no_grad():  # every rank runs the probe (a collective) and reaches the same answer
-        forward.via_decoder = bool(engine(**probe_input(engine.device)))
+    with torch.no_grad():  # every rank runs the probe (ZeRO-3 gathers collectively); all must take
+        same = float(engine(**probe_input(engine.device)))  # the same path after it, so they agree
+    forward.via_decoder = sum_over_ranks({"same": same}, engine.device)["same"] == world
     cache = Path(cfg.reference.cache_dir)
     items = config["items"]
 
@@ -574,21 +643,47 @@ def _shard_progress(cache: Path, todo: list[dict], poll_s: float = 1.0):
 # ------------------------------------------------------------------------------------------
 # The precompute job (driver)
 # ------------------------------------------------------------------------------------------
-def plan_shards(cfg: UnlearnConfig, prepared: dict, key: str) -> list[dict]:
-    """Every file of the cache: the LM head (hidden form), then each split's shards in block order."""
+def shard_rows(cfg: UnlearnConfig, row_bytes: int) -> int:
+    """Blocks per cache shard: as many as fit in `reference.shard_bytes` (`row_bytes` each: block
+    size × bytes per token), at least one, at most `reference.rows_per_shard` when set."""
     r = cfg.reference
+    rows = max(1, r.shard_bytes // row_bytes)
+    return min(rows, r.rows_per_shard) if r.rows_per_shard else rows
+
+
+def plan_shards(cfg: UnlearnConfig, prepared: dict, key: str, rows_per_shard: int) -> list[dict]:
+    """Every file of the cache: the LM head (hidden form), then each split's shards in block order."""
     items = [{"split": "lm_head", "file": "lm_head.safetensors", "first_block": 0, "rows": 0, "key": key}] \
-        if r.form == "hidden" else []
+        if cfg.reference.form == "hidden" else []
     for split in needed_splits(cfg):
         blocks = prepared["splits"][split]["blocks"]
-        for i, first in enumerate(range(0, blocks, r.rows_per_shard)):
+        for i, first in enumerate(range(0, blocks, rows_per_shard)):
             items.append({"split": split, "file": f"{split}/part-{i:05d}.safetensors", "first_block": first,
-                          "rows": min(r.rows_per_shard, blocks - first), "key": key})
+                          "rows": min(rows_per_shard, blocks - first), "key": key})
     return items
 
 
-def _completed(cache: Path, item: dict) -> dict | None:
-    """A shard's .json record when the shard is complete and its bytes match it, else None."""
+def _rows_match(path: Path, record: dict, size: int) -> bool:
+    """Whether every statistics row of the shard at `path` matches its sha256 in `record` (reads
+    the statistics once, front to back)."""
+    with open(path, "rb") as f:
+        index = f.read(record["index_bytes"])
+        layout = shard_layout(path, index, record["rows"], size)
+        hashes = [hashlib.sha256() for _ in range(record["rows"])]
+        for _, _, _, offset, nbytes in layout:
+            f.seek(offset)
+            for h in hashes:
+                data = f.read(nbytes)
+                if len(data) != nbytes:
+                    return False
+                h.update(data)
+    return [h.hexdigest() for h in hashes] == record["row_sha256"]
+
+
+def _completed(cache: Path, item: dict, full: bool = True) -> dict | None:
+    """A shard's .json record when the shard is complete and matches it, else None: its size and
+    index (header and block ids) always; with `full`, every byte (each row's sha256; the LM head's
+    whole-file sha256)."""
     path, record_path = cache / item["file"], (cache / item["file"]).with_suffix(".json")
     if not (path.is_file() and record_path.is_file()):
         return None
@@ -597,9 +692,26 @@ def _completed(cache: Path, item: dict) -> dict | None:
     except json.JSONDecodeError:
         return None
     same = all(record.get(k) == item[k] for k in ("file", "first_block", "rows", "key"))
-    if not same or path.stat().st_size != record.get("bytes") or sha256_file(path) != record.get("sha256"):
+    size = path.stat().st_size
+    if not same or size != record.get("bytes"):
         return None
-    return record
+    try:
+        if item["split"] == "lm_head":
+            return record if not full or sha256_file(path) == record.get("sha256") else None
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read(record["index_bytes"])).hexdigest() != record["index_sha256"]:
+                return None
+        return record if not full or _rows_match(path, record, size) else None
+    except (KeyError, UserInputError):  # a record of another format, a header that is no shard's
+        return None
+
+
+def _all_completed(cache: Path, plan: list[dict], full: bool) -> list[dict | None]:
+    """`_completed` of every item of `plan`, a thread per core (hashing and reading release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(plan), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda item: _completed(cache, item, full), plan))
 
 
 def _remove_leftovers(cache: Path) -> None:
@@ -640,7 +752,9 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     if r.form == "topk" and r.k > vocab:
         raise UserInputError(f"reference.k: {r.k} exceeds the vocabulary size of {reference_path(cfg)} ({vocab})")
     fingerprints = run_fingerprints(cfg)
-    layout = {"version": CACHE_VERSION, "fingerprints": fingerprints, "rows_per_shard": r.rows_per_shard,
+    per_token = bytes_per_token(r.form, hidden_size=hidden, k=r.k, dtype=cfg.reference_dtype)
+    rows_per_shard = shard_rows(cfg, prepared["block_size"] * per_token)
+    layout = {"version": CACHE_VERSION, "fingerprints": fingerprints, "rows_per_shard": rows_per_shard,
               "batch_size": r.batch_size, "splits": needed_splits(cfg)}
     key = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(r.cache_dir)
@@ -661,24 +775,35 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
         atomic_write_json(started, layout)
     _remove_leftovers(cache)
 
-    plan = plan_shards(cfg, prepared, key)
-    todo = [item for item in plan if _completed(cache, item) is None]
+    plan = plan_shards(cfg, prepared, key, rows_per_shard)
+    # shards an earlier run finished: every byte checked (a corrupt one is computed again)
+    todo = [item for item, done in zip(plan, _all_completed(cache, plan, full=True)) if done is None]
     if not todo and (cache / "manifest.json").is_file():
         return read_cache_manifest(cache)  # finished before: nothing to do
     t0 = time.time()
     workers = cpus = None
     if todo:
+        # DS_ACCELERATOR=cpu for CPU runs only: the job's env reaches every worker, and a GPU
+        # worker must find DeepSpeed's CUDA accelerator
         init_ray(include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}})
+                 **({} if cfg.train.use_gpu else {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu"}}}))
         workers, cpus = pool_size(cfg, len(todo))
+        if r.mode == "zero3":
+            zero3_ds_config(cfg, workers)  # its errors (e.g. bf16 vs model.dtype) before workers start
         with _shard_progress(cache, todo):
-            (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(
-                cfg, todo, {"block_size": prepared["block_size"], "hidden_size": hidden}, workers, cpus)
+            try:
+                (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(
+                    cfg, todo, {"block_size": prepared["block_size"], "hidden_size": hidden}, workers, cpus)
+            except Exception as e:  # a worker's UserInputError: its one line, not Ray's trace
+                user = user_error_behind(e) or next(filter(None, map(user_error_behind, [
+                    *getattr(e, "worker_failures", {}).values(), getattr(e, "controller_failure", None)])), None)
+                if user is None:
+                    raise
+                raise UserInputError(str(user)) from None
     seconds = time.time() - t0
 
-    records = {}
-    for item in plan:
-        record = _completed(cache, item)
+    records = {}  # the shards computed now were hashed as they were written: size and index suffice
+    for item, record in zip(plan, _all_completed(cache, plan, full=False)):
         if record is None:
             raise RuntimeError(f"{cache / item['file']}: not written by the precompute")
         records[item["file"]] = record
@@ -691,15 +816,15 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     computing = max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
     splits = {}
     for split in needed_splits(cfg):
-        shards = [{k: records[i["file"]][k] for k in ("file", "first_block", "rows", "sha256", "bytes")}
+        shards = [{k: records[i["file"]][k] for k in ("file", "first_block", "rows", "bytes", "index_bytes",
+                                                        "index_sha256", "row_sha256")}
                   for i in plan if i["split"] == split]
         splits[split] = {"blocks": prepared["splits"][split]["blocks"],
                          "tokens": prepared["splits"][split]["tokens"], "shards": shards}
     manifest = {
         "version": CACHE_VERSION, "form": r.form, "k": r.k if r.form == "topk" else None, "dtype": cfg.reference_dtype,
         "vocab_size": vocab, "hidden_size": hidden, "block_size": prepared["block_size"],
-        "rows_per_shard": r.rows_per_shard,
-        "bytes_per_token": bytes_per_token(r.form, hidden_size=hidden, k=r.k, dtype=cfg.reference_dtype),
+        "rows_per_shard": rows_per_shard, "shard_bytes": r.shard_bytes, "bytes_per_token": per_token,
         "full_logits_bytes_per_token": 4 * vocab,
         "total_bytes": sum(rec["bytes"] for rec in records.values()),
         "reference_path": reference_path(cfg), "prepared_dir": cfg.data.prepared_dir,
