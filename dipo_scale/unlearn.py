@@ -100,15 +100,28 @@ def accumulation_steps(global_batch: int, world_size: int, micro_batch: int) -> 
     return math.ceil(math.ceil(global_batch / world_size) / micro_batch)
 
 
-def make_optimizer(cfg: UnlearnConfig, params):
+def offloads_optimizer(ds_config: dict | None) -> bool:
+    """Whether a DeepSpeed config keeps the optimizer states (and steps them) on the CPU."""
+    offload = ((ds_config or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    return offload == "cpu"
+
+
+def make_optimizer(cfg: UnlearnConfig, params, ds_config: dict | None = None):
     """AdamW, or with `train.optimizer=adamw_8bit` bitsandbytes' AdamW8bit (its two moments in
     8 bits with blockwise scales: ~2 bytes per parameter instead of 8). Under ZeRO-3 DeepSpeed
-    hands it each rank's fp32 partition, so the 8-bit states are partitioned too."""
+    hands it each rank's fp32 partition, so the 8-bit states are partitioned too. With the
+    optimizer offloaded to the CPU (`ds_config`'s offload_optimizer, ds_configs/zero3_offload.json)
+    AdamW is DeepSpeed's vectorised, multi-threaded CPU Adam (torch's AdamW would step a 7B
+    model's partition on one core)."""
     t = cfg.train
     if t.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
@@ -317,7 +330,7 @@ def init_engines(cfg: UnlearnConfig, ds_config: dict):
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg, model.parameters(), ds_config)
     if fused:
         model = FusedHeadModel(model)
         head = model.model.get_output_embeddings()
@@ -612,7 +625,7 @@ def validate_run(cfg: UnlearnConfig) -> None:
     if cfg.reference_cached():
         from dipo_scale.reference.cache import check_cache
 
-        check_cache(cfg)  # fingerprints of the cache against this run, every shard's checksum
+        check_cache(cfg)  # fingerprints, manifest, each shard's size and header (rows: as workers read them)
     if cfg.eval.every:
         from dipo_scale.data.muse import load_muse_dir
 

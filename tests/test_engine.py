@@ -171,3 +171,18 @@ def test_a_cpu_tensor_is_refused_on_an_nccl_group_before_the_collective(monkeypa
     assert collectives.sum_over_ranks({"b": 2.0, "a": 1.0}, "cpu") == {"a": 1.0, "b": 2.0}
     assert calls == [torch.device("cpu")]
     assert collectives.backend_device_types() == {"cpu", "cuda"}
+
+
+def test_the_offload_config_steps_with_deepspeeds_cpu_adam():
+    """zero3_offload.json keeps the optimizer on the CPU: make_optimizer then builds DeepSpeed's
+    multi-threaded CPU Adam (torch's AdamW stepped a whole partition on one core); the GPU and CPU
+    configs keep torch's AdamW. (The class is chosen from the config; building it JIT-compiles an op.)"""
+    import json as _json
+
+    from dipo_scale.config import DS_CONFIG_DIR
+    from dipo_scale.unlearn import offloads_optimizer
+
+    chosen = {name: offloads_optimizer(_json.loads((DS_CONFIG_DIR / name).read_text()))
+              for name in ("zero3_offload.json", "zero3_bf16.json", "zero3_cpu.json")}
+    assert chosen == {"zero3_offload.json": True, "zero3_bf16.json": False, "zero3_cpu.json": False}
+    assert not offloads_optimizer(None)

@@ -313,3 +313,28 @@ def test_selection_settings_are_validated_together():
     with pytest.raises(UserInputError) as e:
         load_unlearn_config(None, ["eval.select=muse"])
     assert "eval.select=muse needs eval.retrain_knowmem_f" in str(e.value)
+
+
+def test_an_uneven_global_batch_over_two_workers_trains_like_one(tiny_assets, ray_cluster, tmp_path):
+    """A global batch of 5 rows over 2 workers: shares of 3 and 2 rows, 2 micro steps of up to 2
+    rows on each rank (the second rank's last one a dummy row of weight 0), with gradient
+    checkpointing on. Each row weighs 1/5 in every step's gradient, as on 1 worker (3 micro steps
+    of 2, 2 and 1 rows, no checkpointing): the same losses step by step and the same weights."""
+    from safetensors.torch import load_file
+
+    common = ("method=dipo", "loss.retain=gd", "train.global_batch_size=5", "train.micro_batch_size=2",
+              "train.steps=3", "logging.wandb=disabled")
+    one_dir, one = _run(tiny_assets, tmp_path, "one", *common, "train.num_workers=1")
+    two_dir, two = _run(tiny_assets, tmp_path, "two", *common, "train.num_workers=2",
+                        "train.gradient_checkpointing=true")
+    assert [r["world_size"] for r in two] == [2, 2, 2]
+    for a, b in zip(one, two):
+        assert a["forget_block_ids"] == b["forget_block_ids"] and len(a["forget_block_ids"]) == 5
+        for key in ("loss", "forget_loss", "forget_nll", "retain_loss", "retain_nll", "dipo_margin"):
+            assert b[key] == pytest.approx(a[key], rel=ONE_VS_TWO_RTOL, abs=1e-6), (key, a["step"])
+    start = load_file(tiny_assets["target"] / "model.safetensors")
+    one_w, two_w = load_file(one_dir / "model.safetensors"), load_file(two_dir / "model.safetensors")
+    largest_update = max((w - start[n]).abs().max().item() for n, w in one_w.items())
+    assert largest_update > 1e-4
+    worst = max((two_w[n] - w).abs().max().item() for n, w in one_w.items())
+    assert worst <= 1e-2 * largest_update, (worst, largest_update)  # Adam amplifies summation-order rounding
