@@ -4,6 +4,9 @@
   packed blocks of random text (benchmarks/step.py, zero3_memory.py); the blocks go through the
   real `prepare` stage.
 * `demo_assets`: the demo's corpus, tokenizer, target / retrain models and prepared blocks.
+* `corpus_assets`: a generated MUSE-layout corpus, a BPE tokenizer trained on it and a random-init
+  Llama, prepared with the QA pairs: what the commands that evaluate need, built in seconds
+  (benchmarks/gpu_check.py).
 * `machine_facts`, `command_line`, `write_doc_section`: the machine, date and command beside each
   figure, and a benchmark's own section of docs/benchmarks.md rewritten from its run.
 """
@@ -35,6 +38,35 @@ def demo_assets(demo_dir: Path) -> dict:
         prepare(data, AutoTokenizer.from_pretrained(paths["tokenizer"]), demo_dir / "prepared",
                 block_size=MODEL_SETTINGS.block_size, with_qa=True, layout="per_sequence")
     return {**paths, "prepared": demo_dir / "prepared", "corpus": corpus}
+
+
+def corpus_assets(root: str | Path, *, num_docs: int, vocab_size: int, hidden_size: int, num_layers: int,
+                  intermediate_size: int, block_size: int, seed: int = 0) -> dict[str, Path]:
+    """{"corpus", "model", "prepared"} under root (reused when already built): the generated corpus
+    (`generate_corpus`), a byte-level BPE tokenizer trained on its texts (`models.train_tokenizer`;
+    its vocabulary may come out below `vocab_size` on a small corpus), a random-init Llama of
+    that vocabulary saved with it (`models.tiny_llama`, float32), and the corpus prepared with its
+    QA pairs, one document per block."""
+    from dipo_scale.data.corpus import generate_corpus
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.models import TinyModelSettings, tiny_llama, train_tokenizer
+    from dipo_scale.prepare import prepare
+
+    root = Path(root)
+    paths = {"corpus": root / "corpus", "model": root / "model", "prepared": root / "prepared"}
+    if (paths["model"] / "model.safetensors").is_file() and (paths["prepared"] / "manifest.json").is_file():
+        return paths
+    if not (paths["corpus"] / "world.json").is_file():
+        generate_corpus(paths["corpus"], num_docs=num_docs, seed=seed)
+    data = load_muse_dir(paths["corpus"])
+    qa = [f"Question: {q.question}\nAnswer: {q.answer}" for q in data.forget_qa + data.retain_qa]
+    tokenizer = train_tokenizer(data.forget_docs + data.retain_docs + data.holdout_docs + qa, vocab_size)
+    settings = TinyModelSettings(hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
+                                 num_heads=max(1, hidden_size // 64), block_size=block_size, seed=seed)
+    tiny_llama(len(tokenizer), settings).save_pretrained(paths["model"], safe_serialization=True)
+    tokenizer.save_pretrained(paths["model"])
+    prepare(data, tokenizer, paths["prepared"], block_size=block_size, with_qa=True, layout="per_sequence")
+    return paths
 
 
 def machine_facts(load_at_start: tuple[float, ...]) -> dict:
