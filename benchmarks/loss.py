@@ -37,6 +37,9 @@ Cases (float32 everywhere; targets uniform random, no padding):
 Memory ratios use the policy side only (the delta over the inputs; the reference logits /
 reference hidden + weight are inputs and can be cached). `*_with_ref` numbers add the
 reference inputs' bytes to the DiPO side.
+
+`--doc` writes the run's tables into docs/benchmarks.md between `<!-- loss:begin -->` and
+`<!-- loss:end -->` (`--from-json FILE`: from an earlier full run's JSON, running nothing).
 """
 
 from __future__ import annotations
@@ -281,9 +284,56 @@ RATIO_KEYS = ["dipo_over_ce_peak_memory", "dipo_over_ce_peak_memory_with_ref", "
               "fused_over_ce_peak_memory", "fused_over_ce_time"]
 
 
+DOC_CASES = [("ce", "CE"), ("dipo_chunk1024", "DiPO, chunk 1024"), ("dipo", "**DiPO (default: auto chunk)**"),
+             ("naive", "DiPO naive"), ("ce_hidden", "CE from hidden"), ("fused_dipo", "fused DiPO")]
+DOC_RATIOS = [("dipo_over_ce_peak_memory", " (policy side)"), ("dipo_over_ce_peak_memory_with_ref", ""),
+              ("chunked_over_naive_peak_memory", ""), ("dipo_over_ce_time", ""),
+              ("chunk1024_over_ce_peak_memory", ""), ("chunk1024_over_naive_peak_memory", ""),
+              ("chunk1024_over_ce_time", ""), ("fused_over_ce_peak_memory", " (policy side, H = {H})"),
+              ("fused_over_ce_time", "")]
+
+
+def doc_section(results: dict) -> str:
+    """The run's tables for docs/benchmarks.md (section "Loss"): results, ratios, targets."""
+    m, sizes = results["machine"], results["sizes"]
+    label = lambda key: key.replace("x", " × ")  # noqa: E731
+    lines = [f"**The run below** (`{results['command']}`, {results['date']}, {results['wall_s'] / 60:.1f} min; "
+             f"{m['cpu_model']}, {m['cpu_count']} CPUs, torch {m['torch']}, load average "
+             f"{m['loadavg_at_start'][0]:.1f} at the start and {m['loadavg_at_end'][0]:.1f} at the end): the `dipo` "
+             "case is the losses' default chunking (`chunk_size=None`: `auto_chunk_size(V)`, on the CPU "
+             "`max(1, min(1024, 2**22 // V))` positions, \"auto chunk\"), `dipo_chunk1024` the first default "
+             "(1024 positions).", "",
+             "### Results (peak MB over the inputs / time)", "",
+             "| seq × vocab | " + " | ".join(name for _, name in DOC_CASES) + " |",
+             "|---|" + "---:|" * len(DOC_CASES)]
+    for key, size in sizes.items():
+        cells = []
+        for case, _ in DOC_CASES:
+            c = size["cases"].get(case)
+            chunk = f" (c={c['chunk_size']})" if c and case in ("dipo", "fused_dipo") else ""
+            cells.append(f"{c['peak_mb']:.0f} MB / {c['time_s']:.2f} s{chunk}" if c else "not run")
+        lines.append(f"| {label(key)} | " + " | ".join(cells) + " |")
+    lines += ["", "| ratio | " + " | ".join(label(k) for k in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    for key, note in DOC_RATIOS:
+        if any(key in size for size in sizes.values()):
+            values = [f"{size[key]:.2f}" if key in size else "" for size in sizes.values()]
+            lines.append(f"| `{key}`{note.format(H=results['settings']['hidden'])} | " + " | ".join(values) + " |")
+    target = sizes.get("2048x32000")
+    if target:
+        mem, naive = target["dipo_over_ce_peak_memory"], target["chunked_over_naive_peak_memory"]
+        lines += ["", "### Targets (seq 2048 × vocab 32k)", "", "| target | result |", "|---|---|",
+                  f"| DiPO peak memory / CE ≤ 1.3 | **{'met' if mem <= 1.3 else 'missed'}: {mem:.2f}** "
+                  f"({target['dipo_over_ce_peak_memory_with_ref']:.2f} counting the reference logits as DiPO's) |",
+                  f"| chunked / naive peak memory ≤ 0.5 | **{'met' if naive <= 0.5 else 'missed'}: {naive:.2f}** |"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--doc", action="store_true", help="write the tables into docs/benchmarks.md")
+    ap.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                    help="run nothing: write the docs tables from an earlier run's JSON")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test; ~2 min on 2 busy cores)")
     ap.add_argument("--hidden", type=int, default=None,
                     help="hidden size H of the fused cases (default 2048; 512 with --quick)")
@@ -305,6 +355,11 @@ def main(argv=None) -> int:
     if args.case:
         print(json.dumps(run_case(args.case, args.seq, args.vocab, args.hidden, args.reps,
                                   args.fused_chunk)))
+        return 0
+    if args.from_json:
+        from bench_assets import write_doc_section
+
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "loss", doc_section(json.loads(args.from_json.read_text())))
         return 0
 
     H = args.hidden or (512 if args.quick else 2048)
@@ -348,6 +403,10 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.doc:
+        from bench_assets import write_doc_section
+
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "loss", doc_section(results))
     return 0
 
 

@@ -1,7 +1,7 @@
 """What a full unlearning step costs: DiPO (cached and online reference), NPO and GA against a plain
 fine-tuning step, side by side on the same batch, on the local 2-worker ZeRO-3 cluster.
 
-    .venv/bin/python benchmarks/step.py --json /tmp/step.json
+    .venv/bin/python benchmarks/step.py --json /tmp/step.json [--doc]
 
 Setup: a small Llama (default 32k vocabulary, hidden 256, 4 layers: ~20M parameters, float32)
 and random-text blocks through the real `prepare` stage; the `hidden` reference cache is written
@@ -29,6 +29,12 @@ so freed tensors leave RSS), max over the two workers, median over the rounds.
 Keys: `dipo_over_sft_step_time` (target <= 1.10), `online_over_cached_step_time`,
 `fused_over_logits_dipo_step_peak_memory`, `fused_over_logits_dipo_step_time`,
 `fused_dipo_over_fused_sft_step_time`, `step_time_s`, `step_peak_mb` and `tokens_per_s` per variant.
+A ratio is of the medians; `per_round` holds each ratio of two variants timed in the same round
+(their median, min and max: the spread of the measurement), and `command`, `date_utc`, `machine`
+(load average at start and end) say what ran where.
+
+`--doc` writes the figures into docs/benchmarks.md between `<!-- step:begin -->` and
+`<!-- step:end -->` (`--from-json FILE` writes them from an earlier run's JSON, running nothing).
 """
 
 from __future__ import annotations
@@ -43,10 +49,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_assets import build_bench_assets, num_parameters  # noqa: E402
+from bench_assets import (build_bench_assets, command_line, machine_facts, num_parameters,  # noqa: E402
+                          write_doc_section)
 from loss import _reset_peak, _rss_bytes  # noqa: E402
 
 # variant -> (overrides of the run config, reference source)
@@ -118,7 +126,27 @@ def step_worker(config: dict) -> None:
         Path(config["out"]).write_text(json.dumps({"times": times, "peaks": peaks}))
 
 
-def main() -> None:
+# ratio key -> (numerator, denominator) variants
+RATIOS = {
+    "dipo_over_sft_step_time": ("dipo_cached", "sft"),
+    "dipo_online_over_sft_step_time": ("dipo_online", "sft"),
+    "dipo_topk_over_sft_step_time": ("dipo_topk", "sft"),
+    "npo_cached_over_sft_step_time": ("npo_cached", "sft"),
+    "online_over_cached_step_time": ("dipo_online", "dipo_cached"),
+    "ga_over_sft_step_time": ("ga", "sft"),  # same computation: the noise floor
+    "fused_over_logits_dipo_step_time": ("dipo_cached_fused", "dipo_cached"),
+    "fused_dipo_over_fused_sft_step_time": ("dipo_cached_fused", "sft_fused"),
+    "fused_dipo_over_sft_step_time": ("dipo_cached_fused", "sft"),
+}
+
+
+def per_round(times: dict, numerator: str, denominator: str) -> dict:
+    """The ratio of two variants' times in each round (timed back to back): median, min, max."""
+    ratios = [a / b for a, b in zip(times[numerator], times[denominator])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "all": ratios}
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -129,7 +157,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--work-dir", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--doc", action="store_true", help="write the figures into docs/benchmarks.md")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="run nothing: write the docs section from an earlier run's JSON")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "step", doc_section(result))
+        return
+    command, load_at_start = command_line("step.py", argv), os.getloadavg()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -184,21 +220,98 @@ def main() -> None:
         "step_time_s_all": times,
         "step_peak_mb": peak_mb,
         "tokens_per_s": {name: tokens / t for name, t in median.items()},
-        "dipo_over_sft_step_time": median["dipo_cached"] / median["sft"],
-        "dipo_online_over_sft_step_time": median["dipo_online"] / median["sft"],
-        "dipo_topk_over_sft_step_time": median["dipo_topk"] / median["sft"],
-        "npo_cached_over_sft_step_time": median["npo_cached"] / median["sft"],
-        "online_over_cached_step_time": median["dipo_online"] / median["dipo_cached"],
-        "ga_over_sft_step_time": median["ga"] / median["sft"],  # same computation: the noise floor
+        **{key: median[a] / median[b] for key, (a, b) in RATIOS.items()},
         "fused_over_logits_dipo_step_peak_memory": peak_mb["dipo_cached_fused"] / peak_mb["dipo_cached"],
         "fused_over_logits_sft_step_peak_memory": peak_mb["sft_fused"] / peak_mb["sft"],
-        "fused_over_logits_dipo_step_time": median["dipo_cached_fused"] / median["dipo_cached"],
-        "fused_dipo_over_fused_sft_step_time": median["dipo_cached_fused"] / median["sft_fused"],
-        "fused_dipo_over_sft_step_time": median["dipo_cached_fused"] / median["sft"],
+        "per_round": {key: per_round(times, a, b) for key, (a, b) in RATIOS.items()},
         "precompute": precompute,
+        "command": command,
+        **machine_facts(load_at_start),
     }
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "step_time_s_all"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("step_time_s_all", "per_round")}, indent=2))
+    if args.doc:
+        write_doc_section(ROOT / "docs" / "benchmarks.md", "step", doc_section(result))
+
+
+ROWS = [  # variant, its label in the table, the denominator it is also compared with
+    ("sft", "sft (plain fine-tuning)", None),
+    ("ga", "ga", None),
+    ("npo_online", "npo, online reference", None),
+    ("npo_cached", "npo, hidden cache", None),
+    ("dipo_online", "dipo, online reference", None),
+    ("dipo_cached", "**dipo, hidden cache**", None),
+    ("dipo_topk", "dipo, topk cache (K = 32)", None),
+    ("sft_fused", "sft, fused LM head", None),
+    ("dipo_cached_fused", "**dipo, hidden cache, fused LM head**", "sft_fused"),
+    ("dipo_online_fused", "dipo, online reference, fused LM head", None),
+]
+
+
+def doc_section(result: dict) -> str:
+    """The "Unlearning step" section of docs/benchmarks.md from a run's JSON."""
+    m, b, times = result["model"], result["batch"], result["step_time_s"]
+    all_times, peaks, rounds = result["step_time_s_all"], result["step_peak_mb"], result["per_round"]
+    load = result["machine"]
+
+    def spread(num: str, den: str) -> str:
+        r = [x / y for x, y in zip(all_times[num], all_times[den])]
+        return f"{min(r):.2f}–{max(r):.2f}"
+
+    lines = [
+        "## Unlearning step", "",
+        f"`{result['command']}` on {result['date_utc']} ({load['cpus']} CPUs, torch {load['torch']}, load "
+        f"average {load['load_average_at_start'][0]:.1f} at the start, {load['load_average'][0]:.1f} at the end; "
+        "other sessions' jobs shared the cores).", "",
+        "A full unlearning step on the local 2-worker ZeRO-3 cluster (Ray Train, DeepSpeed ZeRO-3 over gloo, "
+        "`zero3_cpu.json`), every variant timed side by side in one run on the same global batch "
+        "(`benchmarks/step.py`'s docstring): `unlearn.micro_step` (forward over [forget; retain], loss, "
+        "backward, ZeRO-3 optimizer step, `gd` retain term) for each variant in turn, round-robin, "
+        f"{result['warmup']} warm-up rounds then {result['reps']} timed ones, each bracketed by barriers. "
+        "Reading the cache rows is inside the timed region, as in training; the caches are written by the "
+        "real precompute first. `sft` (plain fine-tuning) is computed by method GA, whose loss is the negated "
+        "NLL: the same forward, backward and optimizer step; `sft` and `ga` are timed separately, so their "
+        "ratio is the noise floor. Peak memory per step: each worker's peak RSS during the step over its RSS "
+        "just before it (glibc's mmap threshold pinned to 1 MiB, so freed tensors leave RSS), the larger of "
+        "the two workers; it counts what the step allocates and frees, not the partitions ZeRO-3 keeps.", "",
+        f"Llama of {m['parameters'] / 1e6:.1f} M parameters (vocabulary {m['vocab']}, hidden {m['hidden']}, "
+        f"{m['layers']} layers, {m['dtype']}), {b['workers']} workers × ({b['forget_rows_per_worker']} forget + "
+        f"{b['retain_rows_per_worker']} retain blocks of {b['block_size']} tokens) = {b['tokens_per_step']} "
+        "tokens per step; DiPO α = 1, β = 0.1, top-1.", "",
+        "| variant | step time (median) | tokens/s | time over sft (median; per-round range) | peak MB per worker |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label, other in ROWS:
+        over = f"{times[name] / times['sft']:.2f} ({spread(name, 'sft')})" if name != "sft" else "1.00"
+        if other:
+            over += f"; {times[name] / times[other]:.2f} over {other}"
+        lines.append(f"| {label} | {times[name]:.2f} s | {result['tokens_per_s'][name]:.0f} | {over} | "
+                     f"{peaks[name]:.0f} |")
+    target = result["dipo_over_sft_step_time"]
+    r = rounds["dipo_over_sft_step_time"]
+    lines += [
+        "",
+        f"- `dipo_over_sft_step_time` = **{target:.2f}** "
+        f"(target ≤ 1.10: **{'met' if target <= 1.10 else 'missed'}**); "
+        f"per round {r['median']:.2f} (median), {r['min']:.2f}–{r['max']:.2f}. In the same run "
+        f"`ga_over_sft_step_time` = {result['ga_over_sft_step_time']:.2f} (the noise floor; per round "
+        f"{rounds['ga_over_sft_step_time']['min']:.2f}–{rounds['ga_over_sft_step_time']['max']:.2f}), "
+        f"`npo_cached_over_sft_step_time` = {result['npo_cached_over_sft_step_time']:.2f}, "
+        f"`dipo_topk_over_sft_step_time` = {result['dipo_topk_over_sft_step_time']:.2f}.",
+        f"- Fused LM head: `fused_over_logits_dipo_step_peak_memory` = "
+        f"**{result['fused_over_logits_dipo_step_peak_memory']:.2f}** (plain fine-tuning: "
+        f"{result['fused_over_logits_sft_step_peak_memory']:.2f}); `fused_dipo_over_fused_sft_step_time` = "
+        f"**{result['fused_dipo_over_fused_sft_step_time']:.2f}** (per round "
+        f"{rounds['fused_dipo_over_fused_sft_step_time']['min']:.2f}–"
+        f"{rounds['fused_dipo_over_fused_sft_step_time']['max']:.2f}), "
+        f"`fused_over_logits_dipo_step_time` = {result['fused_over_logits_dipo_step_time']:.2f}.",
+        f"- `online_over_cached_step_time` = {result['online_over_cached_step_time']:.2f} (the online reference: "
+        "a second ZeRO-3 engine, parameter all-gathers and a forward every step).",
+        "- Precompute for this run: " + ", ".join(
+            f"{form} cache {p['seconds']:.1f} s ({p['bytes_per_token']} bytes per token)"
+            for form, p in result["precompute"].items()) + ".",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

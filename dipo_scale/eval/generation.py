@@ -165,9 +165,9 @@ def _in_step(count: int, batches: int | None, device) -> int:
 
 def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log softmax(logits[n])[labels[n]] for logits [N, V] (any float dtype) and labels [N]: [N] in
-    float32 at least, computed `auto_chunk_size(V)` positions at a time (the losses' per-position
-    log-prob), so no float32 [N, V] copy exists."""
-    chunk = auto_chunk_size(logits.shape[-1])
+    float32 at least, computed `auto_chunk_size(V, device, dtype)` positions at a time (the losses'
+    per-position log-prob), so no float32 [N, V] copy exists."""
+    chunk = auto_chunk_size(logits.shape[-1], logits.device, logits.dtype)
     dtype = compute_dtype(logits)
     return torch.cat([_target_logprob(logits[s : s + chunk].to(dtype), labels[s : s + chunk])
                       for s in range(0, labels.shape[0], chunk)])

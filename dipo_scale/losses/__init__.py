@@ -6,7 +6,9 @@ See ../shared/docs/DIPO.md (copied into docs/DIPO.md) for the derivation. Conven
   is the token that `logits[b, t]` predicts, and -100 marks a position that contributes nothing.
 * Every loss works chunk by chunk over the valid positions: no [B, T, V] float32 intermediate is
   ever held beyond the logits themselves (and their gradient). The backward pass recomputes each
-  chunk, so the autograd graph stores only the inputs (see `_PositionwiseChunked`).
+  chunk, so the autograd graph stores only the inputs (see `_PositionwiseChunked`); a loss whose
+  gradient has a closed form (DiPO's) writes it into the logits' gradient tensor in the forward
+  instead, where that tensor has the compute dtype (float32 logits), and the backward only scales it.
 * Per-row quantities are sums over that row's valid positions, so a row's loss does not depend
   on the other rows of the batch or on how much padding it carries.
 * The policy is its logits [B, T, V], or an `LMHead` (final hidden states [B, T, H] + the LM-head
@@ -16,10 +18,24 @@ See ../shared/docs/DIPO.md (copied into docs/DIPO.md) for the derivation. Conven
   value and gradient (tests/losses/test_fused.py). Under DeepSpeed ZeRO-3 the head weight must be
   the gathered one: `dipo_scale.unlearn.FusedHeadModel` computes the loss inside the engine's
   forward for that reason.
-* Chunk size (`chunk_size`, positions). A chunk holds a handful of [chunk, V] float32 temporaries,
-  so its memory grows with V; `None` picks `auto_chunk_size(V)`, ~16 MiB per temporary whatever
-  the vocabulary (131 positions at V = 32000, 32 at V = 128256). On a GPU a larger chunk may run
-  the fused [chunk, H] x [H, V] matmul nearer peak; smaller chunks re-read the weight more often.
+* Chunk size (`chunk_size`, positions). A chunk holds a few [chunk, V] temporaries in the compute
+  dtype, so its memory grows with V; `None` picks `auto_chunk_size(V, device, dtype)`: on the CPU
+  ~16 MiB per temporary (131 positions at V = 32000, 32 at V = 128256: cache-sized, what measured
+  best there), elsewhere (GPUs) a memory budget (1046 positions at V = 128256, 4096 at V = 32000:
+  the fused [chunk, H] x [H, V] matmul stays compute-bound, the head weight read once per chunk).
+* The fused head's matmuls (`LMHead`, and `HiddenReference`'s logits) run on GPUs in the weight's
+  dtype (bf16 inputs; cuBLAS accumulates in float32) and only the [chunk, V] logits are upcast to
+  float32 for the softmax math; on the CPU in float32 (the weight upcast once per pass). Their
+  `matmul_dtype` argument forces either. bf16 logits are what a bf16 model's own LM head gives
+  (the unfused path): a DiPO margin, a sum of logit differences over the sequence, carries their
+  rounding (tests/losses/test_chunking.py); `matmul_dtype=torch.float32` keeps float32 logits at
+  the cost of a float32 copy of the weight and float32 matmuls.
+* A per-position function may give its derivative in closed form (`fn.derivative`; DiPO's margin:
+  the weight π⁺ − π⁻ is built without gradient, so it is the margin's derivative): on float32
+  logits it is computed once, in the forward, into the gradient tensor (the backward multiplies
+  each row by its incoming gradient); elsewhere (bf16 logits, the fused head) the backward
+  recomputes it per chunk without an autograd graph, and without the policy's logits unless the
+  derivative reads them (no policy matmul in the fused head's backward).
 * The reference (`ref_logits` of `dipo_loss`, `npo_loss`, `kl_retain_loss`) is full logits
   [B, T, V] (the `online` form), or one of the cached forms of docs/DIPO.md, "Reference
   statistics": `HiddenReference` (exact: the reference's final hidden states + its LM-head
@@ -43,6 +59,7 @@ positive number: the tail gets essentially no probability.)
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Literal
 
@@ -51,14 +68,46 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2 ** 22  # one [chunk, V] float32 temporary holds ~this many values (16 MiB)
+# The loss chunk (`auto_chunk_size`). On the CPU: 2**22 values per [chunk, V] temporary (16 MiB in
+# float32), at most 1024 positions (docs/benchmarks.md, "Loss": what measured best there). Elsewhere
+# (GPUs): the chunk's temporaries within a memory budget, at most 4096 positions.
+CHUNK_ELEMENTS = 2 ** 22
 MAX_CHUNK = 1024
+ACCELERATOR_CHUNK_BUDGET = 4 << 30  # bytes for a chunk's CHUNK_TEMPORARIES [chunk, V] temporaries
+ACCELERATOR_MAX_CHUNK = 4096
+# The most [chunk, V] temporaries (in float32 units) alive at once in one chunk of any loss, forward
+# or backward, logits or fused: 8 in kl_retain_loss's backward; DiPO top-k 4 (forward), NLL 5
+# (backward). tests/losses/test_chunking.py counts them from the allocations of every loss.
+CHUNK_TEMPORARIES = 8
 
 
-def auto_chunk_size(vocab_size: int, elements: int = CHUNK_ELEMENTS) -> int:
-    """Positions per chunk when `chunk_size=None`: sized by elements, not positions, because a
-    chunk holds several [chunk, V] float32 temporaries (131 positions at V=32k, 32 at V=128k)."""
-    return max(1, min(MAX_CHUNK, elements // max(1, vocab_size)))
+def auto_chunk_size(vocab_size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    budget_bytes: int | None = None) -> int:
+    """Positions per loss chunk for logits (or an `LMHead`) of `dtype` on `device`: what the losses
+    use when `chunk_size=None`, and what a memory plan reserves (`loss_chunk_bytes`).
+
+    * CPU (and no `budget_bytes`): `CHUNK_ELEMENTS // V` positions, at most `MAX_CHUNK`: 131 at
+      V = 32000, 32 at V = 128256, whatever the dtype (measured best on the CPU, where the
+      temporaries stay near the caches).
+    * Other devices: the chunk's `CHUNK_TEMPORARIES` [chunk, V] temporaries in the compute dtype
+      (`compute_dtype`: float32, float64 for float64 logits) fit `budget_bytes` (default
+      `ACCELERATOR_CHUNK_BUDGET`, 4 GiB), at most `ACCELERATOR_MAX_CHUNK` positions: 1046 at
+      V = 128256 and 4096 at V = 32000 in float32. Large chunks keep the fused head's
+      [chunk, H] x [H, V] matmul compute-bound (its weight is read once per chunk).
+    `budget_bytes` applies the budget rule on any device (a planner's own figure)."""
+    vocab = max(1, vocab_size)
+    if budget_bytes is None:
+        if torch.device(device).type == "cpu":
+            return max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // vocab))
+        budget_bytes = ACCELERATOR_CHUNK_BUDGET
+    return max(1, min(ACCELERATOR_MAX_CHUNK, budget_bytes // loss_chunk_bytes(1, vocab, dtype)))
+
+
+def loss_chunk_bytes(chunk: int, vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one loss chunk's temporaries at most: `CHUNK_TEMPORARIES` [chunk, V] tensors in the
+    compute dtype of `dtype` logits (what a memory plan reserves for the loss)."""
+    return CHUNK_TEMPORARIES * chunk * vocab_size * torch.promote_types(dtype, torch.float32).itemsize
+
 
 Select = Literal["topk", "label", "topp"]
 
@@ -69,40 +118,74 @@ Select = Literal["topk", "label", "topp"]
 class _PositionwiseChunked(torch.autograd.Function):
     """values[n] = fn(logits[n], *aux[n]) for each selected position n, computed in chunks.
 
-    Forward holds one [chunk, V] float32 slice at a time; backward recomputes each chunk and
-    writes its gradient into a gradient tensor shaped like `logits` (no other [N, V] state).
-    With `side` (a function like fn), the forward also returns side(logits[n], *aux[n]) from the
-    same chunks, without gradient (a statistic riding along the loss's pass; not recomputed in
-    the backward).
+    Forward holds one [chunk, V] float32 slice at a time; backward recomputes each chunk (or
+    only its derivative, `_chunk_grad`) and writes its gradient into a gradient tensor shaped like
+    `logits` (no other [N, V] state). With `side` (a function like fn), the forward also returns
+    side(logits[n], *aux[n]) from the same chunks, without gradient (a statistic riding along the
+    loss's pass; not recomputed in the backward).
+
+    When fn has a closed-form derivative (`fn.value_and_derivative`), a gradient will be wanted
+    (`keep_grad`) and the logits already have the compute dtype, the forward writes each chunk's
+    derivative into that gradient tensor as it goes (the same tensor the backward would allocate,
+    held from the forward on), and the backward multiplies its rows by grad_out in place: the
+    chunks are computed once. The values are those of the recomputing backward, bit for bit (the
+    same products); a second backward through the same graph recomputes.
     """
 
     @staticmethod
-    def forward(ctx, fn, side, chunk, positions, logits, *aux):
+    def forward(ctx, fn, side, chunk, keep_grad, positions, logits, *aux):
         ctx.fn, ctx.chunk, ctx.dtype = fn, chunk, compute_dtype(logits)
         ctx.save_for_backward(positions, logits, *aux)
         out = logits.new_empty(positions.numel(), dtype=ctx.dtype)
         side_out = None if side is None else torch.empty_like(out)
+        derivatives = torch.zeros_like(logits) if (  # the gradient tensor, filled chunk by chunk below
+            keep_grad and hasattr(fn, "value_and_derivative") and logits.dtype == ctx.dtype) else None
         with torch.no_grad():
             for s in range(0, positions.numel(), chunk):
                 idx = positions[s : s + chunk]
                 z, chunk_aux = logits[idx].to(ctx.dtype), [a[idx] for a in aux]
-                out[s : s + chunk] = fn(z, *chunk_aux)
+                if derivatives is None:
+                    out[s : s + chunk] = fn(z, *chunk_aux)
+                else:
+                    out[s : s + chunk], derivative = fn.value_and_derivative(z, *chunk_aux)
+                    if torch.promote_types(derivative.dtype, derivatives.dtype) == derivatives.dtype:
+                        derivatives[idx] = derivative.to(derivatives.dtype)
+                    else:  # wider than the gradient (a float64 reference): the backward recomputes
+                        derivatives = None
                 if side is not None:
                     side_out[s : s + chunk] = side(z, *chunk_aux)
+        ctx.derivatives = derivatives
         return _with_side(ctx, out, side_out)
 
     @staticmethod
     def backward(ctx, grad_out, *_):
         positions, logits, *aux = ctx.saved_tensors
+        if ctx.derivatives is not None:  # the forward's derivatives, scaled in place (once)
+            grad, ctx.derivatives = ctx.derivatives, None
+            scale = grad_out.new_zeros(len(grad))
+            scale[positions] = grad_out
+            return (None, None, None, None, None, grad.mul_(scale[:, None])) + (None,) * len(aux)
         grad = torch.zeros_like(logits)
         for s in range(0, positions.numel(), ctx.chunk):
             idx = positions[s : s + ctx.chunk]
-            with torch.enable_grad():
-                z = logits[idx].detach().to(ctx.dtype).requires_grad_(True)
-                values = ctx.fn(z, *(a[idx] for a in aux))
-                (g,) = torch.autograd.grad(values, z, grad_out[s : s + ctx.chunk])
+            g = _chunk_grad(ctx.fn, lambda: logits[idx].to(ctx.dtype), [a[idx] for a in aux],
+                            grad_out[s : s + ctx.chunk])
             grad[idx] = g.to(grad.dtype)
-        return (None, None, None, None, grad) + (None,) * len(aux)
+        return (None, None, None, None, None, grad) + (None,) * len(aux)
+
+
+def _chunk_grad(fn, policy_logits: Callable[[], torch.Tensor], aux: list, grad_out: torch.Tensor) -> torch.Tensor:
+    """grad_out[:, None] · ∂fn(z, *aux)/∂z for one chunk ([C, V]): from fn's closed form when it
+    has one (`fn.derivative`; the policy's logits `policy_logits()` are built only if it reads them,
+    `fn.derivative_reads_policy`), else by autograd through fn."""
+    if hasattr(fn, "derivative"):
+        with torch.no_grad():
+            z = policy_logits() if fn.derivative_reads_policy else None
+            return _product_into(fn.derivative(z, *aux), grad_out[:, None])
+    with torch.enable_grad():
+        z = policy_logits().detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(z, *aux), z, grad_out)
+    return g
 
 
 def _with_side(ctx, out: torch.Tensor, side_out: torch.Tensor | None):
@@ -117,25 +200,35 @@ class _FusedHeadPositionwise(torch.autograd.Function):
     """values[n] = fn(hidden[n] @ weight.T + bias, targets[n], *aux[n]) for each selected position n
     (and, with `side`, side(...) of the same chunks, as in `_PositionwiseChunked`).
 
-    Forward holds one chunk of [chunk, V] tensors at a time; backward recomputes each chunk,
-    writes that chunk's rows of grad_hidden and adds grad_z.T @ hidden_chunk into one [V, H]
-    accumulator (in the compute dtype, cast to the weight's dtype at the end). Saved: the inputs
-    only. Gradients are computed only for the inputs that require them (a frozen head costs no
-    [V, H] accumulator). A bf16 weight is upcast once per pass (a transient float32 [V, H] copy).
+    Forward holds one chunk of [chunk, V] tensors at a time; backward recomputes each chunk (or
+    only its gradient, `_chunk_grad`), writes that chunk's rows of grad_hidden and adds
+    grad_z.T @ hidden_chunk into one [V, H] accumulator in the compute dtype (float32), cast to
+    the weight's dtype at the end. Saved: the inputs only. Gradients are computed only for the
+    inputs that require them (a frozen head costs no [V, H] accumulator).
+
+    The matmuls run in `matmul` (`LMHead.matmul_dtype`): in the compute dtype (float32) the
+    weight is upcast once per pass (a transient [V, H] copy), and every product is float32. In
+    the weight's dtype (bf16, the default on GPUs) nothing is upcast but the chunk's [chunk, V]
+    logits; the chunk's gradient is rounded to bf16 for its two products, as a bf16 model's LM
+    head does (cuBLAS accumulates each product in float32). Each chunk's grad_weight product is
+    rounded to bf16 once (a transient [V, H] in bf16) and summed into the float32 accumulator:
+    the chunks' rounding errors add up like independent terms instead of compounding, as they
+    would in a bf16 running sum (addmm_ into a bf16 gradient rounds the whole sum at every chunk).
     """
 
     @staticmethod
-    def forward(ctx, fn, side, chunk, positions, hidden, weight, bias, targets, *aux):
+    def forward(ctx, fn, side, chunk, matmul, positions, hidden, weight, bias, targets, *aux):
         dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(weight))
-        ctx.fn, ctx.chunk, ctx.dtype = fn, chunk, dtype
+        ctx.fn, ctx.chunk, ctx.dtype, ctx.matmul = fn, chunk, dtype, matmul
         ctx.save_for_backward(positions, hidden, weight, bias, targets, *aux)
         out = hidden.new_empty(positions.numel(), dtype=dtype)
         side_out = None if side is None else torch.empty_like(out)
         with torch.no_grad():
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            w, b = weight.to(matmul), None if bias is None else bias.to(matmul)
             for s in range(0, positions.numel(), chunk):
                 idx = positions[s : s + chunk]
-                z, chunk_aux = _linear(hidden[idx].to(dtype), w, b), [targets[idx]] + [a[idx] for a in aux]
+                z = _linear(hidden[idx].to(matmul), w, b).to(dtype)
+                chunk_aux = [targets[idx]] + [a[idx] for a in aux]
                 out[s : s + chunk] = fn(z, *chunk_aux)
                 if side is not None:
                     side_out[s : s + chunk] = side(z, *chunk_aux)
@@ -146,34 +239,33 @@ class _FusedHeadPositionwise(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, *_):
         positions, hidden, weight, bias, targets, *aux = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[4:7]
-        dtype = ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[5:8]
+        dtype, matmul = ctx.dtype, ctx.matmul
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if need_b else None
         if need_h or need_w or need_b:
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            w, b = weight.to(matmul), None if bias is None else bias.to(matmul)
             for s in range(0, positions.numel(), ctx.chunk):
                 idx = positions[s : s + ctx.chunk]
-                h = hidden[idx].to(dtype)
-                z = _linear(h, w, b)  # backward runs without grad mode: a fresh leaf
-                with torch.enable_grad():
-                    z.requires_grad_(True)
-                    values = ctx.fn(z, targets[idx], *(a[idx] for a in aux))
-                    (g,) = torch.autograd.grad(values, z, grad_out[s : s + ctx.chunk].to(dtype))
-                del z, values
-                if need_h:
-                    grad_h[idx] = (g @ w).to(grad_h.dtype)
-                if need_w:
-                    grad_w.addmm_(g.T, h)
+                h = hidden[idx].to(matmul)
+                g = _chunk_grad(ctx.fn, lambda: _linear(h, w, b).to(dtype), [targets[idx]] + [a[idx] for a in aux],
+                                grad_out[s : s + ctx.chunk].to(dtype))
                 if need_b:
                     grad_b += g.sum(dim=0)
+                g = g.to(matmul)
+                if need_h:
+                    grad_h[idx] = (g @ w).to(grad_h.dtype)
+                if need_w and matmul == dtype:
+                    grad_w.addmm_(g.T, h)
+                elif need_w:
+                    grad_w += g.T @ h
                 del g, h
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return (None, None, None, None, grad_h, grad_w, grad_b) + (None,) * (1 + len(aux))
+        return (None, None, None, None, None, grad_h, grad_w, grad_b) + (None,) * (1 + len(aux))
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -190,15 +282,17 @@ def _per_row(fn: Callable, policy, targets: torch.Tensor, *aux: torch.Tensor,
     B, T, V = policy.shape
     if tuple(targets.shape) != (B, T):
         raise ValueError(f"targets must be [B, T]={(B, T)}, got {tuple(targets.shape)}")
-    chunk_size = chunk_size or auto_chunk_size(V)
+    chunk_size = chunk_size or auto_chunk_size(V, policy.device, policy.dtype)
     flat_targets = targets.reshape(-1)
     positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     flat_aux = [a.reshape(B * T, *a.shape[2:]) for a in aux]
     if isinstance(policy, LMHead):
-        values = _FusedHeadPositionwise.apply(fn, side, chunk_size, positions, policy.hidden.reshape(B * T, -1),
-                                              policy.weight, policy.bias, flat_targets.clamp_min(0), *flat_aux)
+        values = _FusedHeadPositionwise.apply(fn, side, chunk_size, policy.matmul_dtype, positions,
+                                              policy.hidden.reshape(B * T, -1), policy.weight, policy.bias,
+                                              flat_targets.clamp_min(0), *flat_aux)
     else:
-        values = _PositionwiseChunked.apply(fn, side, chunk_size, positions, policy.reshape(B * T, V),
+        keep_grad = torch.is_grad_enabled() and policy.requires_grad
+        values = _PositionwiseChunked.apply(fn, side, chunk_size, keep_grad, positions, policy.reshape(B * T, V),
                                             flat_targets.clamp_min(0), *flat_aux)
     rows = torch.div(positions, T, rounding_mode="floor")
     row_sums = lambda v: v.new_zeros(B).index_add(0, rows, v)  # noqa: E731
@@ -210,7 +304,8 @@ def _reference_values(fn: Callable, ref: "Reference", targets: torch.Tensor,
     """Sum of fn(z_ref, y) over each row's valid positions -> [B], without gradients (the
     reference side of NPO: only the reference's logits, rebuilt chunk by chunk)."""
     B, T = targets.shape
-    chunk_size = chunk_size or auto_chunk_size(ref.vocab_size)
+    first = ref.per_position()[0]
+    chunk_size = chunk_size or auto_chunk_size(ref.vocab_size, first.device, first.dtype)
     flat_targets = targets.reshape(-1)
     positions = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
     aux = [a.reshape(B * T, *a.shape[2:]) for a in ref.per_position()]
@@ -235,15 +330,31 @@ def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     return h @ w.T if b is None else torch.addmm(b, h, w.T)
 
 
+def head_matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor,
+                      matmul_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype an LM head's chunk matmul `hidden @ weight.T` runs in (`LMHead`, `HiddenReference`):
+    `matmul_dtype` when given; else on the CPU the compute dtype (float32 at least: the weight is
+    upcast once per pass, and float32 products are what measured fastest there), elsewhere the
+    inputs' own dtype (bf16 on GPUs: no float32 copy of the [V, H] weight, the matmul at bf16
+    speed with float32 accumulation, only the [chunk, V] logits upcast)."""
+    if matmul_dtype is not None:
+        return matmul_dtype
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return torch.promote_types(dtype, torch.float32) if weight.device.type == "cpu" else dtype
+
+
 class LMHead:
     """The policy as its final hidden states [B, T, H] (the input of its LM head) and that head's
     `weight` [V, H] (+ `bias` [V]), in place of logits: the fused path. Every loss takes it
     wherever it takes policy logits and computes `hidden @ weight.T + bias` chunk by chunk, in the
     forward and again in the backward pass, so neither the [B, T, V] logits nor their gradient
     ever exist. Gradients reach `hidden`, `weight` and `bias` (those that require them).
-    `head[rows]` selects rows of the batch, like `logits[rows]`."""
+    `head[rows]` selects rows of the batch, like `logits[rows]`. `matmul_dtype`: the dtype of the
+    chunk matmuls (`head_matmul_dtype`: None picks float32 on the CPU, the weight's dtype on GPUs);
+    the loss math runs in float32 (at least) either way."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 matmul_dtype: torch.dtype | None = None):
         if hidden.dim() != 3:
             raise ValueError(f"LMHead: hidden must be [B, T, H], got {tuple(hidden.shape)}")
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
@@ -251,10 +362,12 @@ class LMHead:
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"LMHead: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
         self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.matmul_dtype = head_matmul_dtype(hidden, weight, matmul_dtype)
         self.shape = (*hidden.shape[:2], weight.shape[0])
+        self.device, self.dtype = hidden.device, torch.promote_types(hidden.dtype, weight.dtype)
 
     def __getitem__(self, rows) -> "LMHead":
-        return LMHead(self.hidden[rows], self.weight, self.bias)
+        return LMHead(self.hidden[rows], self.weight, self.bias, self.matmul_dtype)
 
 
 class LogitsReference:
@@ -278,17 +391,21 @@ class LogitsReference:
 class HiddenReference:
     """The `hidden` form (exact): the reference's final hidden states [B, T, H] — the input of
     its LM head — and that head's `weight` [V, H] (+ `bias` [V]). Logits of a chunk of positions
-    are `hidden @ weight.T + bias`, computed in float32 at least (float64 stays float64)."""
+    are `hidden @ weight.T + bias`, returned in float32 at least (float64 stays float64); the
+    matmul runs in `head_matmul_dtype` (float32 on the CPU, the weight's dtype on GPUs, or
+    `matmul_dtype`)."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 matmul_dtype: torch.dtype | None = None):
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"HiddenReference: hidden must be [..., H] and weight [V, H]; got "
                              f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
         self.hidden, self.weight = hidden.detach(), weight.detach()
         self.bias = None if bias is None else bias.detach()
         self.dtype = torch.promote_types(compute_dtype(hidden), compute_dtype(weight))
-        self._w = self.weight.to(self.dtype)  # cast once, not per chunk
-        self._b = None if bias is None else self.bias.to(self.dtype)
+        self.matmul_dtype = head_matmul_dtype(hidden, weight, matmul_dtype)
+        self._w = self.weight.to(self.matmul_dtype)  # cast once (if at all), not per chunk
+        self._b = None if bias is None else self.bias.to(self.matmul_dtype)
         self.vocab_size = weight.shape[0]
         self.shape = (*hidden.shape[:-1], self.vocab_size)
 
@@ -297,10 +414,13 @@ class HiddenReference:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return _linear(hidden.to(self.dtype), self._w, self._b)
+            return _linear(hidden.to(self.matmul_dtype), self._w, self._b).to(self.dtype)
 
     def __getitem__(self, rows) -> "HiddenReference":
-        return HiddenReference(self.hidden[rows], self.weight, self.bias)
+        ref = copy.copy(self)  # the same weight, and its cast: not cast again per selection
+        ref.hidden = self.hidden[rows]
+        ref.shape = (*ref.hidden.shape[:-1], self.vocab_size)
+        return ref
 
 
 class TopKReference:
@@ -536,11 +656,42 @@ def preference_weight(z_src, y, *, alpha, select, k=1, p=0.9) -> torch.Tensor:
     return weight.add_(on_s) if select == "topp" else weight.scatter_(1, idx, on_s)
 
 
-def _dipo_position_margin(z, y, z_ref, *, alpha, select, k, p, source):
-    with torch.no_grad():
-        z_src = z.detach() if source == "policy" else z_ref
-        weight = preference_weight(z_src, y, alpha=alpha, select=select, k=k, p=p)
-    return (weight * (z - z_ref.to(z.dtype))).sum(dim=1)
+class _DipoMargin:
+    """DiPO's per-position margin ⟨π⁺ − π⁻, z − z_ref⟩ (a per-position function of the chunked
+    losses: `margin(z, y, *ref_inputs)`, z_ref rebuilt by `ref.logits`), with its derivative in
+    closed form. The weight π⁺ − π⁻ is built without gradient (from the reference, or from the
+    detached policy logits with `source=policy`), so ∂margin/∂z is the weight itself: autograd
+    through the margin gives grad_out · weight, the same products. The chunked functions use it
+    (`_PositionwiseChunked`, `_chunk_grad`): computed with the margin in the forward, or rebuilt
+    in the backward from the reference alone (unless `source=policy`: then from the policy's
+    logits too)."""
+
+    def __init__(self, ref: "Reference", *, alpha, select, k, p, source):
+        self.ref, self.source = ref, source
+        self.weight_kw = dict(alpha=alpha, select=select, k=k, p=p)
+        self.derivative_reads_policy = source == "policy"
+
+    def _weight(self, z, y, z_ref):
+        return preference_weight(z if self.source == "policy" else z_ref, y, **self.weight_kw)
+
+    def __call__(self, z, y, *ref_inputs):
+        return self.value_and_derivative(z, y, *ref_inputs)[0]
+
+    def value_and_derivative(self, z, y, *ref_inputs):
+        """(margin [C], ∂margin/∂z = π⁺ − π⁻ [C, V]) from one weight."""
+        with torch.no_grad():
+            z_ref = self.ref.logits(*ref_inputs)
+            weight = self._weight(z, y, z_ref)
+            return _product_into(z - z_ref.to(z.dtype), weight).sum(dim=1), weight
+
+    def derivative(self, z, y, *ref_inputs):
+        """∂margin/∂z = π⁺ − π⁻; z is only read with `source=policy` (None otherwise)."""
+        return self._weight(z, y, self.ref.logits(*ref_inputs))
+
+
+def _product_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b, written into a (a temporary) when a already has the product's dtype."""
+    return a.mul_(b) if torch.promote_types(a.dtype, b.dtype) == a.dtype else a * b
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,8 +742,7 @@ def dipo_margin(logits, ref_logits, targets, *, alpha, select: Select = "topk", 
     `ref_logits`: logits [B, T, V] or a cached form (`HiddenReference`, `TopKReference`)."""
     ref = as_reference(ref_logits)
     _check_reference(ref, logits)
-    fn = lambda z, y, *r: _dipo_position_margin(z, y, ref.logits(*r), alpha=alpha, select=select,  # noqa: E731
-                                                k=k, p=p, source=source)
+    fn = _DipoMargin(ref, alpha=alpha, select=select, k=k, p=p, source=source)
     out = _per_row(fn, logits, targets, *ref.per_position(), chunk_size=chunk_size,
                    side=_target_logprob if with_logprob else None)
     margin, logprob = out if with_logprob else (out, None)
