@@ -21,7 +21,8 @@ DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused for every float (`train.lr=.inf` diverged into an all-NaN export)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -82,7 +83,7 @@ class LossConfig(_Strict):
     chunk_size: Optional[int] = Field(None, ge=1)  # positions per chunk in the losses (None: by vocab size)
     fused: bool = False  # LM head + loss chunk by chunk: the [B, T, V] logits never exist (unlearn.FusedHeadModel)
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class TrainConfig(_Strict):

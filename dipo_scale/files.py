@@ -194,6 +194,25 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sampled_fingerprint(model_dir: str | Path, samples: int = 16, sample_bytes: int = 1 << 20) -> str:
+    """A fingerprint of a model directory that reads at most `samples` × `sample_bytes` per file
+    whatever the model's size: sha256 over config.json and, per weight file, its name, its size and
+    `samples` slices spread evenly over it (its start, the safetensors header, included). Other
+    weights in the same architecture differ in every slice. For identities checked at every start
+    (a 7B model's full `weights_fingerprint` reads 14 GB)."""
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.iterdir() if p.is_file()
+                       and (p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as f:
+            for i in range(samples if size > samples * sample_bytes else 1):
+                f.seek(i * max(0, size - sample_bytes) // max(1, samples - 1))
+                h.update(f.read(sample_bytes if size > samples * sample_bytes else size))
+    return h.hexdigest()[:16]
+
+
 def weights_fingerprint(model_dir: str | Path) -> str:
     """sha256 over config.json and the weight files of a local model directory (16 hex digits)."""
     root = Path(model_dir)

@@ -24,6 +24,7 @@ Driver side (`run_unlearning`) builds a `TorchTrainer` with N workers. Each work
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -449,9 +450,29 @@ def micro_step(cfg: UnlearnConfig, engine, ref_engine, batch: dict, n_forget: in
     return dict(zip(record, values))
 
 
+def run_identity(cfg: UnlearnConfig) -> dict:
+    """Everything that determines a run's weights, and so its checkpoints: its config (local paths
+    absolute) but the worker count (checkpoints load at any world size), and the fingerprints of
+    what it reads: the model's and the reference's weights (`files.sampled_fingerprint`), the
+    prepared data (its manifest, which holds every shard's sha256)."""
+    from dipo_scale.files import sampled_fingerprint
+    from dipo_scale.preflight import resolve_model_dir
+
+    cfg = absolute_paths(cfg)
+    config = cfg.model_dump(by_alias=True)
+    models = {"model": cfg.model.path, "reference": cfg.model.reference_path or cfg.model.path}
+    manifest = Path(cfg.data.prepared_dir) / "manifest.json"
+    return {**config, "train": {k: v for k, v in config["train"].items() if k != "num_workers"},
+            "inputs": {**{k: sampled_fingerprint(resolve_model_dir(p, f"model.{k}")) for k, p in models.items()},
+                       "prepared": hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]}}
+
+
 def checkpoint_root(cfg: UnlearnConfig) -> Path:
-    """Where Ray Train stores this run's checkpoints (dipo_scale/checkpoint.py)."""
-    return Path(cfg.train.storage_path or run_dir_of(cfg) / "ray") / cfg.run_name
+    """Where Ray Train stores this run's checkpoints (dipo_scale/checkpoint.py): a folder named by
+    the run and a hash of its identity (`run_identity`), so runs that share `train.storage_path`
+    never resume (or prune) each other's checkpoints, whatever their names."""
+    key = hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.train.storage_path or run_dir_of(cfg) / "ray") / f"{cfg.run_name}-{key}"
 
 
 def _report_checkpoint(cfg: UnlearnConfig, engine, step: int, metrics: dict) -> None:
@@ -479,7 +500,7 @@ def train_worker(config: dict) -> None:
     run_dir = run_dir_of(cfg)
     torch.manual_seed(cfg.train.seed)
     engine, ref_engine, ref_head = init_engines(cfg, load_ds_config(cfg, world))
-    resume_from = checkpoint.newest_checkpoint(checkpoint_root(cfg))
+    resume_from = checkpoint.newest_checkpoint(Path(config["checkpoint_root"]))
     start, saved_world = checkpoint.load(engine, resume_from) if resume_from else (0, world)
 
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
@@ -537,6 +558,7 @@ def train_worker(config: dict) -> None:
             for k, v in record.items():
                 sums[k] = sums.get(k, 0.0) + v * n / G
         metrics = sum_over_ranks(sums, engine.device)  # means over the global batch's rows
+        _check_finite(cfg, step + 1, metrics)  # every rank sees the same sums: all stop together
         metrics.update(step=step + 1, lr=engine.get_lr()[0], step_time_s=time.time() - t0, world_size=world)
         if rank == 0:
             log_file.write(json.dumps({**metrics, "forget_block_ids": forget_ids.tolist()}) + "\n")
@@ -571,6 +593,14 @@ def train_worker(config: dict) -> None:
             wandb_run.finish()
 
 
+def _check_finite(cfg: UnlearnConfig, step: int, metrics: dict[str, float]) -> None:
+    """A step whose loss is not finite stops the run in one line (nothing more is logged or exported)."""
+    bad = next((k for k in ("loss", "forget_loss", "retain_loss") if not math.isfinite(metrics.get(k, 0.0))), None)
+    if bad is not None:
+        raise UserInputError(f"unlearn: step {step}: {bad} is {metrics[bad]} (the run diverged); no model is "
+                             f"exported; rerun into a new out_dir with a lower train.lr (now {cfg.train.lr:g})")
+
+
 def _export_hf(cfg: UnlearnConfig, engine, rank: int, path: Path, metadata: dict) -> str | None:
     """Consolidate the ZeRO-3 shards (a collective) and write an HF-format model to `path` from
     rank 0, with `metadata` and the weights fingerprint in its dipo_scale.json. Returns the
@@ -582,6 +612,10 @@ def _export_hf(cfg: UnlearnConfig, engine, rank: int, path: Path, metadata: dict
     state_dict = hf_state_dict(engine)  # every rank must call it
     if rank != 0:
         return None
+    for name, tensor in state_dict.items():  # never export a diverged model
+        if not torch.isfinite(tensor).all():
+            raise UserInputError(f"unlearn: {name} holds non-finite values after step {metadata.get('step', 'the last')}"
+                                 f"; no model is exported to {path}")
     with atomic_dir(path, "unlearn") as tmp:
         hf_model(engine).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
@@ -635,19 +669,36 @@ def validate_run(cfg: UnlearnConfig) -> None:
                              "or use logging.wandb=offline")
 
 
+def gpu_memory_bytes() -> int:
+    """Total memory of one GPU of the Ray cluster (a task on a GPU node: the driver may have none)."""
+    import ray
+
+    def total() -> int:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+    return ray.get(ray.remote(num_gpus=1, max_retries=0)(total).remote())
+
+
 def _check_workers_can_run(cfg: UnlearnConfig) -> None:
     """On the Ray cluster (initialised): enough resources for the workers, and for a GPU run the
-    8-bit optimizer on a GPU node (the driver may have none)."""
+    8-bit optimizer on a GPU node (the driver may have none) and the memory plan: a run whose
+    estimated per-GPU peak exceeds the cluster's GPUs is refused in one line (`dipo-scale plan`)."""
     import ray
 
     from dipo_scale.preflight import check_resources
 
-    check_resources(cfg.train.worker_range[0], use_gpu=cfg.train.use_gpu)  # an elastic group starts with its min
-    if cfg.train.use_gpu and cfg.train.optimizer == "adamw_8bit":
+    low = cfg.train.worker_range[0]  # an elastic group starts with its min (and shrunk, holds the largest partitions)
+    check_resources(low, use_gpu=cfg.train.use_gpu)
+    if not cfg.train.use_gpu:
+        return
+    if cfg.train.optimizer == "adamw_8bit":
         try:
             ray.get(ray.remote(num_gpus=1, max_retries=0)(check_optimizer).remote(cfg))
         except UserInputError as e:  # a task's error carries its traceback: keep the cause's one line
             raise UserInputError(str(user_error_behind(e))) from None
+    from dipo_scale.plan import check_fits
+
+    check_fits(cfg, num_workers=low, gpu_memory_bytes=gpu_memory_bytes())
 
 
 def _run_started(run_dir: Path) -> bool:
@@ -695,22 +746,23 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.out_dir)
     config = cfg.model_dump(by_alias=True)
-    # The run's identity: its config but the worker count (the same command with another
-    # train.num_workers resumes it: checkpoints load at any world size).
-    identity = {**config, "train": {k: v for k, v in config["train"].items() if k != "num_workers"}}
+    # The same command with another train.num_workers resumes the run; another model at the same
+    # path, other data or any other setting is another run (refused once this one has started).
+    identity = run_identity(cfg)
+    root = checkpoint_root(cfg)
     check_run_dir(run_dir, identity, "unlearn", started=_run_started)
     init_ray()
     _check_workers_can_run(cfg)
     claim_run_dir(run_dir, identity, "unlearn", started=_run_started)  # nothing is written before this
-    checkpoint.prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
+    checkpoint.prune_checkpoints(root, cfg.train.keep_checkpoints)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": config},
+        train_loop_config={"cfg": config, "checkpoint_root": str(root)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      placement_strategy=cfg.train.placement_strategy,
                                      elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(checkpoint_root(cfg).parent),
+        run_config=RunConfig(name=root.name, storage_path=str(root.parent),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              callbacks=callbacks),
@@ -723,5 +775,5 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
             raise UserInputError(str(user_error)) from None
         raise
     finally:
-        checkpoint.prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints)
+        checkpoint.prune_checkpoints(root, cfg.train.keep_checkpoints)
     return run_dir / "model"

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dipo_scale.files import MARKER
@@ -131,6 +132,7 @@ CASES = [
     ("set-error-named-as-set-not-file", lambda t, a: ((t / "c.yaml").write_text("method: dipo\n"),
                                                       ["unlearn", "--config", "c.yaml", "--set", "dipo.beta=0"])[1],
      ["error: --set dipo.beta=0: dipo.beta"]),
+    ("set-infinite-lr", lambda t, a: _unlearn("train.lr=.inf"), ["--set train.lr=.inf", "finite number"]),
     ("wandb-online-without-credentials", lambda t, a: _unlearn("logging.wandb=online"),
      ["logging.wandb=online", "credentials"]),
     # --- unlearn: the model ----------------------------------------------------------------------
@@ -255,3 +257,20 @@ def test_outputs_follow_the_umask(tmp_path):
     assert (tmp_path / "c").stat().st_mode & 0o777 == 0o775
     assert (tmp_path / "c" / "world.json").stat().st_mode & 0o777 == 0o664
     assert (tmp_path / "c" / MARKER).stat().st_mode & 0o777 == 0o664
+
+
+def test_a_diverging_run_stops_in_one_line_and_exports_nothing(workdir):
+    """A learning rate that passes validation but makes training diverge (1e30: step 1's AdamW
+    update sends the weights past float32): the run stops at the first non-finite loss with one line
+    naming the step, exit 2; the steps before it stay in the log and no model is exported."""
+    proc = subprocess.run([sys.executable, "-m", "dipo_scale.cli", *_unlearn("train.lr=1e30", "train.steps=4",
+                                                                             "train.num_workers=1")],
+                          cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the run diverged" in errors[0] and "no model is exported" in errors[0], errors
+    step = int(errors[0].split("step ", 1)[1].split(":", 1)[0])
+    log = [json.loads(line) for line in (workdir / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, step)) and step >= 2
+    assert all(np.isfinite(r["loss"]) for r in log)
+    assert not (workdir / "run" / "model").exists()

@@ -201,3 +201,28 @@ def _readable_log(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass
     return records
+
+
+def test_runs_sharing_a_storage_path_never_take_each_others_checkpoints(tiny_assets, tmp_path):
+    """Two runs with the same method, lr and steps (the same run name) and the same
+    train.storage_path, on different models: the second starts from its own model (it used to
+    "resume after step 4" and export the first run's weights bit for bit); each run's checkpoints
+    sit in a folder of their own identity."""
+    store = tmp_path / "shared_store"
+    common = ("train.steps=4", f"train.storage_path={store}", "train.num_workers=1")
+    runs = {}
+    for name, model in (("runA", tiny_assets["target"]), ("runB", tiny_assets["retrain"])):
+        args = _args(tiny_assets, tmp_path / name, *common, f"model.path={model}")
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "from the start" in proc.stdout + proc.stderr and "resuming" not in proc.stdout + proc.stderr
+        runs[name] = load_file(tmp_path / name / "model" / "model.safetensors")
+    folders = sorted(p.name for p in store.iterdir() if p.is_dir())
+    assert len(folders) == 2 and folders[0].rsplit("-", 1)[0] == folders[1].rsplit("-", 1)[0], folders
+    assert all(complete_checkpoints(store / f) for f in folders)
+    retrain = load_file(tiny_assets["retrain"] / "model.safetensors")
+    a, b = runs["runA"], runs["runB"]
+    assert any((a[k] != b[k]).any() for k in a)
+    # runB's weights are its own model's, moved a few steps: closer to retrain's than runA's are
+    dist = lambda w: sum((w[k].float() - retrain[k].float()).norm().item() for k in w)  # noqa: E731
+    assert dist(b) < dist(a)
