@@ -348,12 +348,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise UserInputError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise UserInputError(f"{path}{line}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise UserInputError(f"{path}: expected a mapping at the top level")
         tree = _deep_merge(tree, loaded)
@@ -373,6 +368,74 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                  [f"invalid config: {'; '.join(from_file)}"] if from_file else []) + from_set
         raise UserInputError("; ".join(parts))
     return cfg
+
+
+class _DuplicateKey(yaml.MarkedYAMLError):
+    """A key given twice in one mapping (`problem_mark`: the second)."""
+
+
+def _mappings(node: yaml.Node, where: tuple[str, ...] = (), seen: set | None = None):
+    """Each mapping node of a composed YAML document with its dotted location (an alias, which
+    may refer to itself, is visited once)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        yield node, where
+        for key, value in node.value:
+            yield from _mappings(value, (*where, str(key.value)), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _mappings(item, (*where, str(i)), seen)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    and drops the first unread, invalid values included. Keys merged in with `<<: *anchor` may
+    be overridden, as YAML means. (Checked on the composed document, before construction
+    flattens the merges.)"""
+
+    def construct_document(self, node):
+        for mapping, where in _mappings(node):
+            first_line: dict = {}
+            for key_node, _ in mapping.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in first_line:
+                    raise _DuplicateKey(problem=f"duplicate key '{'.'.join((*where, str(key)))}' "
+                                                f"(first at line {first_line[key]})", problem_mark=key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_document(node)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of a config file. Refused in one line naming the file (and the line):
+    unreadable, not UTF-8 (with the offset of the first bad byte), malformed, or with a key given
+    twice in one mapping."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserInputError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserInputError(f"{path}:{line}: not UTF-8 text "
+                             f"(byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise UserInputError(f"{path}:{e.problem_mark.line + 1}: {e.problem}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters)
+        line = text.count("\n", 0, e.position) + 1
+        raise UserInputError(f"{path}:{line}: malformed YAML: character #x{e.character:04x} ({e.reason})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        what = ", ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None)))) or str(e)
+        raise UserInputError(f"{path}{line}: malformed YAML: {' '.join(what.split())}") from None
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

@@ -6,7 +6,9 @@ Output directories. Every command that writes a directory marks it with `.dipo-s
 ({"command": ...}). A command writes into (or replaces) a directory only when it is new, empty,
 or marked as the same command's earlier output; a directory equal to or inside one of the
 command's inputs is refused. Files and directories are created with the permissions the umask
-gives (temporary names from `tempfile` would otherwise be 0600 / 0700).
+gives (temporary names from `tempfile` would otherwise be 0600 / 0700, and some writers, like
+safetensors' `save_file`, make their files 0600 whatever the umask): `atomic_dir` gives them to
+everything in its directory before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,8 +35,20 @@ def _umask() -> int:
     return mask
 
 
-def _follow_umask(path: str | Path, directory: bool = False) -> None:
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+def follow_umask(path: str | Path) -> None:
+    """Give `path` the permissions the umask gives a new file (0666 less the umask), directory or
+    executable (0777 less the umask)."""
+    mode = os.stat(path).st_mode
+    os.chmod(path, (0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666) & ~_umask())
+
+
+def _follow_umask_within(root: Path) -> None:
+    """`follow_umask` for `root` and everything in it (links, and what they point to, aside)."""
+    follow_umask(root)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            if not os.path.islink(os.path.join(parent, name)):
+                follow_umask(os.path.join(parent, name))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,7 +56,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        _follow_umask(tmp)
+        follow_umask(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -116,17 +131,18 @@ def mark_output_dir(path: str | Path, command: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, command: str) -> Iterator[Path]:
-    """Yield a temporary sibling directory, marked as `command`'s output; on success it replaces
-    `path`, on failure it is removed. An existing `path` is replaced only when it is empty or
-    `command`'s own earlier output (`check_output_dir`)."""
+    """Yield a temporary sibling directory, marked as `command`'s output; on success everything
+    in it gets the umask's permissions and it replaces `path`, on failure it is removed. An
+    existing `path` is replaced only when it is empty or `command`'s own earlier output
+    (`check_output_dir`)."""
     path = Path(path)
     check_output_dir(path, command)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        _follow_umask(tmp, directory=True)
         mark_output_dir(tmp, command)
         yield tmp
+        _follow_umask_within(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

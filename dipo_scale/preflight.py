@@ -9,8 +9,9 @@ just runs. Every check raises `UserInputError` (one line, exit 2) naming the inp
   `trust_remote_code`), every weight file the index lists present and complete (safetensors:
   header and data length; .bin: the zip directory), without reading the weights;
 * `check_tokenizer`: the tokenizer loads and fits the model's vocabulary;
-* `check_prepared`: the prepared manifest parses, every shard is present with its checksum, its
-  tokenizer fingerprint is the model's, its block size fits the model's positions;
+* `check_prepared`: the prepared manifest parses, every shard is present with its checksum, each
+  split the run trains on holds tokens to train on (`trained_splits`), its tokenizer fingerprint
+  is the model's, its block size fits the model's positions;
 * `check_resources`: the Ray cluster has the CPUs/GPUs the workers ask for (Ray would otherwise
   wait for them without end).
 """
@@ -166,9 +167,22 @@ def max_positions(config: dict) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def check_prepared(prepared_dir: str | Path, *, flag: str = "data.prepared_dir", model: dict | None = None) -> dict:
-    """Check a prepared directory, and (given `check_model`'s result) that it was made with the
-    model's tokenizer and fits its positions. Returns the manifest."""
+def trained_splits(cfg) -> dict[str, str]:
+    """The prepared splits an unlearning run (`UnlearnConfig`) trains on, each with the setting
+    that makes it train on it: forget always, retain with a retain term."""
+    splits = {"forget": f"method={cfg.method} trains on it"}
+    if cfg.loss.retain != "none":
+        splits["retain"] = (f"loss.retain={cfg.loss.retain} trains on it; prepare data with retain documents, "
+                            "or set loss.retain=none")
+    return splits
+
+
+def check_prepared(prepared_dir: str | Path, *, flag: str = "data.prepared_dir", model: dict | None = None,
+                   trains_on: dict[str, str] | None = None) -> dict:
+    """Check a prepared directory: each split of `trains_on` (split -> why the run needs it,
+    `trained_splits`; default the forget split) holds tokens to train on, and (given
+    `check_model`'s result) it was made with the model's tokenizer and fits its positions.
+    Returns the manifest."""
     from dipo_scale.prepare import SPLITS, read_manifest, tokenizer_fingerprint, verified_shard
 
     root = Path(prepared_dir)
@@ -176,6 +190,10 @@ def check_prepared(prepared_dir: str | Path, *, flag: str = "data.prepared_dir",
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             verified_shard(root, shard)
+    for split, why in (trains_on or {"forget": "every run trains on it"}).items():
+        info = manifest["splits"][split]
+        if not info.get("loss_tokens", info["tokens"]):  # (an old empty split: one padding block, 0 tokens)
+            raise UserInputError(f"{flag} {prepared_dir}: the {split} split holds no tokens to train on ({why})")
     if model is not None:
         tokenizer = model.get("_tokenizer")
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != manifest["tokenizer_fingerprint"]:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dipo_scale.files import atomic_write_text
+from dipo_scale.files import atomic_write_text, follow_umask
 
 CI = "_ci"  # metrics: `<name>_ci` is [low, high], the bootstrap 95 % interval of <name>
 
@@ -93,6 +93,7 @@ def save_figure(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, format="png")
+        follow_umask(tmp)  # (mkstemp makes it 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

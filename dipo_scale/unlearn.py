@@ -636,7 +636,7 @@ def validate_run(cfg: UnlearnConfig) -> None:
     """Everything that can be checked before workers start, on the driver, in seconds (one-line
     errors, exit 2; dipo_scale/preflight.py): the models, their tokenizer against the prepared
     data, every shard, the DeepSpeed config, the optimizer, the reference cache, evaluation data."""
-    from dipo_scale.preflight import check_model, check_prepared
+    from dipo_scale.preflight import check_model, check_prepared, trained_splits
 
     if not cfg.model.path:
         raise UserInputError("model.path: not set (the model to unlearn)")
@@ -646,9 +646,7 @@ def validate_run(cfg: UnlearnConfig) -> None:
     if cfg.model.reference_path and cfg.needs_reference() and not cfg.reference_cached():
         check_model(cfg.model.reference_path, "model.reference_path", trust_remote_code=cfg.model.trust_remote_code,
                     tokenizer=False)
-    manifest = check_prepared(cfg.data.prepared_dir, model=model)
-    if manifest["splits"]["forget"]["tokens"] == 0:
-        raise UserInputError(f"{cfg.data.prepared_dir}: forget set is empty")
+    check_prepared(cfg.data.prepared_dir, model=model, trains_on=trained_splits(cfg))
     low, high = cfg.train.worker_range
     for world in range(low, high + 1):  # the batch must split over every size an elastic group may take
         load_ds_config(cfg, world)

@@ -97,6 +97,28 @@ def _shard(tmp: Path) -> Path:
     return sorted((tmp / "prepared" / "forget").glob("part-*.parquet"))[0]
 
 
+def _config(tmp: Path, yaml_bytes: bytes) -> list[str]:
+    """`unlearn --config c.yaml` (the usual settings as --set) with c.yaml holding `yaml_bytes`."""
+    (tmp / "c.yaml").write_bytes(yaml_bytes)
+    return ["unlearn", "--config", "c.yaml", *_unlearn()[1:]]
+
+
+def _prepare_with_empty_retain(tmp: Path) -> str:
+    """The corpus prepared with its retain file emptied to whitespace (`prepare` says "retain: 1
+    blocks, 0 tokens": one padding block; runs trained on it, logging a retain loss of 0)."""
+    from transformers import AutoTokenizer
+
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.prepare import prepare
+
+    for retain in (tmp / "corpus" / "raw").glob("retain*"):
+        retain.write_text("  \n\n \n")
+    manifest = prepare(load_muse_dir(tmp / "corpus"), AutoTokenizer.from_pretrained(tmp / "model"),
+                       tmp / "prepared_empty_retain", block_size=64, layout="per_sequence")
+    assert manifest["splits"]["retain"]["tokens"] == 0 < manifest["splits"]["forget"]["tokens"]
+    return "prepared_empty_retain"
+
+
 CASES = [
     # --- generate -------------------------------------------------------------------------------
     ("generate-into-a-user-dir", lambda t, a: (_user_dir(t, "d"), ["generate", "--out", "d", "--num-docs", "5"])[1],
@@ -193,6 +215,20 @@ CASES = [
      ["--doc notes.md", "not overwriting"]),
     ("demo-into-a-user-dir", lambda t, a: (_user_dir(t, "demo"), ["demo", "--out", "demo"])[1],
      ["--out demo", "not empty"]),
+    # --- issue 27 ---------------------------------------------------------------------------------
+    # A key given twice: PyYAML kept the last and dropped the first block unread (its lr=.inf too).
+    ("config-duplicate-section", lambda t, a: _config(
+        t, b"train:\n  lr: .inf\nmethod: dipo\ntrain:\n  steps: 2\n"),
+     ["error: c.yaml:4: duplicate key 'train' (first at line 1)"]),
+    ("config-duplicate-nested-key", lambda t, a: _config(t, b"train:\n  steps: 2\n  lr: 1.0e-5\n  steps: 3\n"),
+     ["error: c.yaml:4: duplicate key 'train.steps' (first at line 2)"]),
+    ("config-not-utf8", lambda t, a: _config(t, b"method: dipo\ntrain:\n  steps: \xff2\n"),
+     ["error: c.yaml:3: not UTF-8 text", "0xff at offset 29"]),
+    ("config-control-character", lambda t, a: _config(t, b"method: dipo\n\x07\n"),
+     ["error: c.yaml:2: malformed YAML", "#x0007"]),
+    ("retain-split-empty-with-a-retain-term", lambda t, a: _unlearn(
+        f"data.prepared_dir={_prepare_with_empty_retain(t)}", "loss.retain=gd"),
+     ["data.prepared_dir prepared_empty_retain", "retain split holds no tokens", "loss.retain=gd"]),
 ]
 
 
@@ -259,6 +295,30 @@ def test_outputs_follow_the_umask(tmp_path):
     assert (tmp_path / "c" / MARKER).stat().st_mode & 0o777 == 0o664
 
 
+def test_files_a_writer_makes_0600_follow_the_umask(tmp_path):
+    """safetensors' save_file makes its files 0600 whatever the umask (an exported model.safetensors,
+    written by save_pretrained, was 0600 under umask 022): everything in an `atomic_dir` output
+    (the exported model, prepare's shards, generated corpora) gets the umask's permissions."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dipo_scale.files import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model", "unlearn") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")
+            (tmp / "sub").mkdir(mode=0o700)
+            save_file({"w": torch.zeros(2)}, tmp / "sub" / "part.safetensors")
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [tmp_path / "model", *(tmp_path / "model").rglob("*")]}
+    assert modes == {"model": 0o755, "model.safetensors": 0o644, "sub": 0o755, "part.safetensors": 0o644,
+                     "run.sh": 0o755, MARKER: 0o644}
+
+
 def test_a_diverging_run_stops_in_one_line_and_exports_nothing(workdir):
     """A learning rate that passes validation but makes training diverge (1e30: step 1's AdamW
     update sends the weights past float32): the run stops at the first non-finite loss with one line
@@ -274,3 +334,13 @@ def test_a_diverging_run_stops_in_one_line_and_exports_nothing(workdir):
     assert [r["step"] for r in log] == list(range(1, step)) and step >= 2
     assert all(np.isfinite(r["loss"]) for r in log)
     assert not (workdir / "run" / "model").exists()
+
+
+def test_merged_keys_may_be_overridden_and_set_keeps_the_last(tmp_path):
+    """Not duplicates: a key merged in with `<<: *anchor` and given again (YAML's override), and
+    a --set given twice (the last wins, as before)."""
+    from dipo_scale.config import load_config
+
+    (tmp_path / "c.yaml").write_text("dipo: &shared {beta: 0.2}\nnpo:\n  <<: *shared\n  beta: 0.3\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.steps=3", "train.steps=4"])
+    assert (cfg.dipo.beta, cfg.npo.beta, cfg.train.steps) == (0.2, 0.3, 4)

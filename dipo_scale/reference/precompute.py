@@ -54,9 +54,9 @@ import torch
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig
 from dipo_scale.errors import UserInputError, user_error_behind
-from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir, sha256_file
+from dipo_scale.files import atomic_write_json, check_output_dir, follow_umask, mark_output_dir, sha256_file
 from dipo_scale.memory import steady_allocator
-from dipo_scale.preflight import check_model, check_prepared
+from dipo_scale.preflight import check_model, check_prepared, trained_splits
 from dipo_scale.reference.cache import (CACHE_VERSION, bytes_per_token, describe_difference, needed_splits,
                                         read_cache_manifest, reference_path, run_fingerprints, shard_layout)
 
@@ -311,6 +311,7 @@ class ShardWriter:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
+            follow_umask(self.tmp)  # (safetensors' files are 0600 whatever the umask)
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()
@@ -341,6 +342,7 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
                   metadata={"dipo_scale": json.dumps(metadata, sort_keys=True)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -742,7 +744,7 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
         raise UserInputError("data.prepared_dir: not set (run `dipo-scale prepare` first)")
     model = check_model(reference_path(cfg), "model.reference_path" if cfg.model.reference_path else "model.path",
                         trust_remote_code=cfg.model.trust_remote_code)
-    check_prepared(cfg.data.prepared_dir, model=model)
+    check_prepared(cfg.data.prepared_dir, model=model, trains_on=trained_splits(cfg))
     check_output_dir(r.cache_dir, "reference", flag="reference.cache_dir",
                      inputs=[("model.path", reference_path(cfg)), ("data.prepared_dir", cfg.data.prepared_dir)])
     cfg = absolute_paths(cfg)
