@@ -637,7 +637,7 @@ def test_scoring_forward_keeps_no_cache_and_chunks_the_log_softmax(monkeypatch, 
     sequences = [gen.encode_prompt(tokenizer, text) for text in CORPUS[2:6]]
     sequences.sort(key=len, reverse=True)  # token_logprobs' batch order
     expected = _unchunked_logprobs(model, sequences, tokenizer.pad_token_id)
-    monkeypatch.setattr(gen, "auto_chunk_size", lambda vocab: 3)
+    monkeypatch.setattr(gen, "auto_chunk_size", lambda vocab, *device_and_dtype: 3)
     calls = _spy_forwards(monkeypatch, model)
     got = gen.token_logprobs(model, sequences, [1] * len(sequences), pad_id=tokenizer.pad_token_id)
     assert len(calls) == 1 and calls[0]["use_cache"] is False
