@@ -1,7 +1,8 @@
 """Training checkpoints that any number of workers can load, found and verified on disk.
 
-Layout of one checkpoint (`<storage>/<run_name>/checkpoint_step<N>/`, merged by Ray Train from the
-directories every rank reports through `ray.train.report`):
+Layout of one checkpoint (`<storage>/<run_name>-<identity>/checkpoint_step<N>/`, the folder of
+`unlearn.checkpoint_root`, merged by Ray Train from the directories every rank reports through
+`ray.train.report`):
 
     portable/rank<r>.safetensors   rank r's ZeRO-3 partition of every parameter: its fp32 weights
                                    and AdamW moments (`<i>.weight`, `<i>.exp_avg`, `<i>.exp_avg_sq`
