@@ -6,7 +6,7 @@ cpu"). So worker code never calls `torch.distributed` directly: tensors are buil
 device and checked against the group's backends before they are handed over
 (`check_collective_device`); objects go through the `*_object*` collectives, which put their
 buffers on the current CUDA device themselves (Ray Train sets it per worker).
-tests/test_collectives.py checks that no other module of the package calls a collective.
+tests/test_engine.py checks that no other module of the package calls a collective.
 """
 
 from __future__ import annotations

@@ -21,3 +21,10 @@ def user_error_behind(error: BaseException | None) -> UserInputError | None:
             found = error
         error = getattr(error, "cause", None) or error.__cause__
     return found
+
+
+def run_user_error(error: BaseException) -> UserInputError | None:
+    """The UserInputError behind a failed Ray job: `error`'s own root, or (a Ray Train run's
+    TrainingFailedError) the root of a worker's or the controller's failure. None when none is."""
+    failures = [error, *getattr(error, "worker_failures", {}).values(), getattr(error, "controller_failure", None)]
+    return next(filter(None, map(user_error_behind, failures)), None)

@@ -82,20 +82,9 @@ class ModelShape:
 def read_model_shape(path: str, *, trust_remote_code: bool = False, flag: str = "model.path") -> ModelShape:
     """The shape of the model at `path` (a local directory, a config.json alone is enough, or a hub
     name in the local Hugging Face cache), without reading any weight."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from dipo_scale.preflight import meta_model
 
-    from dipo_scale.preflight import resolve_model_dir
-
-    model_dir = resolve_model_dir(path, flag)
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as e:  # OSError, ValueError, KeyError ... from a missing or foreign config
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserInputError(f"{flag} {path}: cannot build the model from its config ({type(e).__name__}: {first})") \
-            from None
+    config, model = meta_model(path, flag, trust_remote_code=trust_remote_code)
     module_params = [tuple(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
     module_params = [own for own in module_params if own]
     param_numels = tuple(p.numel() for p in model.parameters())  # (shared parameters once)

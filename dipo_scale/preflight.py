@@ -161,6 +161,24 @@ def check_tokenizer(path: str | Path, flag: str, model_config: dict | None = Non
     return tokenizer
 
 
+def meta_model(name: str, flag: str, *, trust_remote_code: bool = False):
+    """(config, model) of the model `name` (a local directory, where config.json alone is enough,
+    or a hub name in the local cache) built on the meta device: its parameters' shapes without
+    reading or allocating any weight (the memory plan, the evaluation's size check)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(name, flag)
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, KeyError ... from a missing or foreign config
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserInputError(f"{flag} {name}: cannot build the model from its config ({type(e).__name__}: "
+                             f"{first})") from None
+
+
 def max_positions(config: dict) -> int | None:
     text = text_config(config)
     value = text.get("max_position_embeddings", text.get("n_positions"))

@@ -40,7 +40,7 @@ from dipo_scale import checkpoint
 from dipo_scale.cluster import init_ray
 from dipo_scale.collectives import sum_over_ranks
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
-from dipo_scale.errors import UserInputError, user_error_behind
+from dipo_scale.errors import UserInputError, run_user_error, user_error_behind
 from dipo_scale.files import (absolute_if_local, atomic_dir, atomic_write_json, check_output_dir, check_run_dir,
                               claim_run_dir, reopen_step_log)
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
@@ -460,18 +460,21 @@ def run_identity(cfg: UnlearnConfig) -> dict:
 
     cfg = absolute_paths(cfg)
     config = cfg.model_dump(by_alias=True)
-    models = {"model": cfg.model.path, "reference": cfg.model.reference_path or cfg.model.path}
+    model = sampled_fingerprint(resolve_model_dir(cfg.model.path, "model.path"))
+    reference = model if not cfg.model.reference_path else sampled_fingerprint(
+        resolve_model_dir(cfg.model.reference_path, "model.reference_path"))
     manifest = Path(cfg.data.prepared_dir) / "manifest.json"
     return {**config, "train": {k: v for k, v in config["train"].items() if k != "num_workers"},
-            "inputs": {**{k: sampled_fingerprint(resolve_model_dir(p, f"model.{k}")) for k, p in models.items()},
+            "inputs": {"model": model, "reference": reference,
                        "prepared": hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]}}
 
 
-def checkpoint_root(cfg: UnlearnConfig) -> Path:
+def checkpoint_root(cfg: UnlearnConfig, identity: dict | None = None) -> Path:
     """Where Ray Train stores this run's checkpoints (dipo_scale/checkpoint.py): a folder named by
-    the run and a hash of its identity (`run_identity`), so runs that share `train.storage_path`
-    never resume (or prune) each other's checkpoints, whatever their names."""
-    key = hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    the run and a hash of its identity (`run_identity`, computed when not given), so runs that
+    share `train.storage_path` never resume (or prune) each other's checkpoints, whatever their names."""
+    identity = run_identity(cfg) if identity is None else identity
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.train.storage_path or run_dir_of(cfg) / "ray") / f"{cfg.run_name}-{key}"
 
 
@@ -614,8 +617,7 @@ def _export_hf(cfg: UnlearnConfig, engine, rank: int, path: Path, metadata: dict
         return None
     for name, tensor in state_dict.items():  # never export a diverged model
         if not torch.isfinite(tensor).all():
-            raise UserInputError(f"unlearn: {name} holds non-finite values after step {metadata.get('step', 'the last')}"
-                                 f"; no model is exported to {path}")
+            raise UserInputError(f"unlearn: {name} holds non-finite values; no model is exported to {path}")
     with atomic_dir(path, "unlearn") as tmp:
         hf_model(engine).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
@@ -647,9 +649,7 @@ def validate_run(cfg: UnlearnConfig) -> None:
         check_model(cfg.model.reference_path, "model.reference_path", trust_remote_code=cfg.model.trust_remote_code,
                     tokenizer=False)
     check_prepared(cfg.data.prepared_dir, model=model, trains_on=trained_splits(cfg))
-    low, high = cfg.train.worker_range
-    for world in range(low, high + 1):  # the batch must split over every size an elastic group may take
-        load_ds_config(cfg, world)
+    load_ds_config(cfg, cfg.train.worker_range[1])  # any size of an elastic group splits a batch the largest can
     if not cfg.train.use_gpu:  # a GPU run's optimizer is checked where its workers run (run_unlearning)
         check_optimizer(cfg)
     if cfg.loss.fused:
@@ -705,14 +705,6 @@ def _run_started(run_dir: Path) -> bool:
     return (run_dir / "model").is_dir() or (log.is_file() and log.stat().st_size > 0)
 
 
-def _user_error_of(error: Exception) -> UserInputError | None:
-    """The UserInputError a worker raised, if that is why the run failed."""
-    for failure in [*getattr(error, "worker_failures", {}).values(), getattr(error, "controller_failure", None)]:
-        if (user_error := user_error_behind(failure)) is not None:
-            return user_error
-    return None
-
-
 def absolute_paths(cfg: UnlearnConfig) -> UnlearnConfig:
     """Local paths made absolute: workers may run in another directory (or on another node)."""
     resolved = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731  (may not exist yet)
@@ -747,7 +739,7 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     # The same command with another train.num_workers resumes the run; another model at the same
     # path, other data or any other setting is another run (refused once this one has started).
     identity = run_identity(cfg)
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(cfg, identity)
     check_run_dir(run_dir, identity, "unlearn", started=_run_started)
     init_ray()
     _check_workers_can_run(cfg)
@@ -768,7 +760,7 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     try:
         trainer.fit()
     except Exception as e:  # ray.train.TrainingFailedError: a worker's bad-input error is one line
-        user_error = _user_error_of(e)
+        user_error = run_user_error(e)
         if user_error is not None:
             raise UserInputError(str(user_error)) from None
         raise

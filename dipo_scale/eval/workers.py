@@ -162,20 +162,9 @@ def find_placement(device: str, num_workers: int, gpus_per_worker: GpusPerWorker
 def count_parameters(model_path: str | Path, *, flag: str = "--model", trust_remote_code: bool = False) -> int:
     """The parameters of the model at `model_path`, from its config alone: the model built on the
     meta device (no weights read, nothing allocated)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from dipo_scale.preflight import meta_model
 
-    from dipo_scale.preflight import resolve_model_dir
-
-    model_dir = resolve_model_dir(str(model_path), flag)
-    try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserInputError(f"{flag} {model_path}: cannot build the model from its config.json "
-                             f"({type(e).__name__}: {first[:200]})") from None
+    _, model = meta_model(str(model_path), flag, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -53,7 +53,7 @@ import torch
 
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig
-from dipo_scale.errors import UserInputError, user_error_behind
+from dipo_scale.errors import UserInputError, run_user_error
 from dipo_scale.files import atomic_write_json, check_output_dir, follow_umask, mark_output_dir, sha256_file
 from dipo_scale.memory import steady_allocator
 from dipo_scale.preflight import check_model, check_prepared, trained_splits
@@ -797,8 +797,7 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
                 (_run_zero3 if r.mode == "zero3" else _run_actor_pool)(
                     cfg, todo, {"block_size": prepared["block_size"], "hidden_size": hidden}, workers, cpus)
             except Exception as e:  # a worker's UserInputError: its one line, not Ray's trace
-                user = user_error_behind(e) or next(filter(None, map(user_error_behind, [
-                    *getattr(e, "worker_failures", {}).values(), getattr(e, "controller_failure", None)])), None)
+                user = run_user_error(e)
                 if user is None:
                     raise
                 raise UserInputError(str(user)) from None
