@@ -57,9 +57,6 @@ def _demo(out: Path) -> Path:
         if not data.is_dir():
             generate_tofu(data, seed=0)
         run_demo(demo, data_dir=str(data), forget=FORGET, methods=("dipo", "npo"))
-    import ray
-
-    ray.shutdown()  # the demo's Ray has no dashboard; the sweep starts its own (sweep.check_state_api)
     return demo
 
 

@@ -387,7 +387,7 @@ def run_demo(out: str | Path, *, data_dir: str | None = None, overrides: list[st
                 layout="per_sequence")
 
     # log_to_driver: the workers' progress lines reach this console
-    init_ray(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    init_ray(log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     models = {"target": paths["target"], "retrain": paths["retrain"]}
     last_log = {}
     for method, cfg in cfgs.items():

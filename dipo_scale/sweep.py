@@ -293,29 +293,6 @@ def _plot_pareto(rows: list[dict], cfg: SweepConfig, target_value: float | None,
     save_figure(fig, path)
 
 
-def check_state_api(wait_s: float = 15.0) -> None:
-    """The Ray cluster (initialised) answers its state API (the dashboard's). Ray Train's
-    placement-group cleaner asks it whether a trial's controller is alive; on a cluster without
-    it, the cleaner ended the first two trials of a FIFO sweep here while they trained. Retried
-    for `wait_s` seconds (a just-started dashboard), then a one-line error."""
-    import time
-
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
-            return
-        except Exception as e:  # noqa: BLE001  (ServerUnavailable, connection errors)
-            if time.monotonic() > deadline:
-                raise UserInputError(
-                    "the Ray cluster has no working state API (its dashboard; "
-                    f"{type(e).__name__}): Ray Train's placement-group cleaner may end live trials without it; "
-                    "start Ray with the dashboard (the default of `ray start` and `ray.init()`)") from None
-            time.sleep(0.5)
-
-
 def run_sweep(cfg: SweepConfig) -> dict:
     """Run the sweep; returns best.json's content."""
     from ray import tune
@@ -341,8 +318,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         if cfg.objective.reference_model:
             check_model(cfg.objective.reference_model, "objective.reference_model")
     base = absolute_paths(cfg.unlearn)
-    init_ray()
-    check_state_api()
+    init_ray()  # and its state API checked
     check_resources(u.train.worker_range[0], use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
                     extra_cpus=cfg.trial_cpus)
     mark_output_dir(out, "sweep")

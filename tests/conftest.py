@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dipo_scale.cluster import local_dashboard
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -25,6 +29,19 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _venv_bin:
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
             block_size=64, batch_size=8, lr=3e-3, epochs=15, seed=0)
+
+
+@contextlib.contextmanager
+def cpu_stress(processes: int = 2):
+    """Busy processes beside the block (every core of this box busy): a run must survive a loaded
+    machine (Ray Train's placement-group cleaner once removed a live run's workers under load)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +73,8 @@ def ray_cluster():
         ray.shutdown()
     temp = Path("/tmp") / f"dipo_ray_{os.getpid()}"  # short: Ray's socket paths have a length limit
     # address="local": a cluster of its own, never one that `ray start` left on the machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(temp), log_to_driver=True,
+    # its dashboard (on a port of its own): Ray Train's placement-group cleaner needs its state API
+    ray.init(address="local", num_cpus=2, _temp_dir=str(temp), log_to_driver=True, **local_dashboard(),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
     yield
     ray.shutdown()

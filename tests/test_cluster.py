@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dipo_scale.cluster import local_dashboard
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -27,6 +29,7 @@ def _free_port() -> int:
 def _ray_env() -> dict:
     env = dict(os.environ)  # PATH starts with this venv's bin (conftest): the job's `python` is this venv
     env.pop("RAY_ADDRESS", None)  # every command below names its cluster
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # (the test process's own cluster's, `local_dashboard`)
     if (Path.home() / ".ray" / "auth_token").exists():
         env["RAY_AUTH_MODE"] = "token"  # the CLI client must authenticate like the cluster
     return env
@@ -178,7 +181,7 @@ def two_node_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, **local_dashboard()})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
@@ -214,3 +217,31 @@ def test_one_worker_and_two_workers_on_two_nodes_give_the_same_loss_curve(tiny_a
     for a, b in zip(logs["one_worker"], logs["two_nodes"]):
         for key in ("loss", "forget_nll", "retain_nll", "dipo_margin"):
             assert b[key] == pytest.approx(a[key], rel=ONE_VS_TWO_RTOL, abs=1e-6), (key, a["step"])
+
+
+def test_a_cluster_a_command_starts_beside_another_answers_its_own_state_api():
+    """Another Ray on the machine (`ray start`, holding Ray's default ports): the cluster a command
+    starts gets its dashboard on a port of its own, and a process of that cluster (as Ray Train's
+    placement-group cleaner, an actor) asking the state API about one of its actors gets it, alive.
+    Before, that lookup found "multiple active Ray instances": the sweep was refused ("start Ray
+    with the dashboard"), and a cleaner asking the other cluster would see its run's controller dead."""
+    head = _Head(Path("/tmp") / f"dipo_other_{os.getpid()}", _ray_env())
+    code = ("import ray\nfrom dipo_scale.cluster import init_ray\ninit_ray()\n"
+            "@ray.remote\nclass Probe:\n    pass\n"
+            "@ray.remote\ndef ask(actor_id):\n    from ray.util.state import get_actor\n"
+            "    return get_actor(actor_id, timeout=30).state\n"
+            "probe = Probe.remote()\nray.get(probe.__ray_ready__.remote())\n"
+            "print('dashboard', ray.worker.get_dashboard_url())\n"
+            "print('probe', ray.get(ask.remote(probe._actor_id.hex())))\n")
+    try:
+        _wait_for("the other Ray head up", lambda: head.alive() and head.ray(
+            "status", "--address", f"127.0.0.1:{head.ports['port']}").returncode == 0, 300, pause_s=1)
+        env = {**_ray_env(), "RAY_ADDRESS": "local", "RAY_TMPDIR": str(Path("/tmp") / f"dipo_own_{os.getpid()}")}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                              cwd=REPO)
+    finally:
+        head.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("dashboard", "probe")))
+    assert lines["dashboard"] != f"127.0.0.1:{head.ports['dashboard-port']}", lines
+    assert lines["probe"] == "ALIVE", lines

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dipo_scale.cluster import local_dashboard
 from safetensors.torch import load_file
 
 from dipo_scale.checkpoint import complete_checkpoints
@@ -159,7 +161,7 @@ def test_elastic_group_shrinks_when_a_node_is_lost(tiny_assets, uninterrupted, t
                              "train.resize_check_s=2")[5:] if a != "--set"]
     cfg = load_unlearn_config(None, sets)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+        "num_cpus": 1, **local_dashboard(), "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
     events: dict[str, float] = {}

@@ -331,15 +331,16 @@ def test_sweep_ranked_by_a_final_evaluation_after_quantization(tiny_assets, ray_
     assert set(best["metrics"]) >= {"knowmem_f@quantize4", "knowmem_r", "privleak"}
 
 
-def test_sweep_refuses_a_cluster_without_state_api():
-    """A Ray without its dashboard: Ray Train's placement-group cleaner cannot tell a live trial's
-    controller from a dead one (it ended live trials so); the sweep says so before any trial."""
+def test_a_cluster_without_state_api_is_refused_before_ray_train_runs():
+    """A Ray someone started without its dashboard: Ray Train's placement-group cleaner cannot tell
+    a live run's controller from a dead one (it ended live trials so); every command that runs Ray
+    Train on it says so before any run (`init_ray` checks the state API)."""
     import subprocess
     import sys
 
     code = ("import ray, sys; ray.init(address='local', include_dashboard=False, num_cpus=1)\n"
-            "from dipo_scale.errors import UserInputError\nfrom dipo_scale.sweep import check_state_api\n"
+            "from dipo_scale.errors import UserInputError\nfrom dipo_scale.cluster import check_state_api\n"
             "try:\n    check_state_api(wait_s=1)\nexcept UserInputError as e:\n    print('refused:', e); sys.exit(3)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr[-2000:]
-    assert "no working state API" in done.stdout and "start Ray with the dashboard" in done.stdout
+    assert "no working state API" in done.stdout and "start that cluster with its dashboard" in done.stdout

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import cpu_stress
 
 from dipo_scale.config import load_unlearn_config
 from dipo_scale.eval.in_training import select_evaluation
@@ -78,9 +79,10 @@ TWO_WORKER_DIPO = ("method=dipo", "loss.retain=none", "train.num_workers=2", "di
 @pytest.fixture(scope="module")
 def two_worker_run(tiny_assets, ray_cluster, tmp_path_factory):
     """A 2-worker ZeRO-3 DiPO run (evaluation during unlearning and checkpoint selection: the NPO
-    and GA runs below)."""
+    and GA runs below), on a loaded machine: two busy processes beside it."""
     tmp_path = tmp_path_factory.mktemp("unlearn")
-    model_dir, log = _run(tiny_assets, tmp_path, "dipo2", *TWO_WORKER_DIPO)
+    with cpu_stress():
+        model_dir, log = _run(tiny_assets, tmp_path, "dipo2", *TWO_WORKER_DIPO)
     return tmp_path, model_dir, log
 
 

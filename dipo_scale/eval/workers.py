@@ -140,7 +140,7 @@ def cluster_gpus() -> float:
     import ray
 
     if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):
-        init_ray(include_dashboard=False, log_to_driver=True)  # as `_Ray`: the actors' progress lines
+        init_ray(uses_train=False, log_to_driver=True)  # as `_Ray`: the actors' progress lines
     if ray.is_initialized():
         return float(ray.cluster_resources().get("GPU", 0))
     import torch
@@ -221,7 +221,7 @@ class _Ray:
 
         self.started = not ray.is_initialized()
         if self.started:
-            init_ray(include_dashboard=False, log_to_driver=True)  # the actors' progress lines
+            init_ray(uses_train=False, log_to_driver=True)  # the actors' progress lines
         return self
 
     def __exit__(self, *exc):

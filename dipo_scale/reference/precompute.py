@@ -787,7 +787,7 @@ def precompute_reference(cfg: UnlearnConfig) -> dict:
     if todo:
         # DS_ACCELERATOR=cpu for CPU runs only: the job's env reaches every worker, and a GPU
         # worker must find DeepSpeed's CUDA accelerator
-        init_ray(include_dashboard=False, log_to_driver=False,
+        init_ray(uses_train=r.mode == "zero3", log_to_driver=False,
                  **({} if cfg.train.use_gpu else {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu"}}}))
         workers, cpus = pool_size(cfg, len(todo))
         if r.mode == "zero3":
