@@ -9,15 +9,22 @@ command's inputs is refused. Files and directories are created with the permissi
 gives (temporary names from `tempfile` would otherwise be 0600 / 0700, and some writers, like
 safetensors' `save_file`, make their files 0600 whatever the umask): `atomic_dir` gives them to
 everything in its directory before it is renamed into place.
+
+Locks. A command that runs in an output directory holds it (`hold_output_dir`: an exclusive
+`flock` on `.dipo-scale.lock` in it, which the kernel releases when the process ends, however it
+ends); a second command on the same directory meanwhile is refused in one line naming the holder
+(`check_output_dir`, before any work, and again when it would take the lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from datetime import datetime, timezone
@@ -27,6 +34,8 @@ from typing import Any, Callable, Iterable, Iterator
 from dipo_scale.errors import UserInputError
 
 MARKER = ".dipo-scale.json"
+LOCK = ".dipo-scale.lock"
+_held: dict[Path, int] = {}  # directories this process holds -> the lock file's descriptor
 
 
 def _umask() -> int:
@@ -42,7 +51,7 @@ def follow_umask(path: str | Path) -> None:
     os.chmod(path, (0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666) & ~_umask())
 
 
-def _follow_umask_within(root: Path) -> None:
+def follow_umask_within(root: Path) -> None:
     """`follow_umask` for `root` and everything in it (links, and what they point to, aside)."""
     follow_umask(root)
     for parent, dirs, files in os.walk(root):
@@ -81,6 +90,58 @@ def _marker(path: Path) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
+def _holder(path: Path) -> str | None:
+    """Who holds `path`'s lock ("`dipo-scale unlearn` (pid 12, host h, since ...)"), None when no
+    other process does (this one holding it is no conflict)."""
+    path = path.resolve()
+    if path in _held or not (path / LOCK).is_file():
+        return None
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return (f"`dipo-scale {info['command']}` (pid {info['pid']} on {info['host']}, "
+                    f"since {info['since']})")
+        except (ValueError, KeyError, TypeError):
+            return "another process"
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_output_dir(path: str | Path, command: str, *, flag: str = "--out") -> Iterator[None]:
+    """Hold `path` (an output directory this command created or may reuse, `check_output_dir`)
+    for the block: refused in one line when another process holds it. Re-entrant within a
+    process. The lock file stays (an unheld one means nothing)."""
+    path = Path(path).resolve()
+    if path in _held:
+        yield
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserInputError(f"{flag} {path}: in use by {_holder(path) or 'another process'}; wait for it "
+                             "to end (or stop it), then run again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode(), 0)
+    _held[path] = fd
+    try:
+        yield
+    finally:
+        del _held[path]
+        os.close(fd)  # releases the lock
+
+
 def absolute_if_local(path: str | None) -> str | None:
     """`path` made absolute when it names something on this machine (a hub name, or nothing, stays
     as it is): what a Ray worker or trial, running in another directory, can open."""
@@ -94,8 +155,9 @@ def _is_within(path: Path, other: Path) -> bool:
 def check_output_dir(path: str | Path, command: str, *, flag: str = "--out",
                      inputs: Iterable[tuple[str, str | Path | None]] = ()) -> Path:
     """Refuse, in one line, an output directory `command` may not write (module docstring):
-    a file, a directory equal to or inside an input (`inputs`: (flag, path) pairs), a non-empty
-    directory not marked as this command's output, or a place where nothing can be created.
+    a file, a directory equal to or inside an input (`inputs`: (flag, path) pairs), one another
+    process holds (`hold_output_dir`), a non-empty directory not marked as this command's output,
+    or a place where nothing can be created.
     Creates nothing. Returns the absolute path."""
     out = Path(path).expanduser().resolve()
     for input_flag, source in inputs:
@@ -104,7 +166,11 @@ def check_output_dir(path: str | Path, command: str, *, flag: str = "--out",
                                  f"input {input_flag} {source}; choose an output outside the inputs")
     if out.exists() and not out.is_dir():
         raise UserInputError(f"{flag} {path}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):  # (a lock alone claims nothing)
+        holder = _holder(out)
+        if holder:
+            raise UserInputError(f"{flag} {path}: in use by {holder}; wait for it to end (or stop it), "
+                                 "then run again")
         marker = _marker(out)
         if marker is None or marker.get("command") != command:
             made_by = f" (it is the output of `dipo-scale {marker.get('command')}`)" if marker else ""
@@ -142,7 +208,7 @@ def atomic_dir(path: str | Path, command: str) -> Iterator[Path]:
     try:
         mark_output_dir(tmp, command)
         yield tmp
-        _follow_umask_within(tmp)
+        follow_umask_within(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

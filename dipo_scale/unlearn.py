@@ -42,7 +42,8 @@ from dipo_scale.collectives import sum_over_ranks
 from dipo_scale.config import UnlearnConfig, resolve_ds_config_path
 from dipo_scale.errors import UserInputError, run_user_error, user_error_behind
 from dipo_scale.files import (absolute_if_local, atomic_dir, atomic_write_json, check_output_dir, check_run_dir,
-                              claim_run_dir, reopen_step_log)
+                              claim_run_dir, follow_umask_within, hold_output_dir,
+                              reopen_step_log)
 from dipo_scale.losses import (HiddenReference, LMHead, dipo_loss, ga_loss, kl_retain_loss, nll_loss,
                                npo_loss, shift_targets)
 from dipo_scale.memory import peak_rss_bytes
@@ -484,6 +485,7 @@ def _report_checkpoint(cfg: UnlearnConfig, engine, step: int, metrics: dict) -> 
 
     with tempfile.TemporaryDirectory() as ckpt_dir:
         checkpoint.save(engine, Path(ckpt_dir), step, portable=cfg.train.optimizer == "adamw")
+        follow_umask_within(Path(ckpt_dir))  # (safetensors makes its files 0600; Ray copies the modes)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
                          checkpoint_dir_name=f"{checkpoint.CHECKPOINT_PREFIX}{step:07d}")
 
@@ -743,27 +745,28 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     check_run_dir(run_dir, identity, "unlearn", started=_run_started)
     init_ray()
     _check_workers_can_run(cfg)
-    claim_run_dir(run_dir, identity, "unlearn", started=_run_started)  # nothing is written before this
-    checkpoint.prune_checkpoints(root, cfg.train.keep_checkpoints)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": config, "checkpoint_root": str(root)},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     placement_strategy=cfg.train.placement_strategy,
-                                     elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=root.name, storage_path=str(root.parent),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             callbacks=callbacks),
-    )
-    try:
-        trainer.fit()
-    except Exception as e:  # ray.train.TrainingFailedError: a worker's bad-input error is one line
-        user_error = run_user_error(e)
-        if user_error is not None:
-            raise UserInputError(str(user_error)) from None
-        raise
-    finally:
+    with hold_output_dir(run_dir, "unlearn", flag="out_dir"):  # (so are its checkpoints: the folder is named by it)
+        claim_run_dir(run_dir, identity, "unlearn", started=_run_started)  # nothing is written before this
         checkpoint.prune_checkpoints(root, cfg.train.keep_checkpoints)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": config, "checkpoint_root": str(root)},
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                         placement_strategy=cfg.train.placement_strategy,
+                                         elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
+            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+            run_config=RunConfig(name=root.name, storage_path=str(root.parent),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                                 callbacks=callbacks),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # ray.train.TrainingFailedError: a worker's bad-input error is one line
+            user_error = run_user_error(e)
+            if user_error is not None:
+                raise UserInputError(str(user_error)) from None
+            raise
+        finally:
+            checkpoint.prune_checkpoints(root, cfg.train.keep_checkpoints)
     return run_dir / "model"

@@ -344,3 +344,37 @@ def test_merged_keys_may_be_overridden_and_set_keeps_the_last(tmp_path):
     (tmp_path / "c.yaml").write_text("dipo: &shared {beta: 0.2}\nnpo:\n  <<: *shared\n  beta: 0.3\n")
     cfg = load_config(tmp_path / "c.yaml", ["train.steps=3", "train.steps=4"])
     assert (cfg.dipo.beta, cfg.npo.beta, cfg.train.steps) == (0.2, 0.3, 4)
+
+
+def test_a_second_run_on_a_held_out_dir_is_refused_naming_the_holder(workdir):
+    """Two `unlearn` on the same out_dir at once (both exited 0 before; the second reused the
+    first's final checkpoint): the second is refused in one line naming the holder, changes
+    nothing, and the first ends as if alone (each step once in its log, its model exported). Its
+    checkpoint files follow the umask (safetensors made them 0600)."""
+    argv = [sys.executable, "-m", "dipo_scale.cli", *_unlearn("train.num_workers=1", "train.steps=3")]
+    first = subprocess.Popen(argv, cwd=workdir, env=_env(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    lock = workdir / "run" / ".dipo-scale.lock"
+    deadline = time.monotonic() + 300
+    try:
+        while not (lock.is_file() and f'"pid": {first.pid}' in lock.read_text()):
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the first run never took its out_dir"
+            time.sleep(0.2)
+        second = subprocess.run(argv, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300)
+        out, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert "out_dir" in errors[0] and f"in use by `dipo-scale unlearn` (pid {first.pid}" in errors[0], errors[0]
+    assert first.returncode == 0, out[-3000:]
+    log = [json.loads(line) for line in (workdir / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert (workdir / "run" / "model" / "model.safetensors").is_file()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    saved = [p for p in (workdir / "run" / "ray").rglob("*.safetensors")]
+    assert saved and {p.stat().st_mode & 0o777 for p in saved} == {0o666 & ~umask}, saved
