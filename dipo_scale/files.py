@@ -198,24 +198,28 @@ def mark_output_dir(path: str | Path, command: str) -> None:
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, command: str) -> Iterator[Path]:
     """Yield a temporary sibling directory, marked as `command`'s output; on success everything
-    in it gets the umask's permissions and it replaces `path`, on failure it is removed. An
+    in it gets the umask's permissions and it replaces `path`, on any failure it is removed. An
     existing `path` is replaced only when it is empty or `command`'s own earlier output
-    (`check_output_dir`)."""
-    path = Path(path)
-    check_output_dir(path, command)
+    (`check_output_dir`). A `path` that is a symbolic link: the directory it points to is the one
+    written (the link stays)."""
+    path = check_output_dir(path, command)  # absolute, links resolved
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         mark_output_dir(tmp, command)
         yield tmp
         follow_umask_within(tmp)
+        check_output_dir(path, command)  # nothing foreign appeared meanwhile
+        if path.exists():  # set aside until the new one is in place
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    check_output_dir(path, command)  # nothing foreign appeared meanwhile
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def check_run_dir(run_dir: str | Path, config: dict, command: str,

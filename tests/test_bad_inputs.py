@@ -378,3 +378,20 @@ def test_a_second_run_on_a_held_out_dir_is_refused_naming_the_holder(workdir):
     os.umask(umask)
     saved = [p for p in (workdir / "run" / "ray").rglob("*.safetensors")]
     assert saved and {p.stat().st_mode & 0o777 for p in saved} == {0o666 & ~umask}, saved
+
+
+def test_an_out_that_is_a_symbolic_link_is_written_through_it(tmp_path):
+    """`--out` a symbolic link (to an empty directory; dangling): the command writes the directory
+    it points to and the link stays; a rerun replaces that output. Before: a traceback after the
+    work, and a hidden `.NAME.*.tmp` holding the whole output left behind."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    (tmp_path / "dangling").symlink_to("elsewhere")
+    for out in ("link", "link", "dangling"):
+        proc = subprocess.run([sys.executable, "-m", "dipo_scale.cli", "generate", "--out", out, "--num-docs", "4"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "dangling").is_symlink()
+    for target in ("real", "elsewhere"):
+        assert (tmp_path / target / MARKER).is_file() and (tmp_path / target / "raw").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "elsewhere", "link", "real"]  # no leftovers
