@@ -19,6 +19,7 @@ just runs. Every check raises `UserInputError` (one line, exit 2) naming the inp
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zipfile
 from pathlib import Path
@@ -61,8 +62,16 @@ def _read_json(path: Path, what: str) -> dict:
     return value
 
 
-def _check_safetensors(path: Path) -> None:
-    """Header parses and the file holds exactly the bytes the header describes."""
+# safetensors dtypes -> bytes per element; the floating ones hold a model's weights
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+def _check_safetensors(path: Path, quantized: bool = False) -> None:
+    """The header parses into tensors (dtype, shape, data_offsets) whose byte ranges match their
+    shapes and dtypes and tile the data exactly to the end of the file; weights are floating point
+    (an integer dtype of the same size, read as floats, gave all-zero metrics) unless the model is
+    `quantized` (its config's quantization_config)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -73,10 +82,35 @@ def _check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UserInputError(f"{path}: corrupt safetensors header") from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) != size:
-        raise UserInputError(f"{path}: truncated or corrupt ({size} bytes; the header describes "
-                             f"{8 + n + max(ends, default=0)})")
+    if not isinstance(header, dict):
+        raise UserInputError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    spans = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = t["dtype"], t["shape"], t["data_offsets"]
+            if not (all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int)
+                    and isinstance(end, int) and dtype in SAFETENSORS_DTYPES):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise UserInputError(f"{path}: corrupt safetensors header (tensor {name!r}: {json.dumps(t)[:120]}; "
+                                 "expected dtype, shape and data_offsets [begin, end])") from None
+        if end - begin != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+            raise UserInputError(f"{path}: corrupt safetensors header (tensor {name!r}: {dtype} {shape} needs "
+                                 f"{math.prod(shape) * SAFETENSORS_DTYPES[dtype]} bytes, data_offsets give {end - begin})")
+        if not (quantized or dtype.startswith(("F", "BF"))):
+            raise UserInputError(f"{path}: tensor {name!r} is {dtype}, not floating point (the model's config "
+                                 "declares no quantization_config): not weights this model can load")
+        spans.append((begin, end))
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise UserInputError(f"{path}: corrupt safetensors header (tensor data overlaps or leaves a gap at "
+                                 f"byte {min(begin, covered)})")
+        covered = end
+    if 8 + n + covered != size:
+        raise UserInputError(f"{path}: truncated or corrupt ({size} bytes; the header describes {8 + n + covered})")
 
 
 def _check_bin(path: Path) -> None:
@@ -134,7 +168,10 @@ def check_model(name: str, flag: str, *, trust_remote_code: bool = False, tokeni
     for path in weight_files(model_dir):
         if not path.is_file():
             raise UserInputError(f"{path}: weight file listed in the index is missing")
-        (_check_safetensors if path.suffix == ".safetensors" else _check_bin)(path)
+        if path.suffix == ".safetensors":
+            _check_safetensors(path, quantized="quantization_config" in config)
+        else:
+            _check_bin(path)
     config["_dir"] = model_dir
     if tokenizer:
         config["_tokenizer"] = check_tokenizer(model_dir, flag, config, trust_remote_code=trust_remote_code,

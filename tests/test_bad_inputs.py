@@ -93,6 +93,18 @@ def _remove_weights(tmp):
         p.unlink()
 
 
+def _rewrite_header(path: Path, edit) -> None:
+    """The safetensors file at `path` with its JSON header replaced by `edit(header)` (the data kept)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+
+
+def _first_tensor(header: dict) -> dict:
+    return header[next(k for k in header if k != "__metadata__")]
+
+
 def _shard(tmp: Path) -> Path:
     return sorted((tmp / "prepared" / "forget").glob("part-*.parquet"))[0]
 
@@ -161,6 +173,17 @@ CASES = [
     ("model-without-weights", lambda t, a: (_remove_weights(t), _unlearn())[1], ["model", "no weight files"]),
     ("model-truncated-safetensors", lambda t, a: (_truncate(t / "model" / "model.safetensors"), _unlearn())[1],
      ["model.safetensors", "truncated"]),
+    ("model-header-a-list", lambda t, a: (_rewrite_header(t / "model" / "model.safetensors", lambda h: [h]),
+                                          _unlearn())[1], ["model.safetensors", "a JSON list, not an object"]),
+    ("model-header-no-data-offsets", lambda t, a: (_rewrite_header(
+        t / "model" / "model.safetensors", lambda h: (_first_tensor(h).pop("data_offsets"), h)[1]), _unlearn())[1],
+     ["model.safetensors", "corrupt safetensors header", "expected dtype, shape and data_offsets"]),
+    ("model-header-dtype-of-another-size", lambda t, a: (_rewrite_header(
+        t / "model" / "model.safetensors", lambda h: (_first_tensor(h).update(dtype="F16"), h)[1]), _unlearn())[1],
+     ["model.safetensors", "F16", "data_offsets give"]),
+    ("model-header-integer-dtype-of-the-same-size", lambda t, a: (_rewrite_header(
+        t / "model" / "model.safetensors", lambda h: (_first_tensor(h).update(dtype="I32"), h)[1]), _unlearn())[1],
+     ["model.safetensors", "is I32, not floating point"]),
     ("model-unknown-architecture", lambda t, a: (_edit_config(t / "model", model_type="fancy_lm"), _unlearn())[1],
      ["model.path model", "unknown architecture", "fancy_lm"]),
     ("model-needs-remote-code", lambda t, a: (_edit_config(t / "model", model_type="custom_lm", auto_map={
