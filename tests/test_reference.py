@@ -497,3 +497,24 @@ def test_shard_actor_runs_all_its_torch_work_on_one_thread(tiny_assets, tmp_path
     assert list(out["file"]) == [item["file"]]
     assert len(threads) >= 2 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
     assert (tmp_path / "cache" / "forget" / "part-00000.json").is_file()
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda raw: raw.replace(b'"form"', b'"f\xffrm"', 1), "not UTF-8 text (byte 0xff"),
+    (lambda raw: json.dumps({k: v for k, v in json.loads(raw).items() if k != "splits"}).encode(), "no dict 'splits'"),
+    (lambda raw: json.dumps([json.loads(raw)]).encode(), "a JSON list"),
+    (lambda raw: json.dumps({**json.loads(raw), "splits": {"forget": {"blocks": 3}}}).encode(),
+     "split 'forget' lacks blocks or shards"),
+], ids=["not-utf8", "no-splits", "a-list", "split-without-shards"])
+def test_a_damaged_cache_manifest_is_one_line(hidden_cache, tmp_path, edit, fragment):
+    """A cache manifest with non-UTF-8 bytes or without the shape its readers use (a traceback
+    before): one line naming the file."""
+    from dipo_scale.errors import UserInputError
+    from dipo_scale.reference.cache import read_cache_manifest
+
+    cache, _ = hidden_cache
+    (tmp_path / "manifest.json").write_bytes(edit((cache / "manifest.json").read_bytes()))
+    with pytest.raises(UserInputError) as e:
+        read_cache_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(e.value) and fragment in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)

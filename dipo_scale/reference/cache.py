@@ -134,14 +134,44 @@ def read_cache_manifest(cache_dir: str | Path) -> dict:
             Path(cache_dir) / "fingerprints.json").is_file() else " (run `dipo-scale reference`)"
         raise UserInputError(f"reference.cache_dir {cache_dir}: no manifest.json{hint}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserInputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                             "rerun `dipo-scale reference` into a new reference.cache_dir") from None
     except json.JSONDecodeError as e:
         raise UserInputError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if not isinstance(manifest, dict):
+        raise UserInputError(f"{path}: not a reference-cache manifest (a JSON {type(manifest).__name__})")
     if manifest.get("version") != CACHE_VERSION:
         raise UserInputError(f"reference.cache_dir {cache_dir}: cache format version {manifest.get('version')}, "
                              f"this dipo-scale reads version {CACHE_VERSION}; rerun `dipo-scale reference` "
                              "into a new reference.cache_dir")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UserInputError(f"{path}: not a reference-cache manifest ({problem}); rerun `dipo-scale reference` "
+                             "into a new reference.cache_dir")
     return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What in a manifest of this version lacks the shape its readers rely on, None if nothing."""
+    for key, kind in (("form", str), ("vocab_size", int), ("block_size", int), ("rows_per_shard", int),
+                      ("fingerprints", dict), ("splits", dict)):
+        if not isinstance(manifest.get(key), kind):
+            return f"no {kind.__name__} '{key}'"
+    if manifest["rows_per_shard"] < 1:
+        return "rows_per_shard < 1"
+    shard_keys = {"file": str, "first_block": int, "rows": int, "row_sha256": list}
+    for split, info in manifest["splits"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("blocks"), int) and isinstance(info.get("shards"), list)
+                and all(isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in shard_keys.items())
+                        for e in info["shards"])):
+            return f"split '{split}' lacks blocks or shards of {', '.join(shard_keys)}"
+    head = manifest.get("lm_head")
+    if head is not None and not (isinstance(head, dict) and isinstance(head.get("file"), str)
+                                 and isinstance(head.get("bytes"), int)):
+        return "lm_head lacks file or bytes"
+    return None
 
 
 def check_cache(cfg: UnlearnConfig) -> dict:
