@@ -176,13 +176,15 @@ def check_output_dir(path: str | Path, command: str, *, flag: str = "--out",
             made_by = f" (it is the output of `dipo-scale {marker.get('command')}`)" if marker else ""
             raise UserInputError(f"{flag} {path}: not empty and not an earlier output of `dipo-scale {command}`"
                                  f"{made_by}; choose a new or empty directory")
-        return out
-    parent = next((p for p in [out, *out.parents] if p.exists()), None)
-    try:  # a real attempt: permission bits say little for root, read-only mounts or /proc
-        probe = tempfile.mkdtemp(dir=parent, prefix=".dipo-scale-probe.")
+    # where the command will write (an earlier output that became unwritable is found now, not
+    # when the work is done; atomic_dir makes its temporary directory beside it before any work)
+    place = out if out.is_dir() else next(p for p in out.parents if p.exists())
+    try:  # a real attempt: permission bits say little for root, immutable files, read-only mounts or /proc
+        probe = tempfile.mkdtemp(dir=place, prefix=".dipo-scale-probe.")
         os.rmdir(probe)
     except OSError as e:
-        raise UserInputError(f"{flag} {path}: cannot create it ({e.strerror or e} in {parent})") from None
+        raise UserInputError(f"{flag} {path}: cannot {'write in' if place == out else 'create'} it "
+                             f"({e.strerror or e} in {place})") from None
     return out
 
 

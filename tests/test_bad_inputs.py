@@ -402,6 +402,24 @@ def test_a_second_run_on_a_held_out_dir_is_refused_naming_the_holder(workdir):
     saved = [p for p in (workdir / "run" / "ray").rglob("*.safetensors")]
     assert saved and {p.stat().st_mode & 0o777 for p in saved} == {0o666 & ~umask}, saved
 
+    # The finished run's directory made immutable: a rerun is refused in one line before Ray starts
+    # (it was refused only after Ray started).
+    if subprocess.run(["chattr", "+i", str(workdir / "run")], capture_output=True).returncode != 0:
+        if os.geteuid() == 0:
+            return  # no way to make it unwritable for root here
+        (workdir / "run").chmod(0o555)
+    try:
+        t0 = time.monotonic()
+        again = subprocess.run(argv, cwd=workdir, env=_env(workdir), capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - t0
+    finally:
+        subprocess.run(["chattr", "-i", str(workdir / "run")], capture_output=True)
+        (workdir / "run").chmod(0o755)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error: ")]
+    assert again.returncode == 2 and len(errors) == 1, again.stderr[-3000:]
+    assert "out_dir run: cannot write in it" in errors[0], errors[0]
+    assert "Started a local Ray instance" not in again.stdout + again.stderr, f"{seconds:.0f} s"
+
 
 def test_an_out_that_is_a_symbolic_link_is_written_through_it(tmp_path):
     """`--out` a symbolic link (to an empty directory; dangling): the command writes the directory
