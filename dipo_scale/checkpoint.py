@@ -18,8 +18,9 @@ With `train.optimizer=adamw_8bit` the optimizer's states are blockwise-quantised
 and cannot be cut at other boundaries: those checkpoints use DeepSpeed's own per-rank format
 (`format: deepspeed`) and load only with the world size that wrote them.
 
-Complete: every rank's record is there and every file has its recorded size. A rank checks the
-sha256 of every file it reads before trusting it. Resume starts from the newest complete
+Complete: every rank's record is there and every file has its recorded size. The driver checks
+the sha256 of every file of the checkpoint a run will resume from before any worker starts
+(`verify_checkpoint`), and a rank again of every file it reads before trusting it. Resume starts from the newest complete
 checkpoint on disk (not the last one Ray registered: a driver stopped by Ctrl-C registers less
 than its workers wrote); the driver keeps `train.keep_checkpoints` of them.
 """
@@ -78,6 +79,25 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
         if ckpt_dir not in kept:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     (root / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+
+
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """(The driver, before any worker starts) every file of a checkpoint against the sha256 its
+    rank record holds, read in parallel (hashlib releases the GIL): a damaged checkpoint is one
+    line now, not a worker traceback after the cluster started."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = {name: sha for r in _records(ckpt_dir) for name, (_, sha) in r["files"].items()}
+    with ThreadPoolExecutor(max_workers=min(16, len(expected) or 1)) as pool:
+        actual = dict(zip(expected, pool.map(lambda name: sha256_file(ckpt_dir / name), expected)))
+    for name, sha in expected.items():
+        if actual[name] != sha:
+            raise UserInputError(_corrupt(ckpt_dir, name))
+
+
+def _corrupt(ckpt_dir: Path, name: str) -> str:
+    return (f"{ckpt_dir / name}: checksum does not match its rank record (corrupt checkpoint); move {ckpt_dir} "
+            "aside to resume from the one before")
 
 
 def newest_checkpoint(root: str | Path) -> Path | None:
@@ -160,8 +180,7 @@ class _VerifiedFiles:
     def __call__(self, name: str) -> Path:
         if name not in self.checked:
             if sha256_file(self.dir / name) != self.expected[name]:
-                raise UserInputError(f"{self.dir / name}: checksum does not match its rank record (corrupt "
-                                     f"checkpoint); move {self.dir} aside to resume from the one before")
+                raise UserInputError(_corrupt(self.dir, name))
             self.checked.add(name)
         return self.dir / name
 

@@ -743,6 +743,9 @@ def run_unlearning(cfg: UnlearnConfig, callbacks: list | None = None) -> Path:
     identity = run_identity(cfg)
     root = checkpoint_root(cfg, identity)
     check_run_dir(run_dir, identity, "unlearn", started=_run_started)
+    resumable = checkpoint.complete_checkpoints(root)
+    if resumable:  # the one the workers will resume from, verified here
+        checkpoint.verify_checkpoint(resumable[-1][1])
     init_ray()
     _check_workers_can_run(cfg)
     with hold_output_dir(run_dir, "unlearn", flag="out_dir"):  # (so are its checkpoints: the folder is named by it)
