@@ -13,8 +13,8 @@ and attention 0. Every shard's sha256 is in the
 manifest and is checked before a shard is trusted (`read_blocks`, `BlockReader`).
 
 Prepare streams: documents are tokenised a batch at a time (`DOC_BATCH`), packed sequence by
-sequence (`iter_rows`) into one shard's buffer, and each shard is written as soon as it holds
-`ROWS_PER_SHARD` blocks; the data fingerprint hashes the blocks' input_ids as they are written.
+sequence (`iter_rows`) into one shard's buffer (grown as rows come), and each shard is written as
+soon as it holds `shard_rows(block_size)` blocks (at most SHARD_BYTES); the data fingerprint hashes the blocks' input_ids as they are written.
 So its memory is one shard's, whatever the corpus size (the raw text, `MuseData`, is in memory
 as loaded). Readers likewise read only the shards that hold the rows they need (`BlockReader`):
 a training worker reads the blocks of its own steps.
@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 ROWS_PER_SHARD = 4096
+SHARD_BYTES = 256 << 20  # at most this many bytes of int32 blocks (3 columns) per shard, held while it fills
+
+
+def shard_rows(block_size: int) -> int:
+    """Rows of a shard: ROWS_PER_SHARD, fewer for blocks so long that a shard would pass SHARD_BYTES."""
+    return max(1, min(ROWS_PER_SHARD, SHARD_BYTES // (12 * block_size)))
 DOC_BATCH = 256  # documents per tokenizer call while streaming (a fast tokenizer's batch)
 SPLITS = ("forget", "retain")
 
@@ -145,20 +151,30 @@ def pack_blocks(seqs: list[Sequence], block_size: int, pad_id: int, *,
 
 class _BlockBuffer:
     """Up to `capacity` blocks as int32 arrays, filled row by row (padding: pad_id, label -100,
-    attention 0)."""
+    attention 0). The arrays grow as rows come (doubling), so a few long blocks take what they
+    hold, not `capacity` rows of them."""
 
     def __init__(self, capacity: int, block_size: int, pad_id: int):
-        self.pad_id = pad_id
-        self.input_ids = np.full((capacity, block_size), pad_id, dtype=np.int32)
-        self.labels = np.full((capacity, block_size), IGNORE_INDEX, dtype=np.int32)
-        self.attention = np.zeros((capacity, block_size), dtype=np.int32)
+        self.pad_id, self.capacity, self.block_size = pad_id, capacity, block_size
+        self.input_ids = self.labels = self.attention = np.empty((0, block_size), dtype=np.int32)
         self.n = 0
 
+    def _grow(self) -> None:
+        rows = min(self.capacity, max(16, 2 * len(self.input_ids)))
+        grown = []
+        for old, fill in ((self.input_ids, self.pad_id), (self.labels, IGNORE_INDEX), (self.attention, 0)):
+            new = np.full((rows, self.block_size), fill, dtype=np.int32)
+            new[:len(old)] = old
+            grown.append(new)
+        self.input_ids, self.labels, self.attention = grown
+
     def full(self) -> bool:
-        return self.n == len(self.input_ids)
+        return self.n == self.capacity
 
     def add(self, ids: list[int], lab: list[int]) -> None:
         i = self.n
+        if i == len(self.input_ids):
+            self._grow()
         self.input_ids[i, :len(ids)], self.labels[i, :len(lab)], self.attention[i, :len(ids)] = ids, lab, 1
         self.n += 1
 
@@ -195,11 +211,11 @@ def _shard_table(blocks: dict[str, np.ndarray], first_block: int) -> pa.Table:
 
 
 class _SplitWriter:
-    """Streams one split's rows into `ROWS_PER_SHARD`-row parquet shards under `out`, each
+    """Streams one split's rows into `rows_per_shard`-row parquet shards under `out`, each
     written (and hashed) as soon as it is full; `data_hash` gets every block's input_ids bytes
     in block order (the bytes of the [N, block_size] int32 array, row after row)."""
 
-    def __init__(self, out: Path, block_size: int, pad_id: int, data_hash, rows_per_shard: int = ROWS_PER_SHARD):
+    def __init__(self, out: Path, block_size: int, pad_id: int, data_hash, rows_per_shard: int):
         self.out, self.data_hash = out, data_hash
         self.buffer = _BlockBuffer(rows_per_shard, block_size, pad_id)
         self.blocks = self.tokens = self.loss_tokens = 0
@@ -235,9 +251,9 @@ class _SplitWriter:
 
 
 def prepare(data: MuseData, tokenizer, out_dir: str | Path, *, block_size: int,
-            with_qa: bool = False, layout: str = "concat", rows_per_shard: int = ROWS_PER_SHARD) -> dict:
+            with_qa: bool = False, layout: str = "concat", rows_per_shard: int | None = None) -> dict:
     """Tokenise and pack the forget and retain splits, streaming (module docstring); returns the
-    manifest. (`rows_per_shard`: blocks per parquet shard; tests make it small.)"""
+    manifest. (`rows_per_shard`: blocks per parquet shard, default `shard_rows`; tests make it small.)"""
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise UserInputError("tokenizer: needs bos and eos tokens to pack documents")
     _check_layout(layout)
@@ -250,7 +266,8 @@ def prepare(data: MuseData, tokenizer, out_dir: str | Path, *, block_size: int,
     with atomic_dir(out_dir, "prepare") as tmp:
         data_hash = hashlib.sha256()
         for split in SPLITS:
-            writer = _SplitWriter(tmp / split, block_size, pad_id, data_hash, rows_per_shard)
+            writer = _SplitWriter(tmp / split, block_size, pad_id, data_hash,
+                                  rows_per_shard or shard_rows(block_size))
             for ids, lab in iter_rows(_counted(iter_split_sequences(data, tokenizer, split, with_qa=with_qa),
                                                progress), block_size, layout=layout):
                 writer.add(ids, lab)

@@ -161,7 +161,7 @@ def test_prepare_writes_each_shard_as_soon_as_it_is_full(small_corpus, tmp_path,
     assert len(forget) == len(manifest["splits"]["forget"]["shards"]) > 2
     assert forget[0][2] < len(data.forget_docs)  # the first shard went out before the last document was read
     assert [w[2] for w in forget] == sorted(w[2] for w in forget)
-    assert buffers == [8, 8]  # one shard-sized buffer per split
+    assert buffers == [8, 8]  # one buffer of at most a shard per split
 
 
 def test_prepare_memory_does_not_grow_with_the_corpus(small_corpus, tmp_path, monkeypatch):
@@ -183,6 +183,28 @@ def test_prepare_memory_does_not_grow_with_the_corpus(small_corpus, tmp_path, mo
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[2] < 1.2 * peaks[1], peaks
+
+
+def test_long_blocks_take_the_memory_of_what_they_hold(small_corpus, tmp_path):
+    """`--block-size 65536` on a small corpus took 2.4 GB (a shard's buffer: 4096 rows of 64k
+    tokens, allocated whole): the buffer grows with the rows it holds and a shard is capped at
+    SHARD_BYTES, so the peak is a few blocks' bytes; the blocks are those of a smaller block size
+    cut longer (same tokens)."""
+    import tracemalloc
+
+    from dipo_scale.prepare import SHARD_BYTES, prepare, shard_rows
+
+    data, tokenizer = small_corpus
+    tracemalloc.start()
+    manifest = prepare(data, tokenizer, tmp_path / "long", block_size=65536, layout="per_sequence")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    blocks = manifest["splits"]["forget"]["blocks"] + manifest["splits"]["retain"]["blocks"]
+    assert peak < 2 * 16 * 12 * 65536 + (64 << 20), (peak, blocks)  # 16 rows (the first growth) x 3 int32 columns
+    assert shard_rows(65536) * 12 * 65536 <= SHARD_BYTES < (shard_rows(65536) + 1) * 12 * 65536
+    assert shard_rows(2048) == 4096  # usual block sizes: shards as before
+    short = prepare(data, tokenizer, tmp_path / "short", block_size=BLOCK, layout="per_sequence")
+    assert manifest["splits"]["forget"]["tokens"] == short["splits"]["forget"]["tokens"]
 
 
 @pytest.fixture
