@@ -20,7 +20,7 @@ log), and one that fails does not stop the others.
 
 environment  the GPU, python, torch (CUDA), transformers, deepspeed, ray, bitsandbytes, pydantic
              versions; DeepSpeed's accelerator (cuda; imported without building any op: the runs
-             use torch's AdamW, `unlearn.make_optimizer`); nvcc; every requirement that
+             use torch's AdamW, `engine.make_optimizer`); nvcc; every requirement that
              `.gpu_wheels/manifest.json` leaves to the machine met by what it has.
 assets       built here, nothing downloaded (benchmarks/bench_assets.py): `small`, a random-init
              Llama (hidden 256, 4 layers) with a byte-level BPE tokenizer trained on a generated
@@ -52,7 +52,7 @@ attack       `dipo-scale attack --kind quantize4 --device cuda` on the same mode
              4-bit NF4): the `<metric>@quantize4` metrics present.
 figures      on `step`, with the hidden cache `reference` wrote, one Ray Train worker on the GPU
              (nccl, DeepSpeed ZeRO-3, zero3_bf16.json, bf16) builds two training engines from the
-             same weights with `unlearn.init_engines` (the logits path, and loss.fused=true) and
+             same weights with `engine.init_engines` (the logits path, and loss.fused=true) and
              times `unlearn.micro_step` (forward over [forget; retain] rows, loss, backward,
              optimizer step; `gd` retain term) for four variants in turn, round-robin, `warmup`
              rounds then `reps` timed rounds (medians), each bracketed by
@@ -273,7 +273,7 @@ def environment_facts(ctx: dict) -> dict:
     elif not ctx["dry"]:
         problems.append("torch sees no CUDA device")
     t0 = time.perf_counter()
-    try:  # no op is built here: the runs use torch's AdamW (unlearn.make_optimizer)
+    try:  # no op is built here: the runs use torch's AdamW (engine.make_optimizer)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -581,7 +581,8 @@ def check_worker(config: dict) -> None:
     from dipo_scale.config import UnlearnConfig
     from dipo_scale.prepare import read_blocks
     from dipo_scale.reference import ReferenceCache
-    from dipo_scale.unlearn import init_engines, load_ds_config, micro_step
+    from dipo_scale.engine import init_engines, load_ds_config
+    from dipo_scale.unlearn import micro_step
 
     gpu = config["gpu"]
     if not gpu:

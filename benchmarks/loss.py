@@ -90,7 +90,8 @@ def _make(case: str, T: int, V: int, H: int, seed: int = 0, fused_chunk=None):
     import torch
     import torch.nn.functional as F
 
-    from dipo_scale.losses import HiddenReference, LMHead, auto_chunk_size, dipo_loss, dipo_loss_naive
+    from dipo_scale.losses import HiddenReference, LMHead, auto_chunk_size, dipo_loss
+    from tests.losses.naive import dipo_loss_naive  # the unchunked oracle of the tests
 
     g = torch.Generator().manual_seed(seed)
     targets = torch.randint(0, V, (1, T), generator=g)

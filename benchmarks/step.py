@@ -6,7 +6,7 @@ fine-tuning step, side by side on the same batch, on the local 2-worker ZeRO-3 c
 Setup: a small Llama (default 32k vocabulary, hidden 256, 4 layers: ~20M parameters, float32)
 and random-text blocks through the real `prepare` stage; the `hidden` reference cache is written
 by the real precompute (`dipo_scale.reference.precompute_reference`). One Ray Train run with 2
-workers builds the training engine and the online reference engine once (`unlearn.init_engines`),
+workers builds the training engine and the online reference engine once (`engine.init_engines`),
 then times `unlearn.micro_step` (forward over [forget; retain], loss, backward, ZeRO-3 optimizer
 step; with `gd` retain) for each variant in turn, round-robin, on the same global batch (one
 micro step per worker per step). Reading the cache rows is inside the timed region, as in
@@ -15,7 +15,7 @@ after `--warmup` rounds.
 
 Variants: `sft` (plain fine-tuning: cross-entropy on the forget and retain rows), `ga`,
 `npo_online`, `npo_cached`, `dipo_online`, `dipo_cached` (hidden form), `dipo_topk` (K=32), and
-with `loss.fused=true` (a second training engine wrapped in `unlearn.FusedHeadModel`: the LM head
+with `loss.fused=true` (a second training engine wrapped in `engine.FusedHeadModel`: the LM head
 and the loss chunk by chunk, no [rows, T, V] logits) `sft_fused`, `dipo_cached_fused`,
 `dipo_online_fused`. Both training engines start from the same weights.
 The plain fine-tuning step is computed by method `ga`: `ga_loss` is the negated NLL, so its forward,
@@ -81,7 +81,8 @@ def step_worker(config: dict) -> None:
     from dipo_scale.config import UnlearnConfig
     from dipo_scale.prepare import read_blocks
     from dipo_scale.reference import ReferenceCache
-    from dipo_scale.unlearn import init_engines, load_ds_config, micro_step
+    from dipo_scale.engine import init_engines, load_ds_config
+    from dipo_scale.unlearn import micro_step
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     cfgs = {name: UnlearnConfig.model_validate(c) for name, c in config["cfgs"].items()}

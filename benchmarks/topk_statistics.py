@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/topk_statistics.py --json /tmp/topk_statistics.json --doc
 
-`dipo_scale.losses.topk_statistics` (what the `topk` reference cache stores: the top-K logits,
+`dipo_scale.reference.topk.topk_statistics` (what the `topk` reference cache stores: the top-K logits,
 their ids, the log-sum-exp) on float32 logits of a vocabulary V, for V = 1024 (the demo model),
 32000, 50257 and 128256, with `--k` (default 32, `reference.k`'s default), on as many rows as
 keep ~2-4 M logits (a `reference.batch_size` of 8 blocks of 256 tokens at V = 1024), with 1 and
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from bench_assets import command_line, machine_facts, write_doc_section  # noqa: E402
 from dipo_scale.files import atomic_write_json  # noqa: E402
-from dipo_scale.losses import topk_group, topk_statistics  # noqa: E402
+from dipo_scale.reference.topk import topk_group, topk_statistics  # noqa: E402
 
 CASES = [(1024, 2048), (32000, 128), (50257, 64), (128256, 32)]  # (V, rows)
 

@@ -3,7 +3,7 @@ and with the 8-bit optimizer (bitsandbytes AdamW8bit).
 
     .venv/bin/python benchmarks/zero3_memory.py --json /tmp/zero3_memory.json
 
-Each setting is a real Ray Train run of `unlearn.init_engines` (the training engine, from the run
+Each setting is a real Ray Train run of `engine.init_engines` (the training engine, from the run
 config) on a small Llama, followed by one `unlearn.micro_step` so that gradients and optimizer
 states exist. Each worker then counts the bytes of the tensors DeepSpeed's ZeRO-3 optimizer keeps
 for it (unique storages only):
@@ -50,7 +50,8 @@ def memory_worker(config: dict) -> None:
 
     from dipo_scale.config import UnlearnConfig
     from dipo_scale.prepare import read_blocks
-    from dipo_scale.unlearn import init_engines, load_ds_config, micro_step
+    from dipo_scale.engine import init_engines, load_ds_config
+    from dipo_scale.unlearn import micro_step
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     cfg = UnlearnConfig.model_validate(config["cfg"])

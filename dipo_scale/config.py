@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dipo_scale.errors import UserInputError
+from dipo_scale.files import absolute_if_local
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
@@ -81,7 +82,7 @@ class LossConfig(_Strict):
     gamma: float = Field(1.0, ge=0)        # weight of the forget term
     lam: float = Field(1.0, ge=0, alias="lambda")  # weight of the retain term
     chunk_size: Optional[int] = Field(None, ge=1)  # positions per chunk in the losses (None: by vocab size)
-    fused: bool = False  # LM head + loss chunk by chunk: the [B, T, V] logits never exist (unlearn.FusedHeadModel)
+    fused: bool = False  # LM head + loss chunk by chunk: the [B, T, V] logits never exist (engine.FusedHeadModel)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
@@ -693,3 +694,21 @@ class SeriesConfig(_Strict):
         if not self.unlearn.model.path:
             raise ValueError("unlearn.model.path: not set (the model of the first request)")
         return self
+
+
+def run_dir_of(cfg: UnlearnConfig) -> Path:
+    """A run's out_dir, absolute."""
+    return Path(cfg.out_dir).resolve()
+
+
+def absolute_paths(cfg: UnlearnConfig) -> UnlearnConfig:
+    """Local paths made absolute: workers may run in another directory (or on another node)."""
+    resolved = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731  (may not exist yet)
+    return cfg.model_copy(update={
+        "out_dir": str(run_dir_of(cfg)),
+        "model": cfg.model.model_copy(update={"path": absolute_if_local(cfg.model.path),
+                                              "reference_path": absolute_if_local(cfg.model.reference_path)}),
+        "data": cfg.data.model_copy(update={"prepared_dir": absolute_if_local(cfg.data.prepared_dir)}),
+        "reference": cfg.reference.model_copy(update={"cache_dir": resolved(cfg.reference.cache_dir)}),
+        "eval": cfg.eval.model_copy(update={"data_dir": absolute_if_local(cfg.eval.data_dir)}),
+    })

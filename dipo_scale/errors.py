@@ -28,3 +28,9 @@ def run_user_error(error: BaseException) -> UserInputError | None:
     TrainingFailedError) the root of a worker's or the controller's failure. None when none is."""
     failures = [error, *getattr(error, "worker_failures", {}).values(), getattr(error, "controller_failure", None)]
     return next(filter(None, map(user_error_behind, failures)), None)
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of `error`'s message (its type's name when it has none), at most
+    `limit` characters: what a one-line error quotes of an exception from a library."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].strip()[:limit]

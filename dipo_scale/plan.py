@@ -274,7 +274,7 @@ def plan_memory(cfg: UnlearnConfig, *, num_workers: int, gpu_memory_bytes: int |
     import torch
 
     from dipo_scale.losses import auto_chunk_size, head_matmul_dtype, loss_chunk_bytes
-    from dipo_scale.unlearn import load_ds_config
+    from dipo_scale.engine import load_ds_config
 
     if num_workers < 1:
         raise UserInputError(f"num_workers {num_workers}: must be at least 1")

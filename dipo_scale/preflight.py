@@ -13,7 +13,9 @@ just runs. Every check raises `UserInputError` (one line, exit 2) naming the inp
   split the run trains on holds tokens to train on (`trained_splits`), its tokenizer fingerprint
   is the model's, its block size fits the model's positions;
 * `check_resources`: the Ray cluster has the CPUs/GPUs the workers ask for (Ray would otherwise
-  wait for them without end).
+  wait for them without end);
+* `validate_run` (all of a run's inputs, before Ray starts) and `check_workers_can_run` (on the
+  cluster: resources, and for GPU runs the 8-bit optimizer and the memory plan).
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ import json
 import math
 import struct
 import zipfile
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dipo_scale.errors import UserInputError
+from dipo_scale.errors import UserInputError, first_line
+
+if TYPE_CHECKING:
+    from dipo_scale.config import UnlearnConfig
 
 SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 
@@ -189,8 +196,7 @@ def check_tokenizer(path: str | Path, flag: str, model_config: dict | None = Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError, ... from a missing or broken tokenizer
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserInputError(f"{flag} {shown}: cannot load its tokenizer ({type(e).__name__}: {first})") from None
+        raise UserInputError(f"{flag} {shown}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
     vocab = text_config(model_config or {}).get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise UserInputError(f"{flag} {shown}: the tokenizer has {len(tokenizer)} tokens, more than the "
@@ -211,9 +217,8 @@ def meta_model(name: str, flag: str, *, trust_remote_code: bool = False):
         with torch.device("meta"):
             return config, AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as e:  # OSError, ValueError, KeyError ... from a missing or foreign config
-        first = (str(e).strip().splitlines() or [""])[0][:160]
         raise UserInputError(f"{flag} {name}: cannot build the model from its config ({type(e).__name__}: "
-                             f"{first})") from None
+                             f"{first_line(e)})") from None
 
 
 def max_positions(config: dict) -> int | None:
@@ -275,3 +280,67 @@ def check_resources(num_workers: int, *, use_gpu: bool, flag: str = "train.num_w
             raise UserInputError(f"{flag}={num_workers}: needs {amount:g} {resource}s (one per worker"
                                  f"{' plus the drivers' if extra_cpus else ''}) but the Ray cluster has "
                                  f"{have.get(resource, 0):g}")
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole unlearning run, on the driver (`unlearn.run_unlearning`, the sweep)
+# ----------------------------------------------------------------------------------------------
+def wandb_credentials() -> bool:
+    """Whether wandb can log online: an API key in the environment or a `wandb login` (~/.netrc)."""
+    return bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().is_file()
+
+
+def validate_run(cfg: UnlearnConfig) -> None:
+    """Everything that can be checked before workers start, on the driver, in seconds (one-line
+    errors, exit 2): the models, their tokenizer against the prepared
+    data, every shard, the DeepSpeed config, the optimizer, the reference cache, evaluation data."""
+    from dipo_scale.engine import check_fused_head, check_optimizer, load_ds_config
+
+    if not cfg.model.path:
+        raise UserInputError("model.path: not set (the model to unlearn)")
+    if not cfg.data.prepared_dir:
+        raise UserInputError("data.prepared_dir: not set (run `dipo-scale prepare` first)")
+    model = check_model(cfg.model.path, "model.path", trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.reference_path and cfg.needs_reference() and not cfg.reference_cached():
+        check_model(cfg.model.reference_path, "model.reference_path", trust_remote_code=cfg.model.trust_remote_code,
+                    tokenizer=False)
+    check_prepared(cfg.data.prepared_dir, model=model, trains_on=trained_splits(cfg))
+    load_ds_config(cfg, cfg.train.worker_range[1])  # any size of an elastic group splits a batch the largest can
+    if not cfg.train.use_gpu:  # a GPU run's optimizer is checked where its workers run (run_unlearning)
+        check_optimizer(cfg)
+    if cfg.loss.fused:
+        check_fused_head(cfg)
+    if cfg.reference_cached():
+        from dipo_scale.reference.cache import check_cache
+
+        check_cache(cfg)  # fingerprints, manifest, each shard's size and header (rows: as workers read them)
+    if cfg.eval.every:
+        from dipo_scale.data.muse import load_muse_dir
+
+        load_muse_dir(cfg.eval.data_dir, need_raw=False)
+    if cfg.logging.wandb == "online" and not wandb_credentials():
+        raise UserInputError("logging.wandb=online: no wandb credentials (set WANDB_API_KEY or run `wandb login`), "
+                             "or use logging.wandb=offline")
+
+
+def check_workers_can_run(cfg: UnlearnConfig) -> None:
+    """On the Ray cluster (initialised): enough resources for the workers, and for a GPU run the
+    8-bit optimizer on a GPU node (the driver may have none) and the memory plan: a run whose
+    estimated per-GPU peak exceeds the cluster's GPUs is refused in one line (`dipo-scale plan`)."""
+    import ray
+
+    from dipo_scale.engine import check_optimizer, gpu_memory_bytes
+    from dipo_scale.errors import user_error_behind
+
+    low = cfg.train.worker_range[0]  # an elastic group starts with its min (and shrunk, holds the largest partitions)
+    check_resources(low, use_gpu=cfg.train.use_gpu)
+    if not cfg.train.use_gpu:
+        return
+    if cfg.train.optimizer == "adamw_8bit":
+        try:
+            ray.get(ray.remote(num_gpus=1, max_retries=0)(check_optimizer).remote(cfg))
+        except UserInputError as e:  # a task's error carries its traceback: keep the cause's one line
+            raise UserInputError(str(user_error_behind(e))) from None
+    from dipo_scale.plan import check_fits
+
+    check_fits(cfg, num_workers=low, gpu_memory_bytes=gpu_memory_bytes())

@@ -24,7 +24,8 @@ import torch.distributed as dist
 dist.init_process_group("gloo", rank=0, world_size=1)
 from dipo_scale.config import load_unlearn_config
 from dipo_scale.prepare import BlockReader
-from dipo_scale.unlearn import hf_model, init_engines, load_ds_config, micro_step
+from dipo_scale.engine import hf_model, init_engines, load_ds_config
+from dipo_scale.unlearn import micro_step
 
 out = {}
 for checkpointing in (False, True):
@@ -77,7 +78,8 @@ def test_gradient_checkpointing_recomputes_each_layer_in_the_backward(tiny_asset
 def test_rank_rows_split_any_global_batch_and_weight_rows_equally():
     """Any world size up to the global batch splits it (shares differ by at most one); the loss
     scales of `train_worker` make every row weigh 1/G in the step's gradient."""
-    from dipo_scale.unlearn import accumulation_steps, rank_rows
+    from dipo_scale.engine import accumulation_steps
+    from dipo_scale.unlearn import rank_rows
 
     for G in (1, 5, 8, 17, 720):
         for W in range(1, min(G, 20) + 1):
@@ -104,7 +106,7 @@ def test_elastic_ranges_need_only_a_row_per_worker(tiny_assets):
     workers is refused in one line."""
     from dipo_scale.config import load_unlearn_config
     from dipo_scale.errors import UserInputError
-    from dipo_scale.unlearn import load_ds_config
+    from dipo_scale.engine import load_ds_config
 
     cfg = load_unlearn_config(None, ["train.num_workers=[8,16]", "train.max_failures=3",
                                      "train.global_batch_size=32", "train.micro_batch_size=4"])
@@ -119,7 +121,7 @@ def test_elastic_ranges_need_only_a_row_per_worker(tiny_assets):
 def test_gpu_runs_refuse_a_deepspeed_precision_that_disagrees_with_the_model(tmp_path):
     from dipo_scale.config import load_unlearn_config
     from dipo_scale.errors import UserInputError
-    from dipo_scale.unlearn import load_ds_config
+    from dipo_scale.engine import load_ds_config
 
     gpu = load_unlearn_config(None, ["train.use_gpu=true"])
     assert gpu.model_dtype == "bfloat16" and gpu.ds_config_name == "zero3_bf16.json"
@@ -180,7 +182,7 @@ def test_the_offload_config_steps_with_deepspeeds_cpu_adam():
     import json as _json
 
     from dipo_scale.config import DS_CONFIG_DIR
-    from dipo_scale.unlearn import offloads_optimizer
+    from dipo_scale.engine import offloads_optimizer
 
     chosen = {name: offloads_optimizer(_json.loads((DS_CONFIG_DIR / name).read_text()))
               for name in ("zero3_offload.json", "zero3_bf16.json", "zero3_cpu.json")}

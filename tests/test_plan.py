@@ -70,7 +70,7 @@ def _saved_bytes_per_token(num_layers: int, *, checkpointing: bool, padded: bool
                          num_hidden_layers=num_layers, vocab_size=500, max_position_embeddings=256,
                          attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to(torch.bfloat16).train()
-    if checkpointing:  # as unlearn.init_engines enables it
+    if checkpointing:  # as engine.init_engines enables it
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -230,14 +230,14 @@ def test_unlearn_checks_the_plan_on_the_clusters_gpus_before_workers_start(monke
     holds the largest partitions) against one GPU's memory as a GPU node reports it, and refused in
     one line when it cannot fit. (No GPU here: the cluster's resources and the GPU's memory are
     stood in for; the rest of the check is the real one.)"""
-    from dipo_scale import preflight, unlearn
+    from dipo_scale import engine, preflight
 
     monkeypatch.setattr(preflight, "check_resources", lambda *a, **k: None)
-    monkeypatch.setattr(unlearn, "gpu_memory_bytes", lambda: 80 * 10 ** 9)
-    unlearn._check_workers_can_run(_gpu_config("llama-2-7b"))  # the recipe fits
+    monkeypatch.setattr(engine, "gpu_memory_bytes", lambda: 80 * 10 ** 9)
+    preflight.check_workers_can_run(_gpu_config("llama-2-7b"))  # the recipe fits
     with pytest.raises(UserInputError, match=r"^plan: .* needs ~12\d\.\d GiB per GPU .* with 16 workers; set "
                                              r"train.gradient_checkpointing=true"):
-        unlearn._check_workers_can_run(_gpu_config("llama-2-7b", "train.gradient_checkpointing=false"))
+        preflight.check_workers_can_run(_gpu_config("llama-2-7b", "train.gradient_checkpointing=false"))
     # elastic [4, 16]: planned for 4 workers, whose partitions of the 70B shape cannot fit
     with pytest.raises(UserInputError, match=r"with 4 workers"):
-        unlearn._check_workers_can_run(_gpu_config("llama-2-70b", "train.num_workers=[4,16]"))
+        preflight.check_workers_can_run(_gpu_config("llama-2-70b", "train.num_workers=[4,16]"))

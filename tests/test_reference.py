@@ -25,7 +25,7 @@ from dipo_scale.errors import UserInputError
 from dipo_scale.losses import TopKReference
 from dipo_scale.reference import ReferenceCache, check_cache, precompute_reference
 from dipo_scale.reference.precompute import SLOW_ENV, _completed
-from dipo_scale.unlearn import validate_run
+from dipo_scale.preflight import validate_run
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS_PER_SHARD = 6

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dipo_scale.data.prompts import tofu_prompt
 from dipo_scale.errors import UserInputError
-from dipo_scale.losses import _target_logprob, auto_chunk_size, compute_dtype
+from dipo_scale.losses import auto_chunk_size, compute_dtype, target_logprob
 from dipo_scale.progress import Progress
 
 CPU_TOKEN_BUDGET = 16384  # rows x padded length of one batch on a CPU (16 rows of 1024 tokens)
@@ -169,7 +169,7 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     per-position log-prob), so no float32 [N, V] copy exists."""
     chunk = auto_chunk_size(logits.shape[-1], logits.device, logits.dtype)
     dtype = compute_dtype(logits)
-    return torch.cat([_target_logprob(logits[s : s + chunk].to(dtype), labels[s : s + chunk])
+    return torch.cat([target_logprob(logits[s : s + chunk].to(dtype), labels[s : s + chunk])
                       for s in range(0, labels.shape[0], chunk)])
 
 

@@ -33,7 +33,7 @@ A version-1 cache (one sha256 per shard) is refused in one line.
 Fingerprints: the reference weights (sha256 of its config and weight files), the tokenizer (of
 the packed data), the packed data (the prepared manifest's data fingerprint and block counts)
 and the settings that change the statistics (form, k, storage dtype, quantisation, the
-reference's compute dtype). Training (`unlearn.validate_run`, on the driver, through
+reference's compute dtype). Training (`preflight.validate_run`, on the driver, through
 `check_cache`) compares them with the run's and refuses a cache that differs, in one line naming
 what differs; it also checks, before any worker starts, that every shard the run reads is there
 with its size, and its header and block ids match `index_sha256` (a few KB read per shard, not

@@ -53,7 +53,7 @@ import torch
 
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig
-from dipo_scale.errors import UserInputError, run_user_error
+from dipo_scale.errors import UserInputError, first_line, run_user_error
 from dipo_scale.files import atomic_write_json, check_output_dir, follow_umask, mark_output_dir, sha256_file
 from dipo_scale.memory import steady_allocator
 from dipo_scale.preflight import check_model, check_prepared, trained_splits
@@ -124,7 +124,7 @@ def load_reference_model(cfg: UnlearnConfig):
         if cfg.reference.quantize == "none":
             raise
         raise UserInputError(f"reference.quantize={cfg.reference.quantize}: bitsandbytes could not load "
-                             f"{reference_path(cfg)} here: {str(e).splitlines()[0]}") from None
+                             f"{reference_path(cfg)} here: {first_line(e)}") from None
     return model.eval().requires_grad_(False)
 
 
@@ -177,7 +177,7 @@ class ReferenceForward(torch.nn.Module):
             hidden, logits = self._full(input_ids, attention_mask)
         if self.form == "hidden":
             return {"hidden": hidden.to(self.store)}
-        from dipo_scale.losses import topk_statistics
+        from dipo_scale.reference.topk import topk_statistics
 
         top, ids, lse = topk_statistics(logits, self.k)
         return {"topk_logits": top.to(self.store), "topk_ids": ids.to(torch.int32), "lse": lse.to(torch.float32)}
@@ -512,10 +512,10 @@ def _run_actor_pool(cfg: UnlearnConfig, todo: list[dict], sizes: dict, workers: 
 
 
 def zero3_ds_config(cfg: UnlearnConfig, world: int) -> dict:
-    """The DeepSpeed config of the ZeRO-3 precompute engine: training's (`unlearn.load_ds_config`:
+    """The DeepSpeed config of the ZeRO-3 precompute engine: training's (`engine.load_ds_config`:
     ZeRO stage 3, on GPUs bf16 as `model.dtype` says) with `reference.batch_size` blocks per rank
     and no optimizer."""
-    from dipo_scale.unlearn import inference_ds_config, load_ds_config
+    from dipo_scale.engine import inference_ds_config, load_ds_config
 
     bs = cfg.reference.batch_size
     train = cfg.train.model_copy(update={"global_batch_size": bs * world, "micro_batch_size": bs})
@@ -546,7 +546,7 @@ def zero3_worker(config: dict) -> None:
     import ray.train
 
     from dipo_scale.collectives import sum_over_ranks
-    from dipo_scale.unlearn import frozen_engine, init_distributed, load_zero3_model
+    from dipo_scale.engine import frozen_engine, init_distributed, load_zero3_model
 
     _check_accelerator(cfg)
     torch.set_num_threads(config["threads"])
@@ -590,19 +590,14 @@ def zero3_worker(config: dict) -> None:
 
 
 def _run_zero3(cfg: UnlearnConfig, todo: list[dict], sizes: dict, workers: int, cpus: int) -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from dipo_scale.engine import torch_trainer
 
     cache = Path(cfg.reference.cache_dir)
-    trainer = TorchTrainer(
-        zero3_worker,
-        train_loop_config={"cfg": cfg.model_dump(by_alias=True), "items": todo, "delay": _test_delay(),
-                           "threads": cpus, **sizes},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"reference-{int(time.time())}", storage_path=str(cache / ".ray")),
-    )
+    trainer = torch_trainer(
+        zero3_worker, {"cfg": cfg.model_dump(by_alias=True), "items": todo, "delay": _test_delay(), "threads": cpus,
+                       **sizes},
+        num_workers=workers, use_gpu=cfg.train.use_gpu, name=f"reference-{int(time.time())}",
+        storage_path=cache / ".ray", resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})})
     trainer.fit()
 
 
@@ -733,7 +728,7 @@ def _model_sizes(model_dir: str) -> tuple[int, int]:
 def precompute_reference(cfg: UnlearnConfig) -> dict:
     """Write (or finish) the reference cache of `cfg` (module docstring); returns its manifest."""
     from dipo_scale.prepare import read_manifest
-    from dipo_scale.unlearn import absolute_paths  # (unlearn never imports the precompute)
+    from dipo_scale.config import absolute_paths
 
     r = cfg.reference
     if r.form == "online":

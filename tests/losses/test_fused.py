@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dipo_scale.losses import (IGNORE_INDEX, HiddenReference, LMHead, TopKReference, auto_chunk_size,
-                               dipo_loss, ga_loss, kl_retain_loss, nll_loss, npo_loss, topk_statistics)
+                               dipo_loss, ga_loss, kl_retain_loss, nll_loss, npo_loss)
+from dipo_scale.reference.topk import topk_statistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

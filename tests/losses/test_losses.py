@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from dipo_scale.losses import (
-    IGNORE_INDEX, dipo_loss, dipo_loss_naive, dipo_margin, ga_loss, high_confidence_mask,
+    IGNORE_INDEX, dipo_loss, dipo_margin, ga_loss, high_confidence_mask,
     kl_retain_loss, nll_loss, npo_loss, preference_distributions, preference_weight,
 )
+from naive import dipo_loss_naive
 
 torch.manual_seed(0)
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dipo_scale.losses import (IGNORE_INDEX, HiddenReference, TopKReference, dipo_loss,
-                               kl_retain_loss, npo_loss, topk_dense_logits, topk_statistics)
+                               kl_retain_loss, npo_loss, topk_dense_logits)
+from dipo_scale.reference import topk
+from dipo_scale.reference.topk import topk_statistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,9 +105,7 @@ def test_reference_shape_must_match_the_policy():
 def test_topk_statistics_on_the_cpu_match_torch_topk(monkeypatch, dtype):
     """The CPU path (numpy's introselect, one chunk of rows at a time, then sorted) gives
     torch.topk's values and ids in its order, and the log-sum-exp, in float32 at least."""
-    import dipo_scale.losses as losses
-
-    monkeypatch.setattr(losses, "TOPK_CHUNK_ELEMENTS", 3 * 50)  # chunks of 3 rows: boundaries inside
+    monkeypatch.setattr(topk, "TOPK_CHUNK_ELEMENTS", 3 * 50)  # chunks of 3 rows: boundaries inside
     g = torch.Generator().manual_seed(5)
     z = (torch.randn(2, 7, 50, generator=g, dtype=torch.float64) * 4).to(dtype)
     top, ids, lse = topk_statistics(z, 6)
@@ -141,7 +141,6 @@ def test_grouped_topk_statistics_equal_introselect_wherever_the_top_k_lie(group)
 
 
 def test_topk_group_groups_only_where_it_pays():
-    import dipo_scale.losses as losses
 
-    assert [losses.topk_group(v, 32) for v in (1024, 32000, 128256, 50257, 8192, 4096)] == [0, 64, 64, 0, 64, 0]
-    assert losses.topk_group(32000, 128) == 0  # 125 groups of 64 would keep all but a sliver
+    assert [topk.topk_group(v, 32) for v in (1024, 32000, 128256, 50257, 8192, 4096)] == [0, 64, 64, 0, 64, 0]
+    assert topk.topk_group(32000, 128) == 0  # 125 groups of 64 would keep all but a sliver
