@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,25 @@ def test_ds_config_with_wrong_stage(tiny_assets, tmp_path):
                 "--set", f"out_dir={tmp_path / 'run'}")
     _assert_one_line_error(proc, "zero2.json", "stage 3")
     assert not (tmp_path / "run").exists()
+
+
+def test_configs_unlearn_yaml_lists_every_key_with_its_default():
+    """configs/unlearn.yaml says it lists every key: the same key tree as the config, and each
+    value the default except the ones an example run sets (paths, method, workers, steps)."""
+    import yaml
+
+    from dipo_scale.config import UnlearnConfig
+
+    def leaves(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    listed = leaves(yaml.safe_load((Path(__file__).parents[1] / "configs" / "unlearn.yaml").read_text()))
+    defaults = leaves(UnlearnConfig().model_dump(by_alias=True))
+    assert set(listed) == set(defaults), (set(listed) ^ set(defaults))
+    example = {"method", "out_dir", "model.path", "data.prepared_dir", "train.num_workers", "train.steps",
+               "train.global_batch_size", "train.micro_batch_size", "train.lr", "dipo.alpha"}
+    differ = {k for k in listed if k not in example and listed[k] != defaults[k]}
+    assert not differ, {k: (listed[k], defaults[k]) for k in differ}
