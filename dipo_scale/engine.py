@@ -27,6 +27,8 @@ from dipo_scale.errors import UserInputError, first_line
 from dipo_scale.files import atomic_dir, atomic_write_json
 from dipo_scale.losses import LMHead
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the config's dtype names
+
 
 def load_ds_config(cfg: UnlearnConfig, world_size: int) -> dict:
     """The ds_configs/ file with its "auto" values filled from the run config."""
@@ -197,8 +199,8 @@ def load_zero3_model(cfg: UnlearnConfig, ds_config: dict, path: str):
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (keeps zero.Init on for from_pretrained)
-    dtype = torch.bfloat16 if cfg.model_dtype == "bfloat16" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[cfg.model_dtype],
+                                                trust_remote_code=cfg.model.trust_remote_code)
 
 
 def inference_ds_config(ds_config: dict) -> dict:

@@ -53,6 +53,7 @@ import torch
 
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig
+from dipo_scale.engine import TORCH_DTYPES
 from dipo_scale.errors import UserInputError, first_line, run_user_error
 from dipo_scale.files import atomic_write_json, check_output_dir, follow_umask, mark_output_dir, sha256_file
 from dipo_scale.memory import steady_allocator
@@ -104,7 +105,7 @@ def load_reference_model(cfg: UnlearnConfig):
     GPU (cuda:0, the one Ray assigned it), never through a CPU copy."""
     from transformers import AutoModelForCausalLM
 
-    load: dict[str, Any] = dict(dtype=torch.bfloat16 if cfg.model_dtype == "bfloat16" else torch.float32,
+    load: dict[str, Any] = dict(dtype=TORCH_DTYPES[cfg.model_dtype],
                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.train.use_gpu:
         if not torch.cuda.is_available():
@@ -147,7 +148,7 @@ class ReferenceForward(torch.nn.Module):
         super().__init__()
         self.model = model
         self.form, self.k = cfg.reference.form, cfg.reference.k
-        self.store = torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
+        self.store = TORCH_DTYPES[cfg.reference_dtype]
         self.via_decoder = True
 
     def _full(self, input_ids, attention_mask):
@@ -192,7 +193,7 @@ def probe_input(device) -> dict[str, torch.Tensor]:
 def stored_specs(cfg: UnlearnConfig, rows: int, block_size: int, hidden_size: int) -> dict[str, tuple]:
     """{name: (dtype, shape)} of a shard's computed tensors, in the order `ReferenceForward` returns them."""
     r = cfg.reference
-    store = torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
+    store = TORCH_DTYPES[cfg.reference_dtype]
     if r.form == "hidden":
         return {"hidden": (store, (rows, block_size, hidden_size))}
     return {"topk_logits": (store, (rows, block_size, r.k)), "topk_ids": (torch.int32, (rows, block_size, r.k)),
