@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -182,6 +183,13 @@ def hf_state_dict(engine) -> dict | None:
     if state_dict and isinstance(engine.module, FusedHeadModel):
         state_dict = type(state_dict)((k.removeprefix("model."), v) for k, v in state_dict.items())
     return state_dict
+
+
+def use_accelerator(use_gpu: bool) -> None:
+    """DeepSpeed's accelerator for this worker process: its CUDA one on GPUs, else the CPU one
+    (DS_ACCELERATOR=cpu). Called before deepspeed is imported: it picks its accelerator then."""
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def init_distributed(cfg: UnlearnConfig) -> None:

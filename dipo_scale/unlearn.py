@@ -40,7 +40,7 @@ from dipo_scale.cluster import init_ray
 from dipo_scale.collectives import sum_over_ranks
 from dipo_scale.config import UnlearnConfig, absolute_paths, run_dir_of
 from dipo_scale.engine import (accumulation_steps, evaluation_model, export_hf, hf_model, init_engines, load_ds_config,
-                               partition_sizes, torch_trainer)
+                               partition_sizes, torch_trainer, use_accelerator)
 from dipo_scale.errors import UserInputError, run_user_error
 from dipo_scale.files import (atomic_write_json, check_output_dir, check_run_dir,
                               claim_run_dir, follow_umask_within, hold_output_dir,
@@ -256,8 +256,7 @@ def train_worker(config: dict) -> None:
     import ray.train
 
     cfg: UnlearnConfig = config["cfg"]
-    if not cfg.train.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    use_accelerator(cfg.train.use_gpu)
     from dipo_scale.eval.in_training import Evaluator
     from dipo_scale.prepare import BlockReader, read_manifest
 

@@ -53,7 +53,7 @@ import torch
 
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import UnlearnConfig
-from dipo_scale.engine import TORCH_DTYPES
+from dipo_scale.engine import TORCH_DTYPES, use_accelerator
 from dipo_scale.errors import UserInputError, first_line, run_user_error
 from dipo_scale.files import atomic_write_json, check_output_dir, follow_umask, mark_output_dir, sha256_file
 from dipo_scale.memory import steady_allocator
@@ -428,8 +428,8 @@ class ShardActor:
     def _load(self, config: dict, block_size: int, hidden_size: int, threads: int, delay: float) -> None:
         cfg = UnlearnConfig.model_validate(config)
         self.delay, self.block_size, self.hidden_size = delay, block_size, hidden_size
+        use_accelerator(cfg.train.use_gpu)
         if not cfg.train.use_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             steady_allocator()  # the forwards' activations stay mapped between batches
         torch.set_num_threads(threads)
         self.cfg = cfg
@@ -540,8 +540,8 @@ def zero3_worker(config: dict) -> None:
     engine set-up of training: `unlearn.init_distributed` (nccl on GPUs), `load_zero3_model`,
     `frozen_engine`)."""
     cfg = UnlearnConfig.model_validate(config["cfg"])
-    if not cfg.train.use_gpu:  # before DeepSpeed is imported: it picks its accelerator then
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    use_accelerator(cfg.train.use_gpu)  # before DeepSpeed is imported
+    if not cfg.train.use_gpu:
         steady_allocator()
     import deepspeed
     import ray.train
