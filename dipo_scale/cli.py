@@ -110,6 +110,10 @@ def _cmd_evaluate(args) -> None:
     if (args.config or args.set) and "relearn" not in attacks:
         raise UserInputError(f"--config / --set set the relearning attack (relearn.*): name it with {flag} relearn")
     relearn = load_config(args.config, args.set, AttackConfig).relearn
+    if "relearn" in attacks:  # an earlier relearning run in --out is reused only if made from the same inputs
+        from dipo_scale.eval.attacks import check_relearn_reuse
+
+        check_relearn_reuse(args.model, args.data, args.out, relearn, forget=args.forget, retain=args.retain)
     from dipo_scale.eval import run_evaluation
 
     metrics = run_evaluation(

@@ -268,17 +268,27 @@ def check_prepared(prepared_dir: str | Path, *, flag: str = "data.prepared_dir",
 
 def check_resources(num_workers: int, *, use_gpu: bool, flag: str = "train.num_workers",
                     extra_cpus: float = 0.0) -> None:
-    """The Ray cluster (initialised) has a CPU (and a GPU) per worker, plus `extra_cpus`.
-    Ray would wait for missing resources without end (an autoscaling cluster may add them: this
-    check counts the nodes there now)."""
+    """The Ray cluster has a CPU (and a GPU) per worker, plus `extra_cpus`: the initialised one,
+    or, before `init_ray` starts a local one, this machine (which a local cluster gets all of). A
+    cluster to be joined (RAY_ADDRESS) is checked once joined. Ray would wait for missing resources
+    without end (an autoscaling cluster may add them: this check counts the nodes there now)."""
     import ray
 
-    have = ray.cluster_resources()
+    if ray.is_initialized():
+        have, where = ray.cluster_resources(), "the Ray cluster has"
+    elif os.environ.get("RAY_ADDRESS", "local") in ("", "local"):
+        import torch
+        from ray._private.utils import get_num_cpus  # what `ray.init` gives a local cluster
+
+        have = {"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}
+        where = "this machine has (all a local Ray cluster would get)"
+    else:
+        return
     need = {"CPU": num_workers + extra_cpus, **({"GPU": num_workers} if use_gpu else {})}
     for resource, amount in need.items():
         if have.get(resource, 0) < amount:
             raise UserInputError(f"{flag}={num_workers}: needs {amount:g} {resource}s (one per worker"
-                                 f"{' plus the drivers' if extra_cpus else ''}) but the Ray cluster has "
+                                 f"{' plus the drivers' if extra_cpus else ''}) but {where} "
                                  f"{have.get(resource, 0):g}")
 
 
@@ -292,10 +302,8 @@ def wandb_credentials() -> bool:
 
 def validate_run(cfg: UnlearnConfig) -> None:
     """Everything that can be checked before workers start, on the driver, in seconds (one-line
-    errors, exit 2): the models, their tokenizer against the prepared
-    data, every shard, the DeepSpeed config, the optimizer, the reference cache, evaluation data."""
-    from dipo_scale.engine import check_fused_head, check_optimizer, load_ds_config
-
+    errors, exit 2): the models, their tokenizer against the prepared data, every shard, the
+    reference cache, and the settings (`validate_settings`)."""
     if not cfg.model.path:
         raise UserInputError("model.path: not set (the model to unlearn)")
     if not cfg.data.prepared_dir:
@@ -305,15 +313,24 @@ def validate_run(cfg: UnlearnConfig) -> None:
         check_model(cfg.model.reference_path, "model.reference_path", trust_remote_code=cfg.model.trust_remote_code,
                     tokenizer=False)
     check_prepared(cfg.data.prepared_dir, model=model, trains_on=trained_splits(cfg))
-    load_ds_config(cfg, cfg.train.worker_range[1])  # any size of an elastic group splits a batch the largest can
-    if not cfg.train.use_gpu:  # a GPU run's optimizer is checked where its workers run (run_unlearning)
-        check_optimizer(cfg)
-    if cfg.loss.fused:
-        check_fused_head(cfg)
+    validate_settings(cfg)
     if cfg.reference_cached():
         from dipo_scale.reference.cache import check_cache
 
         check_cache(cfg)  # fingerprints, manifest, each shard's size and header (rows: as workers read them)
+
+
+def validate_settings(cfg: UnlearnConfig) -> None:
+    """A run's settings that need no prepared data (a sequential series checks them for requests
+    whose blocks are not prepared yet): the DeepSpeed config against the batch and workers, the
+    optimizer, the fused head, the evaluation data, wandb's credentials."""
+    from dipo_scale.engine import check_fused_head, check_optimizer, load_ds_config
+
+    load_ds_config(cfg, cfg.train.worker_range[1])  # any size of an elastic group splits a batch the largest can
+    if not cfg.train.use_gpu:  # a GPU run's optimizer is checked where its workers run (check_workers_can_run)
+        check_optimizer(cfg)
+    if cfg.loss.fused:
+        check_fused_head(cfg)
     if cfg.eval.every:
         from dipo_scale.data.muse import load_muse_dir
 

@@ -61,8 +61,16 @@ def test_folds_and_muse_request_layouts(tiny_assets, tmp_path):
     requests = load_forget_requests(root, "sust")
     assert [docs for _, docs in requests] == [["first doc", "second doc"], ["third doc"]]
     assert load_forget_requests(root, "scal") == []
-    assert forget_sets(cfg.model_copy(update={"data_dir": str(root), "forget_sets": "data"}), data,
-                       "sequential") == requests
+    from_data = cfg.model_copy(update={"data_dir": str(root), "forget_sets": "data"})
+    # A series never drops a set: forget_4 after the gap, and a file named like a set that is none,
+    # are each an error naming the file.
+    with pytest.raises(UserInputError, match=r"sust/forget_4.txt: forget set 4 follows no forget_3"):
+        forget_sets(from_data, data, "sequential")
+    (root / "sust" / "forget_4.txt").rename(root / "sust" / "forget_03.txt")
+    with pytest.raises(UserInputError, match=r"sust/forget_03.txt: not a forget set name the series reads"):
+        forget_sets(from_data, data, "sequential")
+    (root / "sust" / "forget_03.txt").unlink()
+    assert forget_sets(from_data, data, "sequential") == requests
     assert forget_sets(cfg.model_copy(update={"data_dir": str(root)}), data, "sequential") == seq  # folds asked
     (root / "sust" / "forget_2.txt").write_text("x\n")
     with pytest.raises(UserInputError, match="several forget_2 files"):

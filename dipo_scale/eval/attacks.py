@@ -16,11 +16,25 @@ among the attacks, every criterion of the run (before and after each attack) is 
 forget set less the slice (`split_relearn`), so before and after compare the same items. A MUSE
 item belongs to the slice when its text (VerbMem prompt, attack text) or its answer (KnowMem)
 occurs in a slice document, whitespace-normalised and case-folded; this errs towards leaving out.
+
+The relearning run is resumable: a rerun into the same OUT reuses OUT/relearn/ (its checkpoints,
+its relearned model) only when it would be made from the same things, recorded in
+OUT/relearn/source.json: the model's weights (`files.sampled_fingerprint`), the documents (or QA
+pairs) it trains on, and the relearn settings but `num_workers`. A rerun whose model, data or
+settings differ from those of an earlier run that made progress is refused in one line naming
+`--out` and what changed, before any evaluation, preparation or Ray start (`check_relearn_reuse`,
+from the command line; `relearn_model` checks again before it writes anything). The relearning
+run's settings (batch against workers, DeepSpeed config, the workers' CPUs/GPUs, block size against
+the model's positions) are checked before any model loads too, named as `relearn.*` keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -219,6 +233,8 @@ def check_relearn(cfg: RelearnConfig) -> None:
     from dipo_scale.eval.workers import cluster_gpus
     from dipo_scale.unlearn import load_ds_config
 
+    from dipo_scale.preflight import check_resources
+
     ucfg = relearn_config(cfg, "", Path("."))
     if ucfg.train.use_gpu and (gpus := cluster_gpus()) < cfg.num_workers:
         raise UserInputError(f"relearn.num_workers={cfg.num_workers}: the relearning run on GPUs (relearn.use_gpu="
@@ -228,9 +244,130 @@ def check_relearn(cfg: RelearnConfig) -> None:
     try:
         load_ds_config(ucfg, cfg.num_workers)
     except UserInputError as e:
-        raise UserInputError(f"relearn: {e}") from None
+        message = _as_relearn_keys(str(e))
+        raise UserInputError(message if message.startswith("relearn.") else f"relearn: {message}") from None
+    check_resources(cfg.num_workers, use_gpu=ucfg.train.use_gpu, flag="relearn.num_workers")
     if cfg.data is not None and not Path(cfg.data).is_file():
         raise UserInputError(f"relearn.data {cfg.data}: no such file (a .txt/.jsonl/.json/.parquet of documents)")
+
+
+_TRAIN_KEY = re.compile(r"(?<![\w./-])train\.(num_workers|global_batch_size|micro_batch_size|ds_config|steps|lr|seed|"
+                        r"use_gpu)\b")
+
+
+def _as_relearn_keys(message: str) -> str:
+    """An unlearning check's line with the relearning run's keys named as the user sets them
+    (train.global_batch_size -> relearn.global_batch_size)."""
+    return _TRAIN_KEY.sub(r"relearn.\1", message)
+
+
+SOURCE = "source.json"  # OUT/relearn/source.json: what the relearning run was made from
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def relearn_source(model_path: str, split: RelearnSplit, cfg: RelearnConfig) -> dict:
+    """What a relearning run is made from: the model's weights (`files.sampled_fingerprint`), the
+    documents / QA pairs it trains on, and its settings but the worker count."""
+    from dipo_scale.files import sampled_fingerprint
+    from dipo_scale.preflight import resolve_model_dir
+
+    train = dataclasses.asdict(split.train)
+    return {"model": sampled_fingerprint(resolve_model_dir(str(model_path), "--model")),
+            "data": _digest({"with_qa": split.with_qa, **{k: train[k] for k in
+                                                          ("forget_docs", "retain_docs", "forget_qa", "retain_qa")}}),
+            "settings": cfg.model_dump(exclude={"num_workers"})}
+
+
+def _relearn_started(out_dir: Path) -> bool:
+    """Whether OUT/relearn holds a relearning run that made progress (a log line, or its model)."""
+    log = out_dir / "run" / "log.jsonl"
+    return (out_dir / "run" / "model").is_dir() or (log.is_file() and log.stat().st_size > 0)
+
+
+def _earlier_source(out_dir: Path) -> dict | None:
+    """The record of the relearning run in OUT/relearn (None: none that made progress). A run
+    made before source.json existed: its run's config.json gives the model's fingerprint."""
+    if not _relearn_started(out_dir):
+        return None
+    for path, read in ((out_dir / SOURCE, lambda obj: obj),
+                       (out_dir / "run" / "config.json", lambda obj: {"model": obj["inputs"]["model"]})):
+        try:
+            return read(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _refuse_other_source(earlier: dict, now: dict, *, out: str, model: str, data: str | None) -> None:
+    """A one-line error when the earlier relearning run in `out` was made from other inputs."""
+    head = f"--out {out}: its earlier relearning attack (relearn/) "
+    tail = "; its relearned model would not be this model's: choose another --out (or restore what changed)"
+    if "model" in earlier and earlier["model"] != now["model"]:
+        raise UserInputError(f"{head}relearned other weights: the model at --model {model} changed since the "
+                             f"earlier attack (fingerprint {earlier['model']} then, {now['model']} now){tail}")
+    if "settings" in now and "settings" in earlier and earlier["settings"] != now["settings"]:
+        diff = ", ".join(f"relearn.{k}: {earlier['settings'].get(k)} then, {v} now"
+                         for k, v in now["settings"].items() if earlier["settings"].get(k) != v)
+        raise UserInputError(f"{head}ran with other settings ({diff}); rerun with those, or choose another --out")
+    if "data" in now and "data" in earlier and earlier["data"] != now["data"]:
+        raise UserInputError(f"{head}trained on other data: the relearned documents of "
+                             f"{'relearn.data' if data is None else '--data ' + data} changed since the earlier "
+                             f"attack (fingerprint {earlier['data']} then, {now['data']} now){tail}")
+
+
+def check_relearn_reuse(model: str, data: str, out: str | Path, cfg: RelearnConfig, *, forget: str = "forget10",
+                        retain: str | None = None) -> None:
+    """Before any evaluation, preparation or Ray start (the command line calls it first): when OUT
+    holds an earlier relearning run that made progress, the model's weights, the relearn settings
+    and the documents it would train on are those it was made from (OUT/relearn/source.json);
+    else a one-line error naming --out and what changed. Also the relearning blocks fit the model's
+    positions. Nothing is written."""
+    from dipo_scale.files import check_output_dir
+    from dipo_scale.preflight import check_model, max_positions
+
+    model_config = check_model(model, "--model", tokenizer=False)
+    limit = max_positions(model_config)
+    if limit is not None and cfg.block_size > limit:
+        raise UserInputError(f"relearn.block_size={cfg.block_size}: exceeds the {limit} positions of --model {model}; "
+                             f"set relearn.block_size={limit} or less")
+    out_dir = check_output_dir(out, "evaluate", inputs=[("--data", data), ("--model", model)]) / "relearn"
+    earlier = _earlier_source(out_dir)
+    if earlier is None:
+        return
+    from dipo_scale.files import sampled_fingerprint
+
+    now = {"model": sampled_fingerprint(model_config["_dir"]), "settings": cfg.model_dump(exclude={"num_workers"})}
+    _refuse_other_source(earlier, now, out=str(out), model=model, data=data if cfg.data is None else None)
+    if "data" not in earlier:
+        return
+    from dipo_scale.eval.run import detect_layout
+
+    if detect_layout(data) == "muse":
+        from dipo_scale.data.muse import load_muse
+
+        dataset = load_muse(data, need_raw=cfg.data is None)
+    else:
+        from dipo_scale.data.tofu import load_tofu
+
+        dataset = load_tofu(data, forget=forget, retain=retain)
+    now = relearn_source(model, split_relearn(dataset, cfg), cfg)
+    _refuse_other_source(earlier, now, out=str(out), model=model, data=data if cfg.data is None else None)
+
+
+def check_relearn_split(model_path: str, split: RelearnSplit, cfg: RelearnConfig, out_dir: Path) -> dict:
+    """`check_relearn_reuse` for a caller that has the split already (`relearn_model`; OUT/relearn
+    as `out_dir`): a one-line error when OUT/relearn holds a relearning run made from other inputs.
+    Returns this run's record (`relearn_source`)."""
+    source = relearn_source(model_path, split, cfg)
+    earlier = _earlier_source(Path(out_dir))
+    if earlier is not None:
+        data = split.evaluate.root if isinstance(split.evaluate, MuseData) else split.evaluate.source
+        _refuse_other_source(earlier, source, out=str(Path(out_dir).parent), model=model_path,
+                             data=str(data) if cfg.data is None else None)
+    return source
 
 
 def relearn_model(model_path: str, split: RelearnSplit, cfg: RelearnConfig, out_dir: Path) -> Path:
@@ -243,10 +380,12 @@ def relearn_model(model_path: str, split: RelearnSplit, cfg: RelearnConfig, out_
     from dipo_scale.prepare import prepare
     from dipo_scale.unlearn import run_unlearning
 
+    source = check_relearn_split(model_path, split, cfg, out_dir)  # (the command line checked it before any work)
     ucfg = relearn_config(cfg, model_path, out_dir)
     print(f"relearn: {cfg.num_workers} Ray Train workers on {'GPUs' if ucfg.train.use_gpu else 'CPUs'} "
           f"(relearn.use_gpu={str(cfg.use_gpu).lower()}), {ucfg.ds_config_name}", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / SOURCE, source)
     atomic_write_json(out_dir / "slice.json", split.record)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prepare(split.train, tokenizer, out_dir / "prepared", block_size=cfg.block_size, with_qa=split.with_qa,
