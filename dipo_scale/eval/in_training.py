@@ -48,11 +48,12 @@ class Evaluator:
         from transformers import AutoTokenizer
 
         from dipo_scale.data.muse import load_muse_dir
-        from dipo_scale.eval.muse import muse_items
+        from dipo_scale.eval.muse import muse_items, without_blank_references
 
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
         e = cfg.eval
-        self.items = muse_items(load_muse_dir(e.data_dir), limit=e.limit, mia=True)
+        # items without a reference are left out, as `evaluate` leaves them out (ROUGE against nothing is 0)
+        self.items = muse_items(without_blank_references(load_muse_dir(e.data_dir))[0], limit=e.limit, mia=True)
         self.share = self.items.share(rank, world)
         self.batches = self.items.batches(world, e.batch_size)  # the same on every rank
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)

@@ -118,6 +118,27 @@ def knowmem(
                                         batch_size=batch_size))
 
 
+# --- items without a reference -------------------------------------------------------------------
+# (metric, MuseData list, the item's reference field; None: the item is the text itself)
+REFERENCED_LISTS = (("verbmem_f", "verbmem", "gt"), ("knowmem_f", "forget_qa", "answer"),
+                    ("knowmem_r", "retain_qa", "answer"), ("mia_auc", "privleak_forget", None),
+                    ("mia_auc", "privleak_holdout", None))
+
+
+def without_blank_references(data: MuseData) -> tuple[MuseData, list[tuple[str, str, int, int]]]:
+    """`data` less the items whose reference is empty or whitespace: a VerbMem `gt` or a QA `answer`
+    (ROUGE against nothing is 0, which reads as perfect forgetting), a privleak text (no token to
+    score). Returns it and, per list that held such items, (metric, list, left out, of)."""
+    changes, dropped = {}, []
+    for metric, name, field in REFERENCED_LISTS:
+        items = getattr(data, name)
+        kept = [it for it in items if (getattr(it, field) if field else it).strip()]
+        if len(kept) < len(items):
+            changes[name] = kept
+            dropped.append((metric, name, len(items) - len(kept), len(items)))
+    return (replace(data, **changes) if changes else data), dropped
+
+
 def muse_mia_texts(data: MuseData) -> tuple[list[str], list[str]]:
     """The forget / holdout texts of the attack: privleak/*.json, else the raw documents."""
     return (data.privleak_forget or data.forget_docs, data.privleak_holdout or data.holdout_docs)

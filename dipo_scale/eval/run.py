@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
 from dipo_scale.config import RelearnConfig
 from dipo_scale.errors import UserInputError
-from dipo_scale.eval.attacks import (ATTACKS, QUANTIZE_BITS, attack_keys, check_attacks, relearn_model,
-                                     split_metrics, split_relearn)
+from dipo_scale.eval.attacks import (ATTACKS, QUANTIZE_BITS, attack_keys, check_attacks, check_relearn_split,
+                                     relearn_model, split_metrics, split_relearn)
 from dipo_scale.eval.muse import mia_pair, muse_metrics
 from dipo_scale.eval.privacy import CI, add_privleak, auc_from_scores
 from dipo_scale.eval.tofu import evaluate_tofu, tofu_forget_truth_ratios, tofu_mia_scores, truth_ratio_score
@@ -83,6 +84,119 @@ def _retain_model_stats(model, tokenizer, data, *, batch_size: int, limit: int |
             tofu_mia_scores(model, tokenizer, data, batch_size=batch_size, limit=limit))
 
 
+MUSE_FILES = {"verbmem": ("verbmem/forget", "gt"), "forget_qa": ("knowmem/forget_qa", "answer"),
+              "retain_qa": ("knowmem/retain_qa|knowmem/retain2_qa", "answer"),
+              "privleak_forget": ("privleak/forget", "text"), "privleak_holdout": ("privleak/holdout", "text")}
+TOFU_METRICS = {"forget": "knowmem_f, forget_truth_ratio, forget_quality", "retain": "knowmem_r, model_utility",
+                "real_authors": "model_utility", "world_facts": "model_utility", "holdout": "mia_auc"}
+
+
+def _muse_file(data: str, name: str) -> str:
+    """Where MuseData's list `name` comes from: the file in a local directory, `hub[config/split]`."""
+    stems = MUSE_FILES[name][0].split("|")
+    root = Path(data)
+    if root.is_dir():
+        found = [root / f"{stem}{ext}" for stem in stems for ext in (".json", ".jsonl")
+                 if (root / f"{stem}{ext}").is_file()]
+        return str(found[0] if found else root / f"{stems[0]}.json")
+    return f"{data}[{stems[0]}]"
+
+
+def usable_items(dataset, layout: str, data: str) -> tuple[object, dict[str, int], list[int] | None, list[str]]:
+    """`dataset` less the items without a usable reference (an empty or whitespace VerbMem `gt` or
+    QA answer: ROUGE against nothing is 0, which reads as perfect forgetting; TOFU: also an empty
+    paraphrased or perturbed answer, which has no token to score), checked on the driver before any
+    model loads. A list with items but none usable is a one-line error naming its file and metric.
+    Returns (the data, {metric (MUSE) or split (TOFU): items left out}, the indices of the TOFU
+    forget items kept (None: all), the note lines saying what was left out (also printed))."""
+    from dipo_scale.data.muse import note
+
+    if layout == "muse":
+        from dipo_scale.eval.muse import without_blank_references
+
+        dataset, dropped = without_blank_references(dataset)
+        kept_forget = None
+        where = {name: (_muse_file(data, name), MUSE_FILES[name][1]) for _, name, _, _ in dropped}
+    else:
+        from dipo_scale.eval.tofu import without_blank_references
+
+        dataset, dropped, kept_forget = without_blank_references(dataset)
+        where = {name: (f"{data} ({key} split)", "answer, paraphrased or perturbed answer")
+                 for key, name, _, _ in dropped}
+    field_of = {name: (where[name][1] if layout == "muse" else "answers") for _, name, _, _ in dropped}
+    for key, name, left_out, total in dropped:
+        if left_out == total:
+            metric = key if layout == "muse" else TOFU_METRICS[name]
+            file, field = where[name]
+            raise UserInputError(f"{file}: all {total} items have an empty {field}: no {metric} can be computed "
+                                 "without references (ROUGE against nothing reads as perfect forgetting)")
+    skipped: dict[str, int] = {}
+    for key, _, left_out, _ in dropped:
+        skipped[key] = skipped.get(key, 0) + left_out
+    notes = []
+    if dropped:
+        parts = ", ".join(f"{left_out} of {total} in {where[name][0]} ({field_of[name]}; {key})"
+                          for key, name, left_out, total in dropped)
+        notes.append(f"items with an empty reference (empty or whitespace) are left out, counted in metrics.json "
+                     f"skipped_items: {parts}")
+        note(notes[0])
+    return dataset, skipped, (kept_forget if dropped and layout == "tofu" else None), notes
+
+
+def check_finite(metrics: dict, what: str) -> None:
+    """A metric that is not a finite number (NaN from non-finite log-probs, e.g. broken weights) is
+    a one-line error naming it and the model (`what`): it is never written."""
+    for key, value in metrics.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise UserInputError(f"{what}: {key} is {value} (not a finite number: its log-probs are not finite, "
+                                 "are its weights broken?); no metrics are written")
+
+
+def _json_text(path: Path, obj) -> str:
+    """`obj` as the JSON text of `path`, refusing NaN and infinities (never written silently)."""
+    try:
+        return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise UserInputError(f"{path}: a value is not a finite number (NaN or infinity); nothing is written") from None
+
+
+WRITTEN = ("metrics.json", "report.md", "items.json", "truth_ratios.json")  # and the plots, *.png
+
+
+def _check_earlier_output(out: Path, relearn: bool, given: str | Path) -> None:
+    """An earlier output the evaluation replaces files in: every file in it can be replaced (not
+    immutable or append-only), and the relearning run's folders (with `relearn`) can be written in;
+    found before the evaluation (`check_output_dir` tried the directory itself), not after it.
+    `given`: --out as the user gave it, for the message."""
+    import fcntl
+    import tempfile
+
+    if not out.is_dir():
+        return
+    for path in sorted(out.iterdir()):
+        if (path.name in WRITTEN or path.suffix == ".png") and path.is_file() and not path.is_symlink():
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                try:
+                    flags = fcntl.ioctl(fd, 0x80086601, b"\0" * 8)  # FS_IOC_GETFLAGS
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue  # no such flags on this file system
+            if int.from_bytes(flags[:4], "little") & 0x30:  # FS_IMMUTABLE_FL | FS_APPEND_FL
+                raise UserInputError(f"--out {given}: cannot replace {path.name} in it (immutable or append-only: "
+                                     "chattr -i / -a it, or choose another --out)")
+    folders = [out / "relearn", *(p for p in (out / "relearn").glob("*") if p.is_dir())] if relearn else []
+    for folder in folders:
+        if folder.is_dir():
+            try:
+                os.rmdir(tempfile.mkdtemp(dir=folder, prefix=".dipo-scale-probe."))
+            except OSError as e:
+                raise UserInputError(f"--out {given}: cannot write in {folder} ({e.strerror or e}; choose another "
+                                     "--out)") from None
+
+
 def _ordered(metrics: dict) -> dict:
     """METRIC_ORDER first, each followed by its interval (`<name>_ci`), then the rest."""
     head = [key for k in METRIC_ORDER for key in (k, f"{k}{CI}") if key in metrics]
@@ -136,7 +250,7 @@ def run_evaluation(
     Every input is checked before a model is loaded; nothing is written unless all succeeds (but
     the relearning run, which is resumable).
     """
-    from dipo_scale.files import atomic_write_json, check_output_dir, mark_output_dir
+    from dipo_scale.files import atomic_write_text, check_output_dir, mark_output_dir
     from dipo_scale.preflight import check_model
     from dipo_scale.report import write_report
 
@@ -161,10 +275,12 @@ def run_evaluation(
         raise UserInputError("--retain-model / --retain-truth-ratios are for TOFU data (MUSE: --retrain-model)")
     models = [(path, flag) for path, flag in ((model, "--model"), (retrain_model, "--retrain-model"),
                                               (retain_model, "--retain-model")) if path is not None]
+    given_out = out
     out = check_output_dir(out, "evaluate", inputs=[("--data", data), *((f, p) for p, f in models)])
     for path, flag in models:  # complete, loadable models, of a size their device can run, before any is loaded
         check_model(path, flag)
         check_cpu_size(path, placement, flag=flag)
+    _check_earlier_output(out, "relearn" in attacks, given_out)
     check_attacks(attacks, relearn, **place)
 
     def cap(default: int) -> int:
@@ -182,9 +298,15 @@ def run_evaluation(
         dataset = load_tofu(data, forget=forget, retain=retain)
         notes += dataset.notes
         reference_ratios = read_truth_ratios(retain_truth_ratios) if retain_truth_ratios else None
+    forget_count = len(dataset.forget) if layout == "tofu" else 0
+    dataset, skipped, kept_forget, skip_notes = usable_items(dataset, layout, data)
+    notes += skip_notes
+    if reference_ratios is not None and kept_forget is not None and len(reference_ratios) == forget_count:
+        reference_ratios = [reference_ratios[i] for i in kept_forget]  # the stored ratios of the items kept
     relearn_split = None
     if "relearn" in attacks:
         relearn_split = split_relearn(dataset, relearn)
+        check_relearn_split(model, relearn_split, relearn, out / "relearn")  # a stale relearned model: before any work
         if relearn.data is None:
             if reference_ratios is not None:  # the stored ratios of the items still evaluated
                 if len(reference_ratios) != len(dataset.forget):
@@ -207,6 +329,7 @@ def run_evaluation(
                                         flag="--retrain-model", **place)
         if reference_scores is not None:
             reference_auc = auc_from_scores(*reference_scores)
+            check_finite({"mia_auc": reference_auc}, f"--retrain-model {retrain_model}")
             references[f"{_model_name(retrain_model)} (retrain)"] = {"mia_auc": reference_auc}
     if retain_model is not None:
         reference_ratios, retain_mia = on_model(retain_model, _retain_model_stats, dataset, batch_size=batch_size,
@@ -215,6 +338,7 @@ def run_evaluation(
         if retrain_model is None and retrain_auc is None and retain_mia is not None:  # TOFU's retrained model
             row["mia_auc"] = reference_auc = auc_from_scores(*retain_mia)
             reference_scores = retain_mia
+        check_finite(row, f"--retain-model {retain_model}")
         references[f"{_model_name(retain_model)} (retain)"] = row
 
     def evaluate(path: str, flag: str, quantize: str | None = None) -> tuple[dict, object]:
@@ -243,6 +367,7 @@ def run_evaluation(
         if "mia_auc" in metrics and reference_auc is None:
             notes.append("privleak needs --retrain-model or --retrain-auc")
         notes.extend(add_privleak(metrics, reference_auc, mia, reference_scores))
+        check_finite(metrics, f"{flag} {path}" + (f" in {quantize}" if quantize else ""))
         return metrics, per_item
 
     metrics, per_item = evaluate(model, "--model")
@@ -257,13 +382,18 @@ def run_evaluation(
             after[attack] = evaluate(model, "--model", quantize=QUANTIZE_BITS[attack])[0]
     metrics = _ordered({**metrics, **attack_keys(metrics, after)})
 
-    mark_output_dir(out, "evaluate")
+    check_finite(metrics, f"--model {model}")
+    texts = {"metrics.json": _json_text(out / "metrics.json",
+                                        {**metrics, "skipped_items": skipped} if skipped else metrics)}
     if layout == "tofu":
-        atomic_write_json(out / "truth_ratios.json", {"forget": forget,
-                                                      "forget_truth_ratios": per_item.forget_truth_ratios})
+        texts["truth_ratios.json"] = _json_text(out / "truth_ratios.json", {
+            "forget": forget, "forget_truth_ratios": per_item.forget_truth_ratios})
     else:
-        atomic_write_json(out / "items.json", per_item)
-    atomic_write_json(out / "metrics.json", metrics)
+        texts["items.json"] = _json_text(out / "items.json", per_item)
+    mark_output_dir(out, "evaluate")
+    for name in ("truth_ratios.json", "items.json", "metrics.json"):
+        if name in texts:
+            atomic_write_text(out / name, texts[name])
     plain, attacked = split_metrics(metrics)
     write_report(out, {_model_name(model): plain, **references},
                  title=f"dipo-scale evaluation: {_model_name(model)} on {data}", notes=list(dict.fromkeys(notes)),

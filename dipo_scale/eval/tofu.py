@@ -17,7 +17,7 @@ a's tokens).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -100,6 +100,36 @@ def model_utility(scores: Sequence[float]) -> float:
     if values.size == 0 or (values < 0).any():
         raise ValueError("model_utility: needs non-negative scores")
     return float(hmean(values))
+
+
+TOFU_SPLITS = ("forget", "retain", "real_authors", "world_facts", "holdout")
+
+
+def has_references(item) -> bool:
+    """A TOFU item can be scored: its answer, its paraphrased answer (where the split has them) and
+    every perturbed answer hold text (an empty answer has no token to score, and ROUGE against
+    nothing is 0, which reads as perfect forgetting)."""
+    paraphrased = item.paraphrased_answer
+    return (bool(item.answer.strip()) and (paraphrased is None or bool(paraphrased.strip()))
+            and all(p.strip() for p in item.perturbed_answers))
+
+
+def without_blank_references(data) -> tuple[object, list[tuple[str, str, int, int]], list[int]]:
+    """`data` (a `TofuData`) less the items `has_references` refuses; per split that held such items
+    (split, its TofuData field, left out, of); and the indices of the forget items kept."""
+    changes, dropped = {}, []
+    kept_forget = list(range(len(data.forget)))
+    for name in TOFU_SPLITS:
+        items = getattr(data, name)
+        if not items:
+            continue
+        keep = [i for i, it in enumerate(items) if has_references(it)]
+        if len(keep) < len(items):
+            changes[name] = [items[i] for i in keep]
+            dropped.append((data.forget_name if name == "forget" else name, name, len(items) - len(keep), len(items)))
+            if name == "forget":
+                kept_forget = keep
+    return (replace(data, **changes) if changes else data), dropped, kept_forget
 
 
 def tofu_split_stats(model, tokenizer, items, *, base: str = "paraphrased", batch_size: int = 16,
