@@ -75,7 +75,8 @@ def _sweep(method: str, demo: Path, out: Path, workers: int) -> dict:
             "space": {key: {"grid": values} for key, values in SPACES[method].items()},
             "objective": {"kind": "tofu", "data_dir": str(out / "tofu"), "forget": FORGET,
                           "reference_model": str(demo / "models" / "retrain")}}
-    if not (sweep_dir / "best.json").is_file():
+    best = sweep_dir / "best.json"
+    if not (best.is_file() and json.loads(best.read_text()).get("complete")):  # else run, or resume it
         run_sweep(load_config(None, [], SweepConfig, base=base))
     rows = list(csv.DictReader((sweep_dir / "sweep.csv").open()))
     default = {key: _value(DEMO_UNLEARN, key, method) for key in SPACES[method]}

@@ -30,9 +30,25 @@ trials/<id>/eval/), reported to Tune at the trial's end.
 Outputs in `out_dir`:
     sweep.csv         one row per trial: its values, status (completed / stopped / error), the last
                       evaluation's metrics, objective, feasible, model path
-    best.json         the best trial: values, metrics, model path, and its whole unlearning config
+    best.json         the best trial: values, metrics, model path, its whole unlearning config, and
+                      complete (false: some trials failed, listed in failed_trials)
     pareto.png        forget (metric) against utility (constraint) for every trial, Pareto front marked
-    target_metrics.json, config.json, trials/<trial_id>/ (each trial's run dir), tune/ (Tune's state)
+    target_metrics.json, config.json, inputs.json (the fingerprints of the model and data the
+    trials read), trials/<trial_id>/ (each trial's run dir), tune/ (Tune's state)
+
+Before Ray starts, every metric key the objective reads (`objective.metric` (with `after`),
+`objective.constraint`, privleak for `max_abs_privleak`) is checked against the names the trials
+will report (`trial_metric_names`: the evaluation code's own output, probed on the data), in one line.
+
+Exit status (`dipo-scale sweep`): 0 only when every trial is accounted for (completed, or stopped
+by ASHA) and best.json names the best. A sweep where trials failed raises `SweepFailed` (exit 1):
+one line per failed trial on stderr, then one `error:` line (count, the first failure); sweep.csv
+lists every trial, and best.json is written only when some trial completed, marked
+`"complete": false` with the failed trials. Ctrl-C (SIGINT) raises `SweepInterrupted` (exit 130):
+Tune saves its state, nothing claims a best. Rerunning the same command on the same out_dir
+resumes an interrupted or failed sweep (`Tuner.restore`: finished trials are kept, interrupted
+ones resume from their run dir's checkpoints, failed ones are retried); another config, other
+inputs (fingerprints), or a finished sweep (a complete best.json) are refused in one line.
 """
 
 from __future__ import annotations
@@ -42,21 +58,113 @@ import csv
 import io
 import json
 import math
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 from dipo_scale.cluster import init_ray
 from dipo_scale.config import ObjectiveConfig, SweepConfig, UnlearnConfig, _set_dotted
-from dipo_scale.errors import UserInputError
+from dipo_scale.errors import UserInputError, first_line, run_user_error
 from dipo_scale.files import (absolute_if_local, atomic_write_json, atomic_write_text, check_output_dir,
-                              mark_output_dir)
+                              hold_output_dir, mark_output_dir)
 from dipo_scale.preflight import check_resources
-from dipo_scale.report import CI
 
 INFEASIBLE_PENALTY = 1000.0  # above any MUSE/TOFU metric range, so feasible trials always rank first
 METRICS = ("verbmem_f", "knowmem_f", "knowmem_r")
 # What a trial's driver reserves besides `trial_cpus` (Tune needs a non-empty request; the driver
 # only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs).
 TRIAL_DRIVER_MEMORY = 256 * 2**20
+EXPERIMENT = "sweep"  # Tune's experiment: out_dir/tune/sweep
+
+
+class SweepFailed(UserInputError):
+    """Trials of the sweep failed: no checked result (the CLI prints the line, exit 1)."""
+
+    exit_code = 1
+
+
+class SweepInterrupted(UserInputError):
+    """The sweep was interrupted (Ctrl-C, SIGINT): exit 130, as a shell reports a SIGINT."""
+
+    exit_code = 130
+
+
+# --- the metric names trials report, and the objective's keys checked against them ----------------
+class _AnyItems(dict):
+    """Per-item results of every criterion `muse_metrics` asks for (two items each), in the shape
+    `score_muse_items` returns: a probe of the names the evaluation code reports."""
+
+    def __missing__(self, key):
+        return {"outputs": ["", ""], "scores": [0.0, 1.0]}
+
+
+def _muse_metrics_probe(data_dir: str, limit: int | None, flag: str) -> dict:
+    """`muse_metrics` (the metrics of every MUSE evaluation, during unlearning and after it) of
+    made-up scores for the items an evaluation of `data_dir` scores: its keys are those a real
+    evaluation reports (mia_auc only where the data has attack texts)."""
+    from dipo_scale.data.muse import load_muse_dir
+    from dipo_scale.eval.muse import muse_items, muse_metrics
+
+    try:
+        items = muse_items(load_muse_dir(data_dir), limit=limit, mia=True)
+    except ValueError as e:
+        raise UserInputError(f"{flag} {data_dir}: {e}") from None
+    return muse_metrics(_AnyItems(mia={"forget": [float(i) for i in range(len(items.mia_forget))],
+                                       "holdout": [i + 0.5 for i in range(len(items.mia_holdout))]}))
+
+
+def trial_metric_names(cfg: SweepConfig) -> tuple[list[str], str] | None:
+    """The metric names every trial reports to Tune (what the objective can read), and where they
+    come from; None where only a real evaluation tells (`objective.data_dir` that is TOFU data or a
+    hub name: `_target_value` checks the keys against the target model's evaluation then).
+
+    During unlearning: the `Evaluator`'s record, `muse_metrics` of the evaluation data
+    (dipo_scale/eval/in_training.py). With `objective.data_dir` (MUSE): `run_evaluation`'s metrics,
+    privleak against `objective.reference_model`, and with `after` the attack's keys."""
+    o, e = cfg.objective, cfg.unlearn.eval
+    if not o.final_evaluation:
+        metrics = _muse_metrics_probe(e.data_dir, e.limit, "unlearn.eval.data_dir")
+        source = f"the evaluation during unlearning on unlearn.eval.data_dir {e.data_dir}"
+    else:
+        from dipo_scale.eval.attacks import attack_keys
+        from dipo_scale.eval.privacy import add_privleak
+        from dipo_scale.eval.run import detect_layout
+
+        if not Path(o.data_dir).is_dir() or detect_layout(o.data_dir) != "muse":
+            return None
+        metrics = _muse_metrics_probe(o.data_dir, e.limit, "objective.data_dir")
+        if o.reference_model:  # the retrain model's AUC (any value: only the names matter)
+            add_privleak(metrics, 0.5)
+        if o.after != "none":
+            metrics.update(attack_keys(metrics, {o.after: dict(metrics)}))
+        source = f"the evaluation of each finished model on objective.data_dir {o.data_dir}"
+    return [k for k, v in metrics.items() if isinstance(v, float)], source
+
+
+def objective_keys(o: ObjectiveConfig) -> list[tuple[str, object, str]]:
+    """(setting, its value, the metric key it reads) for every metric the objective reads."""
+    keys = [("objective.metric", o.metric, o.metric_key)]
+    if o.constraint is not None:
+        keys.append(("objective.constraint", o.constraint, o.constraint))
+    if o.max_abs_privleak is not None:
+        keys.append(("objective.max_abs_privleak", o.max_abs_privleak, "privleak"))
+    return keys
+
+
+def check_objective_keys(o: ObjectiveConfig, names: list[str], source: str) -> None:
+    """Refuse, in one line, an objective key that is not among `names` (the metrics trials report)."""
+    for setting, value, key in objective_keys(o):
+        if key in names:
+            continue
+        plain = [n for n in names if "@" not in n]
+        if setting == "objective.max_abs_privleak":
+            raise UserInputError(f"{setting}={value}: bounds privleak, which {source} does not report "
+                                 f"(it reports {', '.join(plain)}); drop the bound or use data with holdout texts")
+        shown = f" (read as {key} with objective.after={o.after})" if key != value else ""
+        raise UserInputError(f"{setting}={value}: not a metric the trials report{shown}; choose from "
+                             f"{', '.join(plain)} ({source})")
 
 
 def objective_value(metrics: dict, objective: ObjectiveConfig, target_value: float | None) -> tuple[float, bool]:
@@ -119,6 +227,31 @@ def _make_callback(objective: ObjectiveConfig, target_value: float | None):
     return _EvalToTune()
 
 
+def _replay_evaluations(cfg: UnlearnConfig, objective: ObjectiveConfig, target_value: float | None) -> None:
+    """A trial Tune starts again (a sweep resumed after Ctrl-C) resumes its run from the run's
+    newest checkpoint, and the evaluations made up to that step (in its eval.jsonl) are not made
+    again: they are reported to Tune first, as the workers reported them."""
+    from ray import tune
+
+    from dipo_scale.checkpoint import complete_checkpoints
+    from dipo_scale.unlearn import checkpoint_root
+
+    log = Path(cfg.out_dir) / "eval.jsonl"
+    if not log.is_file():
+        return
+    done = complete_checkpoints(checkpoint_root(cfg))
+    start = done[-1][0] if done else 0
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # (a line cut short: the run cuts it too)
+            continue
+        if 0 < record.get("step", 0) <= start:
+            value, feasible = objective_value(record, objective, target_value)
+            tune.report({"eval": True, **{k: v for k, v in record.items() if isinstance(v, (int, float))},
+                         "objective": value, "feasible": feasible})
+
+
 def _trial(params: dict, *, base: dict, out_dir: str, objective: dict, target_value: float | None) -> None:
     """One Tune trial: the base unlearning config with this trial's values, run to the end."""
     from ray import tune
@@ -131,10 +264,13 @@ def _trial(params: dict, *, base: dict, out_dir: str, objective: dict, target_va
     tree["out_dir"] = str(Path(out_dir) / "trials" / tune.get_context().get_trial_id())
     cfg, objective = UnlearnConfig.model_validate(tree), ObjectiveConfig(**objective)
     if not objective.final_evaluation:
+        _replay_evaluations(cfg, objective, target_value)
         run_unlearning(cfg, callbacks=[_make_callback(objective, target_value)])
         return
     model = run_unlearning(cfg)
     metrics = final_metrics(model, objective, cfg.eval, Path(cfg.out_dir) / "eval")
+    check_objective_keys(objective, [k for k, v in metrics.items() if isinstance(v, float)],
+                         f"the evaluation on objective.data_dir {objective.data_dir}")
     value, feasible = objective_value(metrics, objective, target_value)
     tune.report({"step": cfg.train.steps, **{k: v for k, v in metrics.items() if isinstance(v, float)},
                  "objective": value, "feasible": feasible})
@@ -179,9 +315,12 @@ def _target_value(cfg: SweepConfig, out: Path) -> float | None:
     if o.final_evaluation:
         u = cfg.unlearn
         metrics = final_metrics(u.model.path, o.model_copy(update={"after": "none"}), u.eval, out / "target_eval")
-        if o.constraint not in metrics:
-            raise UserInputError(f"objective.constraint: {o.constraint!r} is not a metric of the evaluation on "
-                                 f"{o.data_dir} ({', '.join(k for k in metrics if not k.endswith(CI))})")
+        names = [k for k, v in metrics.items() if isinstance(v, float)]
+        if o.after != "none":  # the trials' evaluation adds the attack's keys to these
+            from dipo_scale.eval.attacks import attack_keys
+
+            names += list(attack_keys(metrics, {o.after: {k: metrics[k] for k in names}}))
+        check_objective_keys(o, names, f"the evaluation on objective.data_dir {o.data_dir}")
         atomic_write_json(out / "target_metrics.json", {"model": u.model.path, **metrics})
         return metrics[o.constraint]
     from dipo_scale.data.muse import load_muse_dir
@@ -230,6 +369,23 @@ def _scheduler(cfg: SweepConfig):
                          reduction_factor=cfg.asha.reduction_factor, stop_last_trials=False)
 
 
+def trial_error(error: BaseException) -> str:
+    """One line for a trial's failure: the bad-input line a trial raised (Ray wraps it), else the
+    type and first line of the error at the root of Ray's wrappers."""
+    user = run_user_error(error)
+    if user is not None:
+        return first_line(user, 300)
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None) or {}  # (Ray Train's TrainingFailedError)
+        cause = next(iter(failures.values()), None) or getattr(error, "cause", None) or error.__cause__
+        if cause is None:
+            break
+        error = cause
+    return f"{type(error).__name__}: {first_line(error)}"
+
+
 def _rows(results, cfg: SweepConfig, out: Path) -> list[dict]:
     """One row per trial from Tune's results (the last evaluation each trial reported). A trial
     whose last reported evaluation is not its last one was stopped (ASHA): Tune ignores what it
@@ -247,7 +403,7 @@ def _rows(results, cfg: SweepConfig, out: Path) -> list[dict]:
         row.update({"step": m.get("step"), **{k: m.get(k) for k in metric_columns(cfg.objective)},
                     "objective": m.get("objective"), "feasible": m.get("feasible"),
                     "model": str(run_dir / "model") if status == "completed" else "",
-                    "error": str(result.error).splitlines()[0] if result.error else ""})
+                    "error": trial_error(result.error) if result.error else ""})
         rows.append(row)
     return sorted(rows, key=lambda r: (r["objective"] is None, r["objective"] or 0.0))
 
@@ -293,18 +449,92 @@ def _plot_pareto(rows: list[dict], cfg: SweepConfig, target_value: float | None,
     save_figure(fig, path)
 
 
-def run_sweep(cfg: SweepConfig) -> dict:
-    """Run the sweep; returns best.json's content."""
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+def _first_difference(a, b, prefix: str = "") -> str:
+    """The first dotted key where two config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            if a.get(key, KeyError) != b.get(key, KeyError):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".") or "(the whole config)"
 
-    from dipo_scale.unlearn import absolute_paths, validate_run
+
+def _rerun(cfg: SweepConfig, out: Path, inputs: dict) -> bool:
+    """Whether this run resumes the sweep in `out` (True) or starts one (False); refuses, in one
+    line, a sweep there that this command may not resume: a finished one, one of another config or
+    other inputs, or Tune state that cannot be restored. Reads only."""
+    from ray.tune import Tuner
+
+    best = out / "best.json"
+    if best.is_file():
+        try:
+            complete = json.loads(best.read_text()).get("complete", True)
+        except (ValueError, AttributeError):
+            complete = True
+        if complete:
+            raise UserInputError(f"out_dir {cfg.out_dir}: holds a finished sweep already (its best.json); "
+                                 "choose another out_dir")
+    experiment = out / "tune" / EXPERIMENT
+    if not Tuner.can_restore(experiment):
+        if (out / "tune").exists():
+            raise UserInputError(f"out_dir {cfg.out_dir}: holds a sweep whose Tune state cannot be restored "
+                                 f"(no {experiment / 'tuner.pkl'}); choose another out_dir")
+        return False  # nothing ran there yet: this config replaces the record
+    current = json.loads(json.dumps(cfg.model_dump(by_alias=True)))
+    for name, now in (("config.json", current), ("inputs.json", inputs)):
+        try:
+            saved = json.loads((out / name).read_text())
+        except (OSError, ValueError) as e:
+            raise UserInputError(f"out_dir {cfg.out_dir}: holds a sweep whose {name} cannot be read "
+                                 f"({type(e).__name__}); choose another out_dir") from None
+        if name == "config.json":
+            saved.pop("out_dir", None), now.pop("out_dir", None)  # (the same directory, however written)
+        if saved != now:
+            what = (f"another config ({_first_difference(saved, now)} differs)" if name == "config.json" else
+                    f"other inputs (the fingerprint of {_first_difference(saved, now)} changed since it started)")
+            raise UserInputError(f"out_dir {cfg.out_dir}: holds an unfinished sweep of {what}; rerun the "
+                                 "command that started it to resume it, or choose another out_dir")
+    return True
+
+
+def _fit(tuner):
+    """`tuner.fit()`, and whether it ended on Ctrl-C (SIGINT). Tune catches the first SIGINT
+    itself: it stops the trials, saves its state and returns, and puts back the handler it found
+    (`ray.tune.tune._setup_signal_catching`), here `interrupted`; a handler still in place after
+    fit is Tune's own, so no SIGINT came. A second SIGINT (or one Tune does not catch) raises
+    KeyboardInterrupt. The handler in place before is restored."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # (no signal handlers there)
+        return tuner.fit(), False
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        results = tuner.fit()
+        tune_catches = not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        return results, tune_catches and signal.getsignal(signal.SIGINT) is interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """Run (or resume) the sweep; returns best.json's content. Raises `SweepFailed` when trials
+    failed and `SweepInterrupted` on Ctrl-C (module docstring)."""
+    try:
+        return _checked_run(cfg)
+    except KeyboardInterrupt:  # (Ctrl-C outside Tune's loop, or a second one)
+        raise SweepInterrupted(f"out_dir {cfg.out_dir}: the sweep was interrupted (Ctrl-C); no best.json is "
+                               "written; rerun the same command to resume it") from None
+
+
+def _checked_run(cfg: SweepConfig) -> dict:
+    """Every check before Ray starts, then the sweep in its held out_dir."""
+    from dipo_scale.unlearn import absolute_paths, run_identity, validate_run
 
     out = Path(cfg.out_dir).resolve()
-    if (out / "sweep.csv").exists() or (out / "tune").exists():
-        raise UserInputError(f"{out}: holds a sweep already (choose another out_dir)")
     validate_run(cfg.unlearn)  # every value of the space was validated with the config (SweepConfig)
     _scheduler(cfg)  # ASHA's settings, before any work
+    if (names := trial_metric_names(cfg)) is not None:  # the objective's keys, before Ray or a trial
+        check_objective_keys(cfg.objective, *names)
     u = cfg.unlearn
     check_output_dir(out, "sweep", flag="out_dir", inputs=[
         ("unlearn.model.path", u.model.path), ("unlearn.data.prepared_dir", u.data.prepared_dir),
@@ -318,50 +548,96 @@ def run_sweep(cfg: SweepConfig) -> dict:
         if cfg.objective.reference_model:
             check_model(cfg.objective.reference_model, "objective.reference_model")
     base = absolute_paths(cfg.unlearn)
+    inputs = run_identity(base)["inputs"]  # what every trial's weights come from
+    resume = _rerun(cfg, out, inputs)
     init_ray()  # and its state API checked
     check_resources(u.train.worker_range[0], use_gpu=u.train.use_gpu, flag="unlearn.train.num_workers",
                     extra_cpus=cfg.trial_cpus)
-    mark_output_dir(out, "sweep")
-    atomic_write_json(out / "config.json", cfg.model_dump(by_alias=True))
-    target_value = _target_value(cfg, out)
+    with hold_output_dir(out, "sweep", flag="out_dir"):
+        return _run(cfg, out, base, inputs, resume)
 
-    if cfg.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-        search_alg = OptunaSearch(seed=cfg.seed)
+
+def _run(cfg: SweepConfig, out: Path, base: UnlearnConfig, inputs: dict, resume: bool) -> dict:
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    mark_output_dir(out, "sweep")
+    if not resume:
+        atomic_write_json(out / "config.json", cfg.model_dump(by_alias=True))
+        atomic_write_json(out / "inputs.json", inputs)
+    else:  # an earlier run's partial results are not this run's
+        for name in ("best.json", "sweep.csv", "pareto.png"):
+            (out / name).unlink(missing_ok=True)
+    o = cfg.objective
+    if resume and o.constraint and o.target_value is None and (out / "target_metrics.json").is_file():
+        target_value = json.loads((out / "target_metrics.json").read_text())[o.constraint]
     else:
-        # (Tune ignores max_concurrent_trials for a generator passed in: it is set here.)
-        search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
-    scheduler = _scheduler(cfg)
-    o = cfg.objective  # its local paths, as trials (in other directories) open them
-    objective = o.model_dump() | {"data_dir": absolute_if_local(o.data_dir),
-                                  "reference_model": absolute_if_local(o.reference_model),
+        target_value = _target_value(cfg, out)
+
+    objective = o.model_dump() | {"data_dir": absolute_if_local(o.data_dir),  # its local paths, as trials
+                                  "reference_model": absolute_if_local(o.reference_model),  # (in other
                                   "relearn": o.relearn.model_dump() | {"data": absolute_if_local(o.relearn.data)}}
-    trainable = tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out),
-                                     objective=objective, target_value=target_value)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": cfg.trial_cpus, "memory": TRIAL_DRIVER_MEMORY}),
-        param_space=_param_space(cfg),
-        tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg,
-                                    scheduler=scheduler, num_samples=cfg.num_samples,
-                                    max_concurrent_trials=cfg.max_concurrent_trials),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(out / "tune")),
-    )
-    rows = _rows(tuner.fit(), cfg, out)
+    trainable = tune.with_resources(  # directories) open them
+        tune.with_parameters(_trial, base=base.model_dump(by_alias=True), out_dir=str(out), objective=objective,
+                             target_value=target_value),
+        {"cpu": cfg.trial_cpus, "memory": TRIAL_DRIVER_MEMORY})
+    experiment = out / "tune" / EXPERIMENT
+    if resume:
+        print(f"sweep: resuming {experiment} (finished trials kept, failed ones retried)", flush=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, restart_errored=True,
+                                   param_space=_param_space(cfg))
+    else:
+        if cfg.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+            search_alg = OptunaSearch(seed=cfg.seed)
+        else:
+            # (Tune ignores max_concurrent_trials for a generator passed in: it is set here.)
+            search_alg = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(cfg),
+            tune_config=tune.TuneConfig(metric="objective", mode="min", search_alg=search_alg,
+                                        scheduler=_scheduler(cfg), num_samples=cfg.num_samples,
+                                        max_concurrent_trials=cfg.max_concurrent_trials),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "tune")),
+        )
+    results, interrupted = _fit(tuner)
+    rows = _rows(results, cfg, out)
+    if interrupted:
+        completed = sum(r["status"] == "completed" for r in rows)
+        raise SweepInterrupted(f"out_dir {cfg.out_dir}: the sweep was interrupted (Ctrl-C) with {completed} of "
+                               f"{len(rows)} trials completed; Tune saved its state and no best.json is written; "
+                               "rerun the same command to resume it")
     _write_csv(rows, out / "sweep.csv")
-    ranked = [r for r in rows if r["objective"] is not None and not math.isnan(r["objective"])]
-    best_row = ranked[0] if ranked else None
-    best = {"trial_id": None, "feasible": False, "target_value": target_value,
-            "note": "no trial reported an evaluation"}
-    if best_row is not None:
-        trial_config = json.loads((out / "trials" / best_row["trial_id"] / "config.json").read_text())
-        best = {"trial_id": best_row["trial_id"], "status": best_row["status"],
-                "params": {k: best_row[k] for k in cfg.space},
-                "metrics": {k: best_row[k] for k in metric_columns(cfg.objective)}, "objective": best_row["objective"],
-                "feasible": best_row["feasible"], "target_value": target_value, "model": best_row["model"],
-                "config": trial_config}
-        if not best_row["feasible"]:
-            best["note"] = (f"no trial kept {cfg.objective.constraint} >= {cfg.objective.min_fraction:g} × "
-                            "the target's; this is the closest")
+    failed = [r for r in rows if r["status"] == "error"]
+    for r in failed:
+        print(f"sweep: trial {r['trial_id']} failed: {r['error']}", file=sys.stderr, flush=True)
+    ranked = [r for r in rows if r["status"] != "error" and r["objective"] is not None
+              and not math.isnan(r["objective"])]
+    if not ranked:
+        why = (f"all {len(rows)} trials failed (first, trial {failed[0]['trial_id']}: {failed[0]['error']})"
+               if failed else f"none of its {len(rows)} trials reported an evaluation")
+        raise SweepFailed(f"out_dir {cfg.out_dir}: {why}; no best.json is written (sweep.csv lists every "
+                          "trial); rerun the same command to retry the failed trials")
+    best_row = ranked[0]
+    trial_config = json.loads((out / "trials" / best_row["trial_id"] / "config.json").read_text())
+    best = {"trial_id": best_row["trial_id"], "status": best_row["status"], "complete": not failed,
+            "params": {k: best_row[k] for k in cfg.space},
+            "metrics": {k: best_row[k] for k in metric_columns(cfg.objective)}, "objective": best_row["objective"],
+            "feasible": best_row["feasible"], "target_value": target_value, "model": best_row["model"],
+            "config": trial_config}
+    if not best_row["feasible"]:
+        best["note"] = (f"no trial kept {cfg.objective.constraint} >= {cfg.objective.min_fraction:g} × "
+                        "the target's; this is the closest")
+    if failed:
+        best["failed_trials"] = {r["trial_id"]: r["error"] for r in failed}
+        best["note"] = "; ".join(filter(None, [
+            f"{len(failed)} of {len(rows)} trials failed: the best of the others, not of the sweep; rerun the "
+            "same command to retry the failed trials", best.get("note")]))
     atomic_write_json(out / "best.json", best)
     _plot_pareto(rows, cfg, target_value, best_row, out / "pareto.png")
+    if failed:
+        raise SweepFailed(f"out_dir {cfg.out_dir}: {len(failed)} of {len(rows)} trials failed (first, trial "
+                          f"{failed[0]['trial_id']}: {failed[0]['error']}); best.json names the best of the "
+                          "others, marked incomplete; rerun the same command to retry the failed trials")
     return best

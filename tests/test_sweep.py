@@ -111,7 +111,7 @@ def test_asha_stopped_trial_is_logged_stopped_even_after_it_exported(corpus, tmp
     assert {k: (r["status"], r["step"], bool(r["model"])) for k, r in rows.items()} == {
         "t_done": ("completed", 4, True), "t_stopped": ("stopped", 2, False), "t_killed": ("stopped", 2, False),
         "t_err": ("error", 2, False)}
-    assert rows["t_err"]["error"] == "boom"
+    assert rows["t_err"]["error"] == "RuntimeError: boom"  # the type and first line of the root error
     # A sweep over the steps: each trial's own last evaluation.
     cfg = _sweep_config(corpus, "scheduler=asha", "space.train.steps.grid=[2, 4]")
     short = result("t_stopped", 2)
@@ -187,7 +187,7 @@ def test_asha_sweep_stops_the_trial_that_loses_utility(tiny_assets, ray_with_sta
     assert best["params"]["train.lr"] == 1e-7 and best["config"]["train"]["lr"] == 1e-7
     assert best["model"] == kept["model"]
     assert (out / "pareto.png").stat().st_size > 0
-    with pytest.raises(UserInputError, match="holds a sweep already"):
+    with pytest.raises(UserInputError, match="holds a finished sweep already"):
         run_sweep(cfg)
 
 
