@@ -64,6 +64,18 @@ def tiny_assets(tmp_path_factory):
     return {"corpus": Path(corpus), **paths, "prepared": root / "prepared", "root": root}
 
 
+@pytest.fixture
+def workdir(tiny_assets, tmp_path):
+    """A working directory with copies of the inputs a user has: corpus, tokenizer, model, prepared."""
+    import shutil
+
+    for name, src in (("corpus", tiny_assets["corpus"]), ("tokenizer", tiny_assets["tokenizer"]),
+                      ("model", tiny_assets["target"]), ("prepared", tiny_assets["prepared"])):
+        shutil.copytree(src, tmp_path / name)
+    (tmp_path / "home").mkdir()
+    return tmp_path
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster for one test module (modules that build their own clusters stay apart)."""

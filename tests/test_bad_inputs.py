@@ -255,16 +255,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def workdir(tiny_assets, tmp_path):
-    """A working directory with copies of the inputs a user has: corpus, tokenizer, model, prepared."""
-    for name, src in (("corpus", tiny_assets["corpus"]), ("tokenizer", tiny_assets["tokenizer"]),
-                      ("model", tiny_assets["target"]), ("prepared", tiny_assets["prepared"])):
-        shutil.copytree(src, tmp_path / name)
-    (tmp_path / "home").mkdir()
-    return tmp_path
-
-
 def _env(workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(workdir / "home"), RAY_ADDRESS="local", HF_HUB_OFFLINE="1",
