@@ -340,6 +340,24 @@ def validate_settings(cfg: UnlearnConfig) -> None:
                              "or use logging.wandb=offline")
 
 
+def note_build_locks(root: str | Path | None = None, stale_s: float = 600.0) -> list[Path]:
+    """DeepSpeed builds its CPU ops (the shared-memory collective of CPU runs) on first use under
+    torch's extensions directory, holding a `lock` file meanwhile; a build stopped by Ctrl-C or a
+    kill leaves it, and every later run's workers wait on it without end, in silence. A lock older
+    than `stale_s` is said in one `note:` line on stderr (a build may still be running elsewhere:
+    it is not removed). Returns the locks noted."""
+    import sys
+    import time
+
+    root = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    stale = [lock for lock in sorted(root.glob("*/*/lock")) if time.time() - lock.stat().st_mtime > stale_s]
+    for lock in stale:
+        print(f"note: {lock} is {(time.time() - lock.stat().st_mtime) / 60:.0f} min old: a DeepSpeed op build "
+              "that was stopped leaves it, and workers then wait on it without end; if no build is running, "
+              "remove it", file=sys.stderr, flush=True)
+    return stale
+
+
 def check_workers_can_run(cfg: UnlearnConfig) -> None:
     """On the Ray cluster (initialised): enough resources for the workers, and for a GPU run the
     8-bit optimizer on a GPU node (the driver may have none) and the memory plan: a run whose
@@ -352,6 +370,7 @@ def check_workers_can_run(cfg: UnlearnConfig) -> None:
     low = cfg.train.worker_range[0]  # an elastic group starts with its min (and shrunk, holds the largest partitions)
     check_resources(low, use_gpu=cfg.train.use_gpu)
     if not cfg.train.use_gpu:
+        note_build_locks()
         return
     if cfg.train.optimizer == "adamw_8bit":
         try:

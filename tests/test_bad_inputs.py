@@ -440,3 +440,21 @@ def test_an_out_that_is_a_symbolic_link_is_written_through_it(tmp_path):
     for target in ("real", "elsewhere"):
         assert (tmp_path / target / MARKER).is_file() and (tmp_path / target / "raw").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "elsewhere", "link", "real"]  # no leftovers
+
+
+def test_a_stale_deepspeed_build_lock_is_said(tmp_path, capsys):
+    """A DeepSpeed op build stopped by Ctrl-C leaves torch's `lock` file and every later CPU run's
+    workers waited on it in silence: an old lock is said in one note line (and left in place)."""
+    from dipo_scale.preflight import note_build_locks
+
+    old = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    old.parent.mkdir(parents=True)
+    old.write_text("")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
+    fresh.parent.mkdir(parents=True)
+    fresh.write_text("")  # a build running now
+    assert note_build_locks(tmp_path) == [old]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"note: {old} is 60 min old") and "remove it" in err[0]
+    assert old.is_file()
