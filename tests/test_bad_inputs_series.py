@@ -20,11 +20,8 @@ from pathlib import Path
 
 import pytest
 
-import test_bad_inputs
 from dipo_scale.files import MARKER
 from test_bad_inputs import _env, _snapshot
-
-workdir = test_bad_inputs.workdir  # the fixture: copies of corpus, tokenizer, model, prepared; $HOME
 
 RAY_STARTED = "Started a local Ray instance"
 
