@@ -697,7 +697,10 @@ def measure_figures(ctx: dict) -> dict:
     cfgs = figures_configs(ctx)
     out = work / "times.json"
     # a cluster of its own, with the dashboard (Ray Train's placement-group cleaner asks its state API)
-    ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"} if dry else {}})
+    from dipo_scale.cluster import local_dashboard
+
+    ray.init(address="local", log_to_driver=True, **local_dashboard(),
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"} if dry else {}})
     try:
         TorchTrainer(check_worker,
                      train_loop_config={"cfgs": {n: c.model_dump(by_alias=True) for n, c in cfgs.items()},

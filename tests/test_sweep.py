@@ -131,7 +131,9 @@ def ray_with_state_api():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=True, _temp_dir=str(Path("/tmp") / f"dipo_tune_{os.getpid()}"),
+    from dipo_scale.cluster import local_dashboard
+
+    ray.init(address="local", num_cpus=2, **local_dashboard(), _temp_dir=str(Path("/tmp") / f"dipo_tune_{os.getpid()}"),
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline"}})
     yield
     ray.shutdown()
@@ -335,12 +337,14 @@ def test_a_cluster_without_state_api_is_refused_before_ray_train_runs():
     """A Ray someone started without its dashboard: Ray Train's placement-group cleaner cannot tell
     a live run's controller from a dead one (it ended live trials so); every command that runs Ray
     Train on it says so before any run (`init_ray` checks the state API)."""
+    import os
     import subprocess
     import sys
 
     code = ("import ray, sys; ray.init(address='local', include_dashboard=False, num_cpus=1)\n"
             "from dipo_scale.errors import UserInputError\nfrom dipo_scale.cluster import check_state_api\n"
             "try:\n    check_state_api(wait_s=1)\nexcept UserInputError as e:\n    print('refused:', e); sys.exit(3)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_API_SERVER_ADDRESS"}  # (this process's cluster's)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 3, done.stderr[-2000:]
     assert "no working state API" in done.stdout and "start that cluster with its dashboard" in done.stdout
