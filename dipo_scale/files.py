@@ -274,6 +274,11 @@ def reopen_step_log(path: str | Path, finished_steps: int) -> tuple[list[dict], 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def json_digest(obj) -> str:
+    """A short fingerprint of a JSON-able object (keys sorted): what a reuse compares it by."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

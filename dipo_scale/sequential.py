@@ -46,7 +46,6 @@ refused. `seconds` is the time of the attempt that finished the request.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -60,7 +59,7 @@ from dipo_scale.cluster import init_ray
 from dipo_scale.config import SeriesConfig, UnlearnConfig
 from dipo_scale.errors import UserInputError
 from dipo_scale.files import (atomic_write_json, check_output_dir, check_run_dir, claim_run_dir, hold_output_dir,
-                              weights_fingerprint)
+                              json_digest, weights_fingerprint)
 from dipo_scale.preflight import check_model, check_resources, check_workers_can_run, max_positions
 
 SERIES = {"sequential": ("sust", "Sustainability", "request"),
@@ -125,18 +124,14 @@ def _check_no_set_left_out(source: str, subset: str, sets: list[tuple[str, list[
                              f"forget_2.*, ...: forget_<k> with k from 1, no leading zeros); rename or move it")
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def data_fingerprint(data) -> str:
     """A fingerprint of data_dir's content (every document, QA pair and item; not where it is)."""
-    return _digest({k: v for k, v in dataclasses.asdict(data).items() if k != "root"})
+    return json_digest({k: v for k, v in dataclasses.asdict(data).items() if k != "root"})
 
 
 def forget_fingerprint(docs: list[str]) -> str:
     """A fingerprint of one request's forget documents."""
-    return _digest(docs)
+    return json_digest(docs)
 
 
 def _evaluate(cfg: SeriesConfig, data, model_dir: str) -> dict[str, float]:

@@ -31,7 +31,6 @@ the model's positions) are checked before any model loads too, named as `relearn
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import re
@@ -42,6 +41,7 @@ from dipo_scale.config import RelearnConfig, UnlearnConfig
 from dipo_scale.data.muse import MuseData, read_documents
 from dipo_scale.data.tofu import TofuData, qa_pairs_as_muse
 from dipo_scale.errors import UserInputError
+from dipo_scale.files import json_digest
 from dipo_scale.eval.privacy import CI
 
 ATTACKS = ("quantize8", "quantize4", "relearn")
@@ -264,10 +264,6 @@ def _as_relearn_keys(message: str) -> str:
 SOURCE = "source.json"  # OUT/relearn/source.json: what the relearning run was made from
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def relearn_source(model_path: str, split: RelearnSplit, cfg: RelearnConfig) -> dict:
     """What a relearning run is made from: the model's weights (`files.sampled_fingerprint`), the
     documents / QA pairs it trains on, and its settings but the worker count."""
@@ -276,7 +272,7 @@ def relearn_source(model_path: str, split: RelearnSplit, cfg: RelearnConfig) -> 
 
     train = dataclasses.asdict(split.train)
     return {"model": sampled_fingerprint(resolve_model_dir(str(model_path), "--model")),
-            "data": _digest({"with_qa": split.with_qa, **{k: train[k] for k in
+            "data": json_digest({"with_qa": split.with_qa, **{k: train[k] for k in
                                                           ("forget_docs", "retain_docs", "forget_qa", "retain_qa")}}),
             "settings": cfg.model_dump(exclude={"num_workers"})}
 
